@@ -1,0 +1,13 @@
+"""aa-lightning: Attention Augmented Convolutional Networks (Bello et al., ICCV 2019).
+
+Importing the package registers the AA models (and their baselines) with timm, so that
+``timm.create_model("aa_resnet50")`` works after ``import aa_lightning``.
+"""
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never phone home from albumentations
+
+from . import layers  # noqa: E402,F401
+from . import models  # noqa: E402,F401  (registers the timm models)
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""LightningDataModules, data sets and augmentation pipelines."""

@@ -1,0 +1,1 @@
+"""Layers: the functional relative attention core and the AugmentedConv2d module."""

@@ -1,0 +1,1 @@
+"""AA networks registered as timm models (importing this module registers them)."""

@@ -1,0 +1,1 @@
+"""LightningModules: image classification and RetinaNet detection."""
