@@ -1,1 +1,23 @@
-"""Layers: the functional relative attention core and the AugmentedConv2d module."""
+"""Layers: the functional 2-D relative attention core and the AugmentedConv2d module."""
+from .aa_dims import aa_dims
+from .augmented_conv import POSITIONS, AugmentedConv2d, resample_relative_table
+from .chunked_attention import factorized_bias_attention
+from .position_encoding import coord_channels, sine_position_encoding_2d
+from .relative_attention import BACKENDS, relative_attention_2d, relative_logit_tables, resolve_backend
+from .relative_attention_reference import rel_to_abs, relative_attention_reference
+
+__all__ = [
+    "AugmentedConv2d",
+    "BACKENDS",
+    "POSITIONS",
+    "aa_dims",
+    "coord_channels",
+    "factorized_bias_attention",
+    "rel_to_abs",
+    "relative_attention_2d",
+    "relative_attention_reference",
+    "relative_logit_tables",
+    "resample_relative_table",
+    "resolve_backend",
+    "sine_position_encoding_2d",
+]

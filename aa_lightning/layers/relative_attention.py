@@ -1,0 +1,196 @@
+"""2-D relative self-attention, the functional core of AAConv (Bello et al., Section 3.1-3.2).
+
+    O_h = softmax((Q_h K_h^T + S_H + S_W) / sqrt(dkh)) V_h
+    S_W[i, j] = q_i . r^W[jx - ix + W - 1],   S_H[i, j] = q_i . r^H[jy - iy + H - 1]
+
+over the HW positions of a row-major flattened map (i = iy * W + ix). Every backend computes the
+same function; they differ in speed and memory:
+
+- ``"reference"``: the paper's appendix algorithm, explicit (HW)x(HW) logits (ground truth).
+- ``"chunked"``: S_W and S_H are factorized as per-query tables ``q_i . r^W`` [HW, W] and
+  ``q_i . r^H`` [HW, H]; attention runs in query chunks with a recomputing backward
+  (:mod:`.chunked_attention`). O(HW (H + W)) memory beyond one chunk; the CPU default.
+- ``"fused"``: the relative terms fold into an augmented dot product
+  ``q'_i = [q_i, q_i . r^W[x - ix + W - 1] (x < W), q_i . r^H[y - iy + H - 1] (y < H)]``,
+  ``k'_j = [k_j, onehot_W(jx), onehot_H(jy)]`` so ``q'_i . k'_j = q_i . k_j + S_W + S_H``, run by
+  torch's fused ``scaled_dot_product_attention`` kernels (flash / memory-efficient). v is
+  zero-padded to the augmented width because the fused kernels need equal head dims. The CUDA
+  default.
+- ``"flex"``: FlexAttention with the relative terms as a ``score_mod`` (compiled; CUDA for
+  training — torch's CPU FlexAttention has no backward).
+- ``"auto"``: ``chunked`` on CPU, ``fused`` elsewhere.
+
+Content-only attention (no tables) always goes through ``scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunked_attention import factorized_bias_attention
+from .relative_attention_reference import relative_attention_reference
+
+Backend = Literal["auto", "reference", "chunked", "fused", "flex"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "fused", "flex")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``"auto"`` stands for on ``device`` (others pass through)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "chunked" if device.type == "cpu" else "fused"
+
+
+def relative_offsets_index(size: int, device: torch.device | None = None) -> Tensor:
+    """[size, size] long tensor idx[i, j] = j - i + size - 1: the table row of offset j - i."""
+    pos = torch.arange(size, device=device)
+    return pos[None, :] - pos[:, None] + (size - 1)
+
+
+def relative_logit_tables(q: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-query relative logits, factorized by key column and key row.
+
+    q: [B, Nh, H, W, d]; rel_h: [2H-1, d]; rel_w: [2W-1, d].
+    Returns (s_w, s_h): s_w[b, n, iy, ix, jx] = q . rel_w[jx - ix + W - 1]  -> [B, Nh, H, W, W]
+                        s_h[b, n, iy, ix, jy] = q . rel_h[jy - iy + H - 1]  -> [B, Nh, H, W, H]
+    so that S_W[i, j] = s_w[i, jx] and S_H[i, j] = s_h[i, jy]. Cost O(HW (H + W) d).
+    """
+    h, w = q.shape[2], q.shape[3]
+    r_w = rel_w.to(q.dtype)[relative_offsets_index(w, q.device)]  # [W(ix), W(jx), d]
+    r_h = rel_h.to(q.dtype)[relative_offsets_index(h, q.device)]  # [H(iy), H(jy), d]
+    s_w = torch.einsum("bnyxd,xjd->bnyxj", q, r_w)
+    s_h = torch.einsum("bnyxd,yjd->bnyxj", q, r_h)
+    return s_w, s_h
+
+
+def _pad_last(x: Tensor, size: int) -> Tensor:
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+def _sdpa_equal_dims(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """SDPA over [B, Nh, L, d] with v zero-padded so the fused kernels (equal head dims) apply."""
+    dim = max(q.shape[-1], v.shape[-1])
+    out = F.scaled_dot_product_attention(_pad_last(q, dim), _pad_last(k, dim), _pad_last(v, dim), scale=scale)
+    return out[..., : v.shape[-1]]
+
+
+def _content_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    b, nh, h, w, dkh = q.shape
+    flat = lambda t: t.reshape(b, nh, h * w, t.shape[-1])  # noqa: E731
+    out = _sdpa_equal_dims(flat(q), flat(k), flat(v), scale=dkh**-0.5)
+    return out.reshape(b, nh, h, w, -1)
+
+
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    b, nh, h, w, dkh = q.shape
+    s_w, s_h = relative_logit_tables(q, rel_h, rel_w)
+    q_aug = torch.cat([q, s_w, s_h], dim=-1).reshape(b, nh, h * w, dkh + w + h)
+    onehot_w = torch.eye(w, dtype=k.dtype, device=k.device).expand(h, w, w)  # [jy, jx, W]
+    onehot_h = torch.eye(h, dtype=k.dtype, device=k.device)[:, None, :].expand(h, w, h)  # [jy, jx, H]
+    k_aug = torch.cat([k, torch.cat([onehot_w, onehot_h], dim=-1).expand(b, nh, h, w, w + h)], dim=-1)
+    out = _sdpa_equal_dims(q_aug, k_aug.reshape(b, nh, h * w, dkh + w + h), v.reshape(b, nh, h * w, -1), dkh**-0.5)
+    return out.reshape(b, nh, h, w, -1)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _chunked_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    b, nh, h, w, dkh = q.shape
+    device_type = q.device.type
+    dtype = _autocast_dtype(device_type) or q.dtype
+    with torch.autocast(device_type, enabled=False):
+        q = q.to(dtype) * dkh**-0.5
+        k, v = k.to(dtype), v.to(dtype)
+        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
+        bh, length = b * nh, h * w
+        out = factorized_bias_attention(
+            q.reshape(bh, length, dkh),
+            k.reshape(bh, length, dkh),
+            v.reshape(bh, length, -1),
+            s_w.reshape(bh, length, w),
+            s_h.reshape(bh, length, h),
+        )
+    return out.reshape(b, nh, h, w, -1)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    b, nh, h, w, dkh = q.shape
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
+        raise RuntimeError(
+            "backend='flex' has no backward on CPU (torch's FlexAttention limitation); "
+            "use backend='chunked' (the CPU default) for training"
+        )
+    q = q * dkh**-0.5
+    s_w, s_h = relative_logit_tables(q, rel_h, rel_w)
+    s_w = s_w.reshape(b, nh, h * w, w)
+    s_h = s_h.reshape(b, nh, h * w, h)
+
+    def score_mod(score, bi, hi, q_idx, kv_idx):
+        return score + s_w[bi, hi, q_idx, kv_idx % w] + s_h[bi, hi, q_idx, kv_idx // w]
+
+    dim = max(16, -(-max(dkh, v.shape[-1]) // 16) * 16)  # kernels want head dims >= 16
+    flat = lambda t: _pad_last(t.reshape(b, nh, h * w, t.shape[-1]), dim)  # noqa: E731
+    out = _compiled_flex_attention()(flat(q), flat(k), flat(v), score_mod=score_mod, scale=1.0)
+    return out[..., : v.shape[-1]].reshape(b, nh, h, w, -1)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None) -> None:
+    if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:4] != q.shape[:4]:
+        raise ValueError(
+            "q, k must be [B, Nh, H, W, dkh] and v [B, Nh, H, W, dvh]; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_h and rel_w must be given together or not at all")
+    if rel_h is not None:
+        h, w, dkh = q.shape[2], q.shape[3], q.shape[4]
+        if tuple(rel_h.shape) != (2 * h - 1, dkh) or tuple(rel_w.shape) != (2 * w - 1, dkh):
+            raise ValueError(
+                f"rel_h must be [2H-1, dkh] = [{2 * h - 1}, {dkh}] and rel_w [2W-1, dkh] = [{2 * w - 1}, {dkh}]; "
+                f"got rel_h {tuple(rel_h.shape)}, rel_w {tuple(rel_w.shape)}"
+            )
+
+
+def relative_attention_2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor | None = None,
+    rel_w: Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Multi-head 2-D attention with optional relative position logits.
+
+    q, k: [B, Nh, H, W, dkh] (q unscaled); v: [B, Nh, H, W, dvh]; rel_h: [2H-1, dkh];
+    rel_w: [2W-1, dkh] (both or neither). Returns [B, Nh, H, W, dvh] =
+    softmax((q.k + S_H + S_W) / sqrt(dkh)) v over all HW keys. ``backend``: see the module doc.
+    """
+    _check_inputs(q, k, v, rel_h, rel_w)
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        return relative_attention_reference(q, k, v, rel_h, rel_w)
+    if rel_h is None:
+        return _content_attention(q, k, v)
+    if backend == "chunked":
+        return _chunked_attention(q, k, v, rel_h, rel_w)
+    if backend == "fused":
+        return _fused_attention(q, k, v, rel_h, rel_w)
+    return _flex_attention(q, k, v, rel_h, rel_w)
