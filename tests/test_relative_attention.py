@@ -1,0 +1,134 @@
+"""relative_attention_2d: every backend against an independent float64 loop of the equation."""
+import pytest
+import torch
+
+from aa_lightning.layers import rel_to_abs, relative_attention_2d
+from attention_loop_reference import loop_relative_attention
+
+EXACT_BACKENDS = ["reference", "chunked", "fused"]
+
+
+def make_inputs(b, nh, h, w, dkh, dvh, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randn(b, nh, h, w, dkh, generator=g, dtype=dtype),
+        torch.randn(b, nh, h, w, dkh, generator=g, dtype=dtype),
+        torch.randn(b, nh, h, w, dvh, generator=g, dtype=dtype),
+        torch.randn(2 * h - 1, dkh, generator=g, dtype=dtype) * 0.5,
+        torch.randn(2 * w - 1, dkh, generator=g, dtype=dtype) * 0.5,
+    ]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+SHAPES = [  # (B, Nh, H, W, dkh, dvh): non-square, dkh != dvh, H or W = 1
+    (2, 2, 3, 5, 4, 3),
+    (1, 3, 4, 2, 2, 5),
+    (1, 2, 1, 6, 3, 2),
+    (2, 1, 5, 1, 3, 3),
+    (1, 1, 1, 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backends_match_loop_reference_with_relative_terms(backend, shape):
+    q, k, v, rel_h, rel_w = make_inputs(*shape)
+    expected = loop_relative_attention(q, k, v, rel_h, rel_w)
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, backend=backend)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_backends_match_loop_reference_content_only(backend, shape):
+    q, k, v, _, _ = make_inputs(*shape)
+    expected = loop_relative_attention(q, k, v)
+    torch.testing.assert_close(relative_attention_2d(q, k, v, backend=backend), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_relative_terms_change_the_output():
+    q, k, v, rel_h, rel_w = make_inputs(1, 2, 3, 4, 3, 2)
+    with_rel = relative_attention_2d(q, k, v, rel_h, rel_w, backend="chunked")
+    without = relative_attention_2d(q, k, v, backend="chunked")
+    assert (with_rel - without).abs().max() > 1e-3
+
+
+def test_chunked_backend_is_exact_across_chunk_boundaries(monkeypatch):
+    import aa_lightning.layers.chunked_attention as chunked
+
+    q, k, v, rel_h, rel_w = make_inputs(2, 2, 5, 3, 4, 3)
+    whole = relative_attention_2d(q, k, v, rel_h, rel_w, backend="chunked")
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 1)  # one query row per chunk
+    rows = relative_attention_2d(q, k, v, rel_h, rel_w, backend="chunked")
+    torch.testing.assert_close(rows, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_rel_to_abs_matches_its_definition():
+    x = torch.randn(2, 3, 5, 9, dtype=torch.float64)
+    out = rel_to_abs(x)
+    for i in range(5):
+        for j in range(5):
+            torch.testing.assert_close(out[:, :, i, j], x[:, :, i, j - i + 4])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fused", "reference"])
+def test_gradcheck(backend, monkeypatch):
+    import aa_lightning.layers.chunked_attention as chunked
+
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 64)  # several chunks in backward
+    inputs = make_inputs(1, 2, 2, 3, 3, 2, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: relative_attention_2d(*t, backend=backend), inputs)
+
+
+def test_gradients_match_reference_float32():
+    inputs = make_inputs(2, 4, 6, 7, 8, 4, dtype=torch.float32, requires_grad=True)
+    grads = {}
+    for backend in EXACT_BACKENDS:
+        for t in inputs:
+            t.grad = None
+        out = relative_attention_2d(*inputs, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads[backend] = [t.grad.clone() for t in inputs]
+        assert all(g.abs().sum() > 0 for g in grads[backend])
+    for backend in ("chunked", "fused"):
+        for got, want in zip(grads[backend], grads["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fused"])
+def test_fp32_and_bf16_autocast_against_reference(backend):
+    q, k, v, rel_h, rel_w = make_inputs(2, 4, 8, 6, 8, 4, dtype=torch.float32)
+    ref = relative_attention_2d(q, k, v, rel_h, rel_w, backend="reference")
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, backend=backend)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = relative_attention_2d(q.bfloat16(), k.bfloat16(), v.bfloat16(), rel_h, rel_w, backend=backend)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_bf16_autocast_backward_reaches_every_input():
+    inputs = make_inputs(1, 2, 4, 4, 4, 4, dtype=torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = relative_attention_2d(*inputs, backend="chunked")
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in inputs)
+
+
+def test_input_errors():
+    q, k, v, rel_h, rel_w = make_inputs(1, 2, 3, 4, 3, 2)
+    with pytest.raises(ValueError, match="together"):
+        relative_attention_2d(q, k, v, rel_h, None)
+    with pytest.raises(ValueError, match=r"rel_h must be \[2H-1, dkh\] = \[5, 3\]"):
+        relative_attention_2d(q, k, v, rel_w, rel_w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        relative_attention_2d(q, k, v, rel_h, rel_w, backend="magic")
+    with pytest.raises(ValueError, match=r"q, k must be \[B, Nh, H, W, dkh\]"):
+        relative_attention_2d(q[0], k[0], v[0])
+
+
+def test_flex_backend_refuses_cpu_training_clearly():
+    inputs = make_inputs(1, 1, 2, 2, 2, 2, dtype=torch.float32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        relative_attention_2d(*inputs, backend="flex")
