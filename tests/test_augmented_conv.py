@@ -175,3 +175,14 @@ def test_torch_compile_has_no_graph_breaks():
     torch.testing.assert_close(out, layer(x))
     out.sum().backward()
     assert layer.rel_h.grad is not None
+
+
+@pytest.mark.parametrize("position,backend", [("none", "auto"), ("relative", "fused")])
+def test_sdpa_paths_use_a_fused_kernel_not_the_math_fallback(position, backend):
+    """torch silently falls back to the (HW)^2 math kernel for unequal or strided head dims."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    layer = AugmentedConv2d(8, 16, 3, dk=8, dv=4, num_heads=2, position=position, feat_size=6, backend=backend)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if only the math kernel would do
+        layer(x).sum().backward()

@@ -74,10 +74,14 @@ def _pad_last(x: Tensor, size: int) -> Tensor:
 
 
 def _sdpa_equal_dims(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """SDPA over [B, Nh, L, d] with v zero-padded so the fused kernels (equal head dims) apply."""
-    dim = max(q.shape[-1], v.shape[-1])
-    out = F.scaled_dot_product_attention(_pad_last(q, dim), _pad_last(k, dim), _pad_last(v, dim), scale=scale)
-    return out[..., : v.shape[-1]]
+    """SDPA over [B, Nh, L, d], zero-padded to equal head dims and made contiguous in d, the
+    two conditions of torch's fused kernels (otherwise it silently falls back to the
+    (HW)^2-materializing math path)."""
+    dv = v.shape[-1]
+    dim = max(q.shape[-1], dv)
+    q, k, v = (_pad_last(t, dim).contiguous() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out[..., :dv]
 
 
 def _content_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
