@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .position_encoding import add_sine_position_encoding, concat_coord_channels
-from .relative_attention import BACKENDS, relative_attention_2d
+from .relative_attention import BACKENDS, attention_probabilities, relative_attention_2d
 
 Position = Literal["relative", "none", "sine", "coord"]
 POSITIONS: tuple[str, ...] = ("relative", "none", "sine", "coord")
@@ -123,6 +123,8 @@ class AugmentedConv2d(nn.Module):
             self.register_parameter("rel_w", None)
         self.rel_init_std = rel_init_std if rel_init_std is not None else (self.dkh**-0.5 if self.dkh else 1.0)
         self.reset_relative_parameters()
+        # Set by aa_lightning.layers.capture_attention; None (the default) costs nothing.
+        self.attention_capture = None
 
     @staticmethod
     def _validate(in_channels, out_channels, kernel_size, stride, dk, dv, num_heads, position, feat_size, backend):
@@ -200,6 +202,10 @@ class AugmentedConv2d(nn.Module):
         b, nh, h, w, _ = q.shape
         rel_h, rel_w = self.relative_tables(h, w)
         attn = relative_attention_2d(q, k, v, rel_h, rel_w, backend=self.backend)  # [B, Nh, H', W', dvh]
+        if self.attention_capture is not None:
+            with torch.no_grad():
+                index = self.attention_capture.query_index(h, w, q.device)
+                self.attention_capture.maps = attention_probabilities(q, k, rel_h, rel_w, index)
         attn = self.proj(attn.permute(0, 1, 4, 2, 3).reshape(b, self.dv, h, w))  # Concat[O_1..O_Nh] W_O
         if conv_out is None:
             return attn

@@ -198,3 +198,24 @@ def relative_attention_2d(
     if backend == "fused":
         return _fused_attention(q, k, v, rel_h, rel_w)
     return _flex_attention(q, k, v, rel_h, rel_w)
+
+
+def attention_probabilities(
+    q: Tensor, k: Tensor, rel_h: Tensor | None, rel_w: Tensor | None, query_index: Tensor
+) -> Tensor:
+    """Attention probabilities of a few queries over all keys, without the full (HW)^2 map.
+
+    q, k: [B, Nh, H, W, dkh]; rel_h/rel_w as in :func:`relative_attention_2d`; query_index: [nq]
+    flat indices i = iy * W + ix. Returns [B, Nh, nq, H, W], each [H, W] map summing to 1.
+    Cost O(nq HW dkh): the same logits the attention uses, recomputed for the chosen rows only.
+    """
+    b, nh, h, w, dkh = q.shape
+    q_sel = q.reshape(b, nh, h * w, dkh)[:, :, query_index] * dkh**-0.5  # [B, Nh, nq, dkh]
+    logits = torch.einsum("bnqd,bnkd->bnqk", q_sel, k.reshape(b, nh, h * w, dkh)).reshape(b, nh, -1, h, w)
+    if rel_h is not None:
+        iy, ix = query_index // w, query_index % w
+        r_w = rel_w.to(q.dtype)[relative_offsets_index(w, q.device)[ix]]  # [nq, W(jx), d]
+        r_h = rel_h.to(q.dtype)[relative_offsets_index(h, q.device)[iy]]  # [nq, H(jy), d]
+        logits = logits + torch.einsum("bnqd,qjd->bnqj", q_sel, r_w)[:, :, :, None, :]
+        logits = logits + torch.einsum("bnqd,qjd->bnqj", q_sel, r_h)[:, :, :, :, None]
+    return torch.softmax(logits.reshape(b, nh, -1, h * w).float(), dim=-1).reshape(b, nh, -1, h, w)
