@@ -1,0 +1,161 @@
+"""Training and inference throughput of AA models against their baselines, measured alternately.
+
+For every variant (memory format x compile x dtype), each model gets ``--rounds`` rounds of
+``--steps`` timed steps, the models taking turns round by round so that machine noise hits them
+alike; the median round is reported. A training step is forward + backward + SGD step; an
+inference step is a no-grad forward in eval mode.
+
+Usage:
+  python benchmarks/model_benchmark.py --pairs aa_resnet50:resnet50 aa_wrn28_10:wrn28_10 \
+      --peers botnet26t_256 --batch 8 --out-dir docs/benchmarks
+  python benchmarks/model_benchmark.py --device cuda --dtype bfloat16 --channels-last both --compile both
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import timm
+import torch
+
+import aa_lightning  # noqa: F401  (registers the AA models)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", nargs="+", default=["aa_resnet50:resnet50", "aa_wrn28_10:wrn28_10"], help="aa_model:baseline")
+    p.add_argument("--peers", nargs="*", default=["botnet26t_256"], help="other models measured beside them")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--channels-last", default="no", choices=["no", "yes", "both"])
+    p.add_argument("--compile", default="no", choices=["no", "yes", "both"])
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--name", default="models")
+    return p.parse_args(argv)
+
+
+def _choices(flag: str) -> list[bool]:
+    return {"no": [False], "yes": [True], "both": [False, True]}[flag]
+
+
+def build(name: str, device: torch.device, channels_last: bool, compiled: bool):
+    model = timm.create_model(name).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    input_size = model.pretrained_cfg["input_size"]
+    num_classes = model.num_classes
+    runner = torch.compile(model) if compiled else model
+    return model, runner, input_size, num_classes
+
+
+def make_step(model, runner, mode: str, batch: int, input_size, num_classes: int, device, dtype, channels_last: bool):
+    x = torch.randn(batch, *input_size, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step():
+            with autocast():
+                loss = loss_fn(runner(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast():
+                runner(x)
+            sync()
+
+    return step
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    models = list(dict.fromkeys([m for pair in args.pairs for m in pair.split(":")] + list(args.peers)))
+    rows = []
+    for dtype_name, channels_last, compiled, mode in itertools.product(
+        args.dtype, _choices(args.channels_last), _choices(args.compile), args.modes
+    ):
+        dtype = getattr(torch, dtype_name)
+        steps = {}
+        for name in models:
+            model, runner, input_size, num_classes = build(name, device, channels_last, compiled)
+            steps[name] = (make_step(model, runner, mode, args.batch, input_size, num_classes, device, dtype, channels_last), input_size)
+            for _ in range(args.warmup):
+                steps[name][0]()
+        rounds = {name: [] for name in models}
+        for _ in range(args.rounds):
+            for name in models:  # alternate: every model gets one round before any gets the next
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    steps[name][0]()
+                rounds[name].append(args.steps * args.batch / (time.perf_counter() - start))
+        for name in models:
+            row = {
+                "model": name, "mode": mode, "dtype": dtype_name, "channels_last": channels_last, "compile": compiled,
+                "input": "x".join(map(str, steps[name][1][1:])), "img_per_s": statistics.median(rounds[name]),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del steps
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = ["| mode | dtype | channels_last | compile | model | input | images/s | AA / baseline |", "|---|---|---|---|---|---|---|---|"]
+    index = {(r["mode"], r["dtype"], r["channels_last"], r["compile"], r["model"]): r for r in rows}
+    baseline_of = {pair.split(":")[0]: pair.split(":")[1] for pair in args.pairs}
+    for r in rows:
+        base = baseline_of.get(r["model"])
+        ratio = ""
+        if base:
+            b = index.get((r["mode"], r["dtype"], r["channels_last"], r["compile"], base))
+            ratio = f"**{r['img_per_s'] / b['img_per_s']:.2f}** (vs {base})" if b else ""
+        lines.append(
+            f"| {r['mode']} | {r['dtype']} | {r['channels_last']} | {r['compile']} | {r['model']} | {r['input']} | {r['img_per_s']:.1f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    header = (
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}; torch {torch.__version__}; "
+        f"timm {timm.__version__}; batch {args.batch}; {args.rounds} rounds x {args.steps} steps (median round); {date.today()}"
+    )
+    print(header)
+    rows = measure(args)
+    table = markdown(rows, args)
+    cmd = "python benchmarks/model_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
+        json.dump({"header": header, "command": cmd, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
+        f.write(f"`{cmd}`\n\n{header}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
