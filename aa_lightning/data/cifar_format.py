@@ -1,0 +1,153 @@
+"""The CIFAR-100 "python version" on-disk format: read it safely, write it exactly.
+
+``cifar-100-python/`` holds three pickles (protocol 2, written by Python 2):
+``train`` and ``test`` are dicts with keys ``data`` (uint8 [N, 3072]: 1024 red, 1024 green, 1024
+blue values per image, rows in raster order), ``fine_labels``, ``coarse_labels`` (lists of int),
+``filenames`` (list of str) and ``batch_label`` (str); ``meta`` holds ``fine_label_names`` and
+``coarse_label_names``. Python 2 ``str`` objects load as ``bytes`` with
+``pickle.load(f, encoding="bytes")`` and as ``str`` with ``encoding="latin1"`` (torchvision).
+
+- :func:`read_cifar_split` unpickles with an allow-list (numpy array reconstruction and nothing
+  else), so a tampered file cannot run code.
+- :func:`write_cifar100` writes Python 2 strings and the classic ``numpy.core`` global names, so
+  its files load like the official ones with either encoding, in numpy 1 and numpy 2.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+BASE_FOLDER = "cifar-100-python"
+SPLITS = ("train", "test")
+IMAGE_SHAPE = (32, 32, 3)
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): __import__("codecs").encode,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles builtin containers and numpy arrays; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR file holds only lists, strings and uint8 arrays"
+            ) from None
+
+
+def _load(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid CIFAR-100 pickle: {err}") from err
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a valid CIFAR-100 pickle: expected a dict, got {type(entry).__name__}")
+    return entry
+
+
+def read_cifar_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] (HWC, RGB) and fine labels int64 [N] of ``root/cifar-100-python/<split>``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = Path(root) / BASE_FOLDER / split
+    entry = _load(path)
+    missing = {"data", "fine_labels"} - set(entry)
+    if missing:
+        raise ValueError(f"{path} is not a valid CIFAR-100 pickle: missing keys {sorted(missing)}")
+    data = np.asarray(entry["data"], dtype=np.uint8)
+    labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise ValueError(f"{path}: data must be [N, 3072] with N labels, got {data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def read_cifar_meta(root: str | Path) -> list[str]:
+    """The fine label names of ``root/cifar-100-python/meta``."""
+    path = Path(root) / BASE_FOLDER / "meta"
+    entry = _load(path)
+    if "fine_label_names" not in entry:
+        raise ValueError(f"{path} is not a valid CIFAR-100 meta file: no 'fine_label_names'")
+    return list(entry["fine_label_names"])
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 with ``bytes`` written as Python 2 ``str`` and numpy globals under ``numpy.core``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + struct.pack("<B", n) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = getattr(obj, "__module__", None)
+        if module is not None and module.startswith("numpy._core"):
+            name = name or obj.__qualname__
+            self.write(pickle.GLOBAL + module.replace("numpy._core", "numpy.core").encode() + b"\n" + name.encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def _dump(obj: dict, path: Path) -> None:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    path.write_bytes(buffer.getvalue())
+
+
+def write_cifar100(
+    root: str | Path,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    fine_label_names: Sequence[str],
+    coarse_of_fine: Sequence[int] | None = None,
+    coarse_label_names: Sequence[str] = ("all",),
+    filename_prefix: str = "image",
+) -> Path:
+    """Write ``root/cifar-100-python/{train,test,meta}`` in the official format; returns that folder.
+
+    ``splits``: ``{"train": (images uint8 [N, 32, 32, 3], labels [N]), "test": (...)}``.
+    ``coarse_of_fine``: the coarse label of each fine label (default: all 0).
+    """
+    folder = Path(root) / BASE_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    coarse_of_fine = list(coarse_of_fine) if coarse_of_fine is not None else [0] * len(fine_label_names)
+    for split, (images, labels) in splits.items():
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        images = np.asarray(images, dtype=np.uint8)
+        if images.shape[1:] != IMAGE_SHAPE:
+            raise ValueError(f"images must be [N, 32, 32, 3], got {images.shape}")
+        fine = [int(label) for label in labels]
+        entry = {
+            b"filenames": [f"{filename_prefix}_{split}_{i:06d}.png".encode() for i in range(len(fine))],
+            b"batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1".encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": [int(coarse_of_fine[label]) for label in fine],
+            b"data": np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1)),
+        }
+        _dump(entry, folder / split)
+    meta = {
+        b"fine_label_names": [name.encode() for name in fine_label_names],
+        b"coarse_label_names": [name.encode() for name in coarse_label_names],
+    }
+    _dump(meta, folder / "meta")
+    return folder

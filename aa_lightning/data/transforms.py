@@ -1,0 +1,108 @@
+"""albumentations pipelines for classification, seeded per DataLoader worker.
+
+- CIFAR: pad 4 (zeros) + random 32x32 crop + horizontal flip + normalize (training);
+  normalize only (evaluation).
+- ImageNet: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3) + flip + normalize (training);
+  resize the short side to 256 + center crop 224 + normalize (evaluation).
+
+albumentations 2.x draws from its own generator (``Compose(seed=...)``), not from numpy's or
+torch's global state, and a DataLoader copies that generator into every worker.
+:class:`AlbumentationsTransform` therefore re-seeds the pipeline once in each worker from
+``torch.initial_seed()`` (a DataLoader draws it from the main process's seeded torch generator
+for every new iterator): workers differ, epochs differ, and a run is reproducible from its seed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import get_worker_info
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AlbumentationsTransform:
+    """``image uint8 [H, W, 3] -> float tensor [3, H', W']`` through an albumentations ``Compose``.
+
+    The pipeline is seeded with ``seed`` in the main process, and once per DataLoader worker
+    with ``torch.initial_seed()`` of that worker.
+    """
+
+    def __init__(self, transforms: Sequence[A.BasicTransform], seed: int = 0) -> None:
+        self.pipeline = A.Compose(list(transforms), seed=seed)
+        self._worker_seeded = False
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if not self._worker_seeded and get_worker_info() is not None:
+            self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
+            self._worker_seeded = True  # only in this worker's copy
+        return self.pipeline(image=image)["image"]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pipeline!r})"
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+
+
+def cifar_train_transform(
+    mean: Sequence[float] = CIFAR100_MEAN,
+    std: Sequence[float] = CIFAR100_STD,
+    pad: int = 4,
+    hflip: bool = True,
+    image_size: int = 32,
+    seed: int = 0,
+) -> AlbumentationsTransform:
+    """Zero-pad ``pad`` pixels, random ``image_size`` crop, optional horizontal flip, normalize."""
+    transforms: list[A.BasicTransform] = []
+    if pad > 0:
+        transforms += [
+            A.PadIfNeeded(image_size + 2 * pad, image_size + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.RandomCrop(image_size, image_size),
+        ]
+    if hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    return AlbumentationsTransform(transforms + _normalize(mean, std), seed=seed)
+
+
+def cifar_eval_transform(
+    mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD
+) -> AlbumentationsTransform:
+    """Normalize only."""
+    return AlbumentationsTransform(_normalize(mean, std))
+
+
+def imagenet_train_transform(
+    image_size: int = 224,
+    scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    seed: int = 0,
+) -> AlbumentationsTransform:
+    """RandomResizedCrop ``image_size`` (area ``scale``, aspect 3/4-4/3), optional flip, normalize."""
+    transforms: list[A.BasicTransform] = [
+        A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR)
+    ]
+    if hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    return AlbumentationsTransform(transforms + _normalize(mean, std), seed=seed)
+
+
+def imagenet_eval_transform(
+    image_size: int = 224,
+    resize_size: int = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> AlbumentationsTransform:
+    """Resize the short side to ``resize_size``, center crop ``image_size``, normalize."""
+    transforms = [A.SmallestMaxSize(max_size=resize_size, interpolation=cv2.INTER_LINEAR), A.CenterCrop(image_size, image_size)]
+    return AlbumentationsTransform(transforms + _normalize(mean, std))
