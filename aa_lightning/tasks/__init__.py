@@ -1,1 +1,4 @@
 """LightningModules: image classification and RetinaNet detection."""
+from .classification import ImageClassifier
+
+__all__ = ["ImageClassifier"]

@@ -1,0 +1,199 @@
+"""ImageClassifier: any timm model (the AA networks included) trained with the paper's recipes.
+
+- Model: ``timm.create_model(model_name, num_classes=..., **model_kwargs)``, so every ablation
+  is a config line (``model_kwargs: {aa_k: 1.0, aa_v: 1.0}``).
+- Loss: cross-entropy with optional label smoothing.
+- Optimizer: SGD (momentum, optional Nesterov) or AdamW; no weight decay on norms and biases.
+- Learning rate: peak = ``base_lr * B_global / reference_batch_size`` (the paper's linear scaling,
+  B_global = batch per device x devices x nodes x gradient accumulation), linear warm-up over
+  ``warmup_epochs`` then cosine decay (or step / constant), stepped every optimizer step.
+- Metrics: torchmetrics top-1 / top-5 accuracy for train, val and test (states summed across
+  DDP processes), ``train/loss``, ``val/loss``, ``test/loss``, ``train/lr``, ``test/images``.
+
+The checkpoint carries ``model_name`` and ``model_kwargs`` (``save_hyperparameters``), so
+``ImageClassifier.load_from_checkpoint(path)`` rebuilds the same network.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Sequence
+
+import lightning.pytorch as pl
+import timm
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..optim import build_optimizer, param_groups, scaled_lr, warmup_schedule
+
+
+def _accuracy_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        }
+    )
+
+
+def build_timm_model(model_name: str, num_classes: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with errors that name the config keys."""
+    if not timm.is_model(model_name):
+        aa_models = ", ".join(timm.list_models("aa_*")) or "none registered"
+        raise ValueError(f"model.model_name: unknown timm model {model_name!r} (AA models: {aa_models}; any timm.list_models() name works)")
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    except TypeError as err:
+        raise ValueError(f"model.model_kwargs {model_kwargs} not accepted by {model_name!r}: {err}") from err
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with a timm model; images [B, 3, H, W] -> logits [B, num_classes].
+
+    Args:
+        model_name: a timm model name, e.g. ``aa_wrn28_10``, ``aa_resnet50``, ``resnet50``.
+        num_classes: output classes (must match the data).
+        model_kwargs: extra keyword arguments of the model (e.g. ``aa_k``, ``aa_v``, ``aa_heads``,
+            ``aa_position``, ``drop_rate``).
+        optimizer: ``sgd`` (momentum, ``nesterov``) or ``adamw`` (``betas``).
+        base_lr: learning rate at ``reference_batch_size``; the run uses
+            ``base_lr * B_global / reference_batch_size`` (``reference_batch_size: null``: no scaling).
+        weight_decay: L2 / decoupled decay of the weights (never of norms and biases).
+        warmup_epochs: linear warm-up from 0 (fractions of an epoch are allowed).
+        schedule: ``cosine`` (to ``min_lr_ratio`` x peak), ``step`` (x ``lr_gamma`` at each of
+            ``lr_milestones`` epochs) or ``constant`` after the warm-up.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    #: the metric ModelCheckpoint watches unless the config names another one
+    checkpoint_monitor: tuple[str, str] = ("val/top1", "max")
+
+    def __init__(
+        self,
+        model_name: str = "aa_resnet50",
+        num_classes: int = 1000,
+        model_kwargs: Optional[dict[str, Any]] = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        base_lr: float = 0.1,
+        reference_batch_size: Optional[int] = 256,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 5.0,
+        schedule: Literal["cosine", "step", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+        lr_milestones: Sequence[float] = (),
+        lr_gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for key, value, ok, allowed in [
+            ("num_classes", num_classes, num_classes >= 2, ">= 2"),
+            ("base_lr", base_lr, base_lr > 0, "> 0"),
+            ("reference_batch_size", reference_batch_size, reference_batch_size is None or reference_batch_size > 0, "> 0 or null"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", warmup_epochs, warmup_epochs >= 0, ">= 0"),
+            ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+            ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+        ]:
+            if not ok:
+                raise ValueError(f"model.{key} must be {allowed}, got {value!r}")
+        self.save_hyperparameters()
+        self.model = build_timm_model(model_name, num_classes, dict(model_kwargs or {}))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = _accuracy_metrics(num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.test_images = SumMetric()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    # -- data sanity -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model.num_classes is {self.hparams.num_classes} but the data has {data_classes} classes "
+                f"({type(datamodule).__name__}); set model.num_classes: {data_classes}"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("model_name", "num_classes"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={saved[key]!r} but this run builds {key}={self.hparams[key]!r}; "
+                    "use the checkpoint's config or a matching checkpoint"
+                )
+
+    # -- steps ---------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        self.train_metrics.update(logits, targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(targets))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self.criterion(logits, targets), on_epoch=True, sync_dist=True, batch_size=len(targets))
+        metrics.update(logits, targets)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+        self.log("hp_metric", self.val_metrics["top1"], on_step=False, on_epoch=True)  # TensorBoard's hparams tab
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+        self.test_images.update(torch.tensor(float(len(batch[1])), device=self.device))
+        self.log("test/images", self.test_images, on_step=False, on_epoch=True)
+
+    # -- optimization ------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all processes: batch x devices x nodes x accumulation."""
+        trainer = self.trainer
+        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if per_device is None:
+            per_device = trainer.train_dataloader.batch_size
+        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+        total_steps = int(total_steps)
+        if not math.isfinite(self.trainer.num_training_batches):  # a max_steps run does not load the data to estimate
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total_steps
+        global_batch = self.global_batch_size()
+        peak_lr = scaled_lr(hp.base_lr, global_batch, hp.reference_batch_size) if hp.reference_batch_size else hp.base_lr
+        rank_zero_info(
+            f"learning rate: peak {peak_lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} / {hp.reference_batch_size or global_batch}; "
+            f"{hp.warmup_epochs} warm-up epochs, {hp.schedule} over {total_steps} steps ({steps_per_epoch} per epoch)"
+        )
+        optimizer = build_optimizer(
+            param_groups(self.model, hp.weight_decay), hp.optimizer, peak_lr, hp.momentum, hp.nesterov, hp.betas
+        )
+        scheduler = warmup_schedule(
+            optimizer,
+            total_steps=total_steps,
+            warmup_steps=round(hp.warmup_epochs * steps_per_epoch),
+            schedule=hp.schedule,
+            min_lr_ratio=hp.min_lr_ratio,
+            milestones=[round(m * steps_per_epoch) for m in hp.lr_milestones],
+            gamma=hp.lr_gamma,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
