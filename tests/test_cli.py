@@ -1,0 +1,147 @@
+"""train.py end to end in subprocesses on tiny generated data: fit + test, resume, DDP, bf16, errors."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+TEST_SIZE = 21  # odd: DDP over 2 processes must not pad it
+
+
+def tiny_recipe(tmp_path: Path, **data_overrides) -> Path:
+    """A recipe that trains timm's test network for 4 steps on 64 generated 32x32 images."""
+    recipe = {
+        "seed_everything": 0,
+        "runs_dir": str(tmp_path / "runs"),
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+                    "enable_model_summary": False},
+        "model": {
+            "class_path": "aa_lightning.tasks.ImageClassifier",
+            "init_args": {"model_name": "test_resnet", "num_classes": 4, "base_lr": 0.1, "warmup_epochs": 0.5},
+        },
+        "data": {
+            "class_path": "aa_lightning.data.SyntheticCIFARDataModule",
+            "init_args": {"data_dir": str(tmp_path / "data"), "num_classes": 4, "train_size": 48, "test_size": TEST_SIZE,
+                          "val_split": 16, "batch_size": 8, "num_workers": 0, **data_overrides},
+        },
+        "image_grid": {"num_images": 8},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary_value(stdout: str, pattern: str) -> str:
+    match = re.search(pattern, stdout)
+    assert match, f"{pattern!r} not in the summary:\n{stdout[-3000:]}"
+    return match.group(1)
+
+
+def _events(log_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_fit_then_test_writes_checkpoints_tensorboard_and_a_summary(tmp_path):
+    result = run_cli("--config", str(tiny_recipe(tmp_path)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    version = tmp_path / "runs" / "tiny" / "version_0"
+    assert "run summary" in out
+    assert summary_value(out, r"model\s+test_resnet \(.*\), (\d+) optimizer steps") == "4"  # 32 training images / 8
+    assert summary_value(out, r"test \(best checkpoint, (\d+) images\)") == str(TEST_SIZE)
+    float(summary_value(out, r"test \(best.*top1 ([\d.]+)%"))
+    assert f"tensorboard --logdir {tmp_path / 'runs' / 'tiny'}" in out
+    best = list((version / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (version / "checkpoints" / "last.ckpt").is_file()
+    assert str(best[0]) in out
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["model_name"] == "test_resnet"
+    assert saved["checkpoint"]["monitor"] == "val/top1" and saved["checkpoint"]["mode"] == "max"
+    events = _events(version)
+    tags = events.Tags()
+    for tag in ("train/loss_step", "train/lr", "val/top1", "val/top5", "val/loss", "test/top1", "test/top5"):
+        assert tag in tags["scalars"], tag
+    assert "train/images" in tags["images"]
+    assert (version / "hparams.yaml").is_file() and "model_name: test_resnet" in (version / "hparams.yaml").read_text()
+    ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["model_name"] == "test_resnet"
+
+
+def test_resume_from_last_continues_the_step_count_in_the_same_run(tmp_path):
+    recipe = str(tiny_recipe(tmp_path))
+    first = run_cli("--config", recipe, "--test_ckpt_path", "null", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("--config", recipe, "--ckpt_path", "last", "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert summary_value(second.stdout, r"(\d+) optimizer steps") == "8"
+    version = tmp_path / "runs" / "tiny" / "version_0"
+    assert not (tmp_path / "runs" / "tiny" / "version_1").exists()
+    last = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 8
+    steps = [event.step for event in _events(version).Scalars("train/lr")]
+    assert steps[-1] == 7  # lr of steps 0..7 logged across both invocations
+
+
+def test_ddp_two_processes_on_cpu_test_every_image_once(tmp_path):
+    result = run_cli("--config", str(tiny_recipe(tmp_path)), "--trainer.strategy", "ddp", "--trainer.devices", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 32 training images over 2 processes x batch 8: 2 steps of a global batch of 16
+    assert summary_value(result.stdout, r"(\d+) optimizer steps") == "2"
+    assert "global batch 16" in result.stdout + result.stderr
+    assert summary_value(result.stdout, r"test \(best checkpoint, (\d+) images\)") == str(TEST_SIZE)
+    assert result.stdout.count("run summary") == 1  # printed by rank 0 only
+
+
+def test_bf16_mixed_on_cpu_and_sync_batchnorm_is_explained_not_fatal(tmp_path):
+    result = run_cli("--config", str(tiny_recipe(tmp_path)), "--trainer.precision", "bf16-mixed",
+                     "--trainer.sync_batchnorm", "true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16" in result.stderr  # Lightning reports the precision plugin
+    assert "sync_batchnorm is ignored" in result.stderr and "needs CUDA" in result.stderr
+    assert summary_value(result.stdout, r"test \(best checkpoint, (\d+) images\)") == str(TEST_SIZE)
+
+
+def test_print_config_shows_dotted_overrides_in_subclass_mode(tmp_path):
+    result = run_cli("--config", str(tiny_recipe(tmp_path)), "--model.model_name", "resnet10t", "--data.batch_size", "3",
+                     "--trainer.devices", "1", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["init_args"]["model_name"] == "resnet10t"
+    assert config["data"]["init_args"]["batch_size"] == 3
+    assert config["data"]["init_args"]["train_size"] == 48  # the synthetic module's own argument
+    assert config["data"]["init_args"]["val_split"] == 16  # an argument it forwards to CIFAR100DataModule
+    assert not (tmp_path / "runs").exists()  # printing the config trains nothing
+
+
+def test_a_bad_value_fails_at_start_up_naming_the_key(tmp_path):
+    result = run_cli("--config", str(tiny_recipe(tmp_path)), "--model.optimizer", "sgdd", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "optimizer" in result.stderr and "sgdd" in result.stderr and "adamw" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_cifar_data_names_the_path(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    config = yaml.safe_load(recipe.read_text())
+    config["data"] = {"class_path": "aa_lightning.data.CIFAR100DataModule",
+                      "init_args": {"data_dir": str(tmp_path / "no_cifar"), "download": False, "num_workers": 0}}
+    recipe.write_text(yaml.safe_dump(config))
+    result = run_cli("--config", str(recipe), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'no_cifar' / 'cifar-100-python' / 'train'}" in result.stderr
+    assert "--data.download true" in result.stderr
