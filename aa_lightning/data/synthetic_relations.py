@@ -18,6 +18,7 @@ import numpy as np
 
 IMAGE_SIZE = 32
 SHAPE_RADIUS = 2  # shapes are (2r+1) x (2r+1) = 5x5 pixels
+BORDER = 2  # free pixels between a shape and the edge: a pad-4 random crop hides at most 2 of its 5 columns
 MIN_DISTANCE, MAX_DISTANCE = 10.0, 20.0
 
 
@@ -46,7 +47,7 @@ def _bright_color(rng: np.random.Generator) -> np.ndarray:
 
 def _place(rng: np.random.Generator, angle: float) -> tuple[int, int, int, int]:
     """Anchor and target centres (y, x) with the target at ``angle`` from the anchor."""
-    lo, hi = SHAPE_RADIUS, IMAGE_SIZE - 1 - SHAPE_RADIUS
+    lo, hi = SHAPE_RADIUS + BORDER, IMAGE_SIZE - 1 - SHAPE_RADIUS - BORDER
     while True:
         distance = rng.uniform(MIN_DISTANCE, MAX_DISTANCE)
         dx = int(round(distance * np.cos(angle)))
