@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
 
 import torch  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
@@ -79,7 +80,10 @@ class AACLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # the tasks own their optimizer and schedule
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
-            parser_kwargs={"description": "Train and test an aa-lightning recipe: python train.py --config configs/<recipe>.yaml"},
+            parser_kwargs={
+                "description": "Train and test an aa-lightning recipe: python train.py --config configs/<recipe>.yaml",
+                "allow_abbrev": False,  # a misspelt key fails instead of being completed
+            },
             args=args,
             run=False,
         )

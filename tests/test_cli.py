@@ -145,3 +145,30 @@ def test_missing_cifar_data_names_the_path(tmp_path):
     assert result.returncode != 0
     assert f"{tmp_path / 'no_cifar' / 'cifar-100-python' / 'train'}" in result.stderr
     assert "--data.download true" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        (["--model.bogus_option", "1"], "bogus_option"),
+        (["--trainer.max_epoch", "3"], "max_epoch"),  # no silent completion to max_epochs
+        (["--trainer.max_epohcs", "3"], "max_epohcs"),
+        (["--model.base_lr", "fast"], "base_lr"),
+        (["--data.batch_size", "many"], "batch_size"),
+    ],
+)
+def test_unknown_keys_and_bad_values_stop_the_parser_naming_the_key(tmp_path, capsys, override, named):
+    from aa_lightning.cli import AACLI
+
+    with pytest.raises(SystemExit) as info:
+        AACLI(args=["--config", str(tiny_recipe(tmp_path)), *override])
+    assert info.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def test_a_value_checked_by_the_class_stops_the_run_before_training(tmp_path):
+    from aa_lightning.cli import AACLI
+
+    with pytest.raises(ValueError, match=r"model.label_smoothing must be in \[0, 1\)"):
+        AACLI(args=["--config", str(tiny_recipe(tmp_path)), "--model.label_smoothing", "1.5"])
+    assert not (tmp_path / "runs").exists()
