@@ -1,0 +1,352 @@
+"""COCO detection: the standard 2017 layout read with pycocotools, as a LightningDataModule.
+
+Layout under ``root`` (what cocodataset.org ships)::
+
+    annotations/instances_train2017.json
+    annotations/instances_val2017.json
+    train2017/*.jpg
+    val2017/*.jpg
+
+Conventions (those of torchvision's detection reference and COCO's own evaluation):
+
+- Category ids (COCO's are 1..90 with gaps) map to contiguous labels ``0..K-1`` in sorted id order
+  (:class:`CategoryMapping`); predictions map back with ``to_category_id``.
+- Training: crowd boxes (``iscrowd=1``) are dropped from the targets, boxes are clipped to the
+  image and those with no area dropped, and images without a usable box are removed.
+- Evaluation: every image is kept (also those without annotations) and crowd boxes are kept with
+  ``iscrowd=1``, which COCO evaluation treats as regions where detections are ignored; ``area``
+  is the annotation's own (segmentation) area, which decides small/medium/large as in COCO.
+
+A sample is ``(image, target)``: ``image`` float ``[3, h, w]`` in [0, 1] after the pipeline of
+:mod:`aa_lightning.data.detection_transforms`; ``target`` holds ``boxes`` ``[N, 4]`` xyxy in the
+resized image, ``labels`` ``[N]`` int64, ``iscrowd`` ``[N]``, ``area`` ``[N]`` (original pixels),
+``orig_boxes`` ``[N, 4]`` xyxy in the original image, ``image_id``, ``orig_size`` ``(H, W)`` and
+``size`` ``(h, w)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from .detection_transforms import detection_eval_transform, detection_train_transform
+
+COCO_DOWNLOAD_HINT = (
+    "Get COCO 2017 from https://cocodataset.org/#download (2017 Train images, 2017 Val images, "
+    "2017 Train/Val annotations) and unpack it so that the folder holds annotations/ , "
+    "train2017/ and val2017/ ; or try the built-in synthetic set "
+    "(aa_lightning.data.SyntheticCOCODataModule, configs/quickstart_detection.yaml)."
+)
+
+
+class CategoryMapping:
+    """COCO category ids <-> contiguous labels ``0..K-1`` (sorted by id)."""
+
+    def __init__(self, categories: Sequence[dict[str, Any]]):
+        ids = sorted(int(c["id"]) for c in categories)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate category ids in {ids}")
+        names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+        self.category_ids: list[int] = ids
+        self.names: list[str] = [names[i] for i in ids]
+        self._label_of = {cid: label for label, cid in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.category_ids)
+
+    def to_label(self, category_id: int) -> int:
+        try:
+            return self._label_of[int(category_id)]
+        except KeyError:
+            raise KeyError(f"category id {category_id} is not one of {self.category_ids}") from None
+
+    def to_category_id(self, label: int) -> int:
+        if not 0 <= int(label) < len(self.category_ids):
+            raise KeyError(f"label {label} is outside 0..{len(self.category_ids) - 1}")
+        return self.category_ids[int(label)]
+
+
+def load_coco_annotations(path: str | os.PathLike) -> COCO:
+    """Read and validate a COCO ``instances_*.json``; every error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}. {COCO_DOWNLOAD_HINT}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON annotation file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise ValueError(f"{path}: missing or non-list key(s) {missing}; a COCO instances file has "
+                         "'images', 'annotations' and 'categories' lists")
+    try:
+        image_ids = {int(im["id"]) for im in data["images"]}
+        for im in data["images"]:
+            im["file_name"], int(im["width"]), int(im["height"])
+        category_ids = {int(c["id"]) for c in data["categories"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed 'images' or 'categories' entry ({e!r}); images need "
+                         "id, file_name, width, height and categories need id, name") from e
+    for ann in data["annotations"]:
+        where = f"{path}: annotation {ann.get('id', '?') if isinstance(ann, dict) else ann!r}"
+        if not isinstance(ann, dict):
+            raise ValueError(f"{where} is not an object")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+            raise ValueError(f"{where}: 'bbox' must be [x, y, width, height] (4 finite numbers); got {bbox!r}")
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if ann.get("category_id") not in category_ids:
+            raise ValueError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+    coco = COCO()  # built from the validated dict instead of letting pycocotools re-read the file
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco.createIndex()
+    return coco
+
+
+def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]``; EXIF orientation ignored, as COCO's annotations assume."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ValueError(f"cannot decode image (corrupt or not an image): {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _clipped_xywh(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0 = max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))
+    x1, y1 = min(float(width), float(bbox[0]) + float(bbox[2])), min(float(height), float(bbox[1]) + float(bbox[3]))
+    return x0, y0, x1 - x0, y1 - y0
+
+
+class COCODetection(Dataset):
+    """One split of a COCO-format detection set (see the module docstring for samples)."""
+
+    def __init__(self, image_dir: str | os.PathLike, annotation_file: str | os.PathLike, transform,
+                 train: bool, categories: CategoryMapping | None = None):
+        self.image_dir = Path(image_dir)
+        self.annotation_file = Path(annotation_file)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder not found: {self.image_dir}. {COCO_DOWNLOAD_HINT}")
+        self.coco = load_coco_annotations(self.annotation_file)
+        self.categories = categories or CategoryMapping(self.coco.dataset["categories"])
+        self.transform = transform
+        self.train = train
+        ids = sorted(self.coco.imgs)
+        if train:  # as torchvision's reference: drop images with no usable (non-crowd, non-empty) box
+            ids = [i for i in ids if any(self._usable(a, i) for a in self.coco.imgToAnns[i])]
+        self.ids = ids
+
+    def _usable(self, ann: dict, image_id: int) -> bool:
+        info = self.coco.imgs[image_id]
+        _, _, w, h = _clipped_xywh(ann["bbox"], info["width"], info["height"])
+        return not ann.get("iscrowd", 0) and w > 1 and h > 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        image = read_rgb_image(path)
+        height, width = image.shape[:2]
+        if (height, width) != (int(info["height"]), int(info["width"])):
+            raise ValueError(f"{path}: image is {width}x{height} but {self.annotation_file} says "
+                             f"{info['width']}x{info['height']}")
+        anns = [a for a in self.coco.imgToAnns[image_id]
+                if not (self.train and a.get("iscrowd", 0))]
+        boxes, labels, keep = [], [], []
+        for a in anns:
+            x, y, w, h = _clipped_xywh(a["bbox"], width, height)
+            if w > 0 and h > 0:
+                boxes.append((x, y, w, h))
+                labels.append(self.categories.to_label(a["category_id"]))
+                keep.append(a)
+        out = self.transform(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                             labels=labels, ann_index=list(range(len(keep))))
+        xywh = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+        kept = [keep[int(i)] for i in out["ann_index"]]
+        orig = torch.tensor([_clipped_xywh(a["bbox"], width, height) for a in kept],
+                            dtype=torch.float32).reshape(-1, 4)
+        valid = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)  # RetinaNet rejects degenerate boxes
+        xywh, orig = xywh[valid], orig[valid]
+        kept = [a for a, v in zip(kept, valid.tolist()) if v]
+        labels = torch.as_tensor(list(out["labels"]), dtype=torch.int64).reshape(-1)[valid]
+        new_h, new_w = out["image"].shape[-2:]
+        target = {
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+            "labels": labels,
+            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in kept], dtype=torch.int64),
+            "area": torch.tensor([float(a.get("area") or a["bbox"][2] * a["bbox"][3]) for a in kept],
+                                 dtype=torch.float32),
+            "orig_boxes": torch.cat([orig[:, :2], orig[:, :2] + orig[:, 2:]], dim=1),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+            "size": torch.tensor([new_h, new_w], dtype=torch.int64),
+        }
+        return out["image"], target
+
+
+def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Variable-size images stay a list (RetinaNet pads them itself): ``(images, targets)``."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _reseed_worker_pipeline(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (torch seeds workers per epoch)."""
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class COCODataModule(pl.LightningDataModule):
+    """COCO 2017 (or any set in its layout) for RetinaNet.
+
+    Args:
+        root: folder holding ``annotations/`` and the image folders.
+        train_split / val_split / test_split: split names; the files read are
+            ``annotations/instances_{split}.json`` and ``{split}/``. COCO's test-dev has no public
+            annotations, so ``test`` defaults to ``val2017`` (set ``test_split: null`` for none).
+        batch_size: images per device and step (Detectron's 16 = 8 GPUs x 2).
+        train_min_size: shorter side in training; a list samples one per image (multi-scale).
+        eval_min_size / max_size: shorter side at evaluation / cap on the longer side.
+        hflip_prob: horizontal flip probability in training.
+        min_visibility: albumentations drops a box keeping less than this fraction of its area.
+        seed: seed of the augmentation pipeline (each worker re-seeds from torch's worker seed).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/coco",
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str | None = "val2017",
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        train_min_size: int | list[int] = 800,
+        eval_min_size: int = 800,
+        max_size: int = 1333,
+        hflip_prob: float = 0.5,
+        min_visibility: float = 0.0,
+        seed: int = 0,
+        pin_memory: bool = True,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1; got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0; got {num_workers}")
+        if not 0.0 <= min_visibility <= 1.0:
+            raise ValueError(f"data.min_visibility must be in [0, 1]; got {min_visibility}")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.pin_memory = pin_memory
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        # build the pipelines now so that bad sizes fail at start-up
+        self.train_transform = detection_train_transform(train_min_size, max_size, hflip_prob,
+                                                         min_visibility, seed)
+        self.eval_transform = detection_eval_transform(eval_min_size, max_size)
+        self._categories: CategoryMapping | None = None
+        self.train_set = self.val_set = self.test_set = None
+
+    def annotation_file(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{split}.json"
+
+    def image_dir(self, split: str) -> Path:
+        return self.root / split
+
+    @property
+    def categories(self) -> CategoryMapping:
+        """The category mapping (read from the validation annotations, the smaller file)."""
+        if self._categories is None:
+            with_categories = self.val_set or self.train_set or self.test_set
+            if with_categories is not None:
+                self._categories = with_categories.categories
+            else:
+                self._categories = CategoryMapping(load_coco_annotations(
+                    self.annotation_file(self.val_split)).dataset["categories"])
+        return self._categories
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def _dataset(self, split: str, train: bool) -> COCODetection:
+        return COCODetection(self.image_dir(split), self.annotation_file(split),
+                             self.train_transform if train else self.eval_transform, train=train,
+                             categories=self._categories)
+
+    def _check_same_categories(self, dataset: COCODetection) -> None:
+        if dataset.categories.category_ids != self.categories.category_ids:
+            raise ValueError(f"{dataset.annotation_file} has category ids {dataset.categories.category_ids}, "
+                             f"which differ from the other split's {self.categories.category_ids}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.train_set is None:
+            self.train_set = self._dataset(self.train_split, train=True)
+            self._categories = self._categories or self.train_set.categories
+        if stage in ("fit", "validate", None) and self.val_set is None:
+            self.val_set = self._dataset(self.val_split, train=False)
+            self._categories = self._categories or self.val_set.categories
+            self._check_same_categories(self.val_set)
+        if stage in ("test", None) and self.test_set is None and self.test_split:
+            self.test_set = self._dataset(self.test_split, train=False)
+            self._categories = self._categories or self.test_set.categories
+            self._check_same_categories(self.test_set)
+
+    def _loader(self, dataset: COCODetection, train: bool) -> DataLoader:
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # every image exactly once over all processes (DistributedSampler would repeat some
+            # to even out the shards, and the repeats would count twice in the COCO metrics)
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=_reseed_worker_pipeline if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise ValueError("data.test_split is null: there is no test split to evaluate")
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,296 @@
+"""RetinaNet (torchvision) on any timm backbone of the zoo, as a LightningModule.
+
+Everything RetinaNet-specific is torchvision's ``RetinaNet``: its head (4 convs + cls/box convs
+per branch, shared across levels), anchor generator, focal loss (alpha 0.25, gamma 2: fixed in
+torchvision's head, the values of Lin et al. 2017), box coder and post-processing (score
+threshold, per-level top-k, NMS). This module adds the backbone (:mod:`.detection_backbone`),
+the optimizer/schedule (:mod:`aa_lightning.optim`) and COCO metrics (torchmetrics'
+``MeanAveragePrecision``).
+
+Input transform decision: images arrive already resized by the data pipeline
+(:mod:`aa_lightning.data.detection_transforms`, shorter side / longer-side cap) and in [0, 1].
+RetinaNet's own ``GeneralizedRCNNTransform`` is replaced by :class:`NormalizePadTransform`, the
+same class with its resize turned into the identity: it only normalizes with the backbone's
+mean/std and pads the batch to a multiple of 32. So a checkpoint predicts on [0, 1] RGB images of
+any size, and nothing is resized twice.
+
+Batches are ``(images, targets)`` from :func:`aa_lightning.data.coco.collate_detection`: boxes
+for training in the resized image, ``orig_boxes``/``area``/``iscrowd`` for evaluation in the
+original image, where COCO's metrics (and their small/medium/large areas) are defined.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+import torch
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.utils import draw_bounding_boxes
+
+from ..optim import build_optimizer, param_groups, scaled_lr, warmup_schedule
+from .detection_backbone import TimmFPNBackbone
+
+#: Logged COCO metrics (torchmetrics names): AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@100.
+LOGGED_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
+
+
+class NormalizePadTransform(GeneralizedRCNNTransform):
+    """RetinaNet's input transform without resizing (the data pipeline resized already):
+    normalize ``(x - mean) / std`` and batch to ``[B, 3, H_max, W_max]`` padded to ``size_divisible``."""
+
+    def __init__(self, image_mean: Sequence[float], image_std: Sequence[float], size_divisible: int = 32):
+        # min_size/max_size are required by the parent but never used: resize() is the identity
+        super().__init__(min_size=1, max_size=1, image_mean=list(image_mean), image_std=list(image_std),
+                         size_divisible=size_divisible)
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        return image, target
+
+
+def anchor_generator(sizes: Sequence[int], scales_per_octave: int,
+                     aspect_ratios: Sequence[float]) -> AnchorGenerator:
+    """Lin et al.'s anchors: per level, base size s x 2^(i/scales_per_octave) for each ratio."""
+    per_level = tuple(tuple(int(round(s * 2 ** (i / scales_per_octave))) for i in range(scales_per_octave))
+                      for s in sizes)
+    return AnchorGenerator(per_level, (tuple(aspect_ratios),) * len(per_level))
+
+
+class RetinaNetDetector(pl.LightningModule):
+    """RetinaNet with a timm backbone + FPN (P3-P7).
+
+    Args:
+        num_classes: object classes K (contiguous labels 0..K-1; no background class: the
+            classifier is K sigmoids). Must equal the data module's category count.
+        backbone: timm model name (``aa_resnet50``, ``resnet50``, ...); ``backbone_kwargs`` go to
+            ``timm.create_model``. ``out_indices``: the feature levels used as C3-C5.
+        backbone_checkpoint: classification checkpoint of this project to initialize the backbone.
+        backbone_pretrained: timm's own pretrained weights instead (downloaded by timm; the aa_*
+            models have none: train them with the ImageNet recipes and use backbone_checkpoint).
+        fpn_channels: channels of P3-P7 and of the head (256 in the paper).
+        p6p7_from: ``"p5"`` (torchvision, TPU RetinaNet) or ``"c5"`` (Lin et al. / Detectron).
+        freeze_at: 0 trains the whole backbone; 1 freezes the stem; 2 the stem and stage 1 (Detectron).
+        frozen_bn: replace every backbone BatchNorm by FrozenBatchNorm2d (detection recipes with
+            ImageNet-initialized backbones and 2 images per device).
+        head_norm: ``"none"`` (RetinaNet v1) or ``"group"`` (GroupNorm(32) in the head, torchvision v2).
+        anchor_sizes / anchor_scales_per_octave / aspect_ratios: anchors, one base size per level.
+        score_thresh, nms_thresh, detections_per_img, fg_iou_thresh, bg_iou_thresh, topk_candidates:
+            torchvision RetinaNet's post-processing and matching (Detectron's values by default).
+        optimizer, lr, lr_batch_size, momentum, weight_decay: ``lr`` is the rate for a global batch
+            of ``lr_batch_size`` images and is scaled linearly to the run's global batch
+            (``lr_batch_size: null`` uses ``lr`` as is).
+        warmup_steps, schedule, milestones, gamma, min_lr_ratio: per-step schedule of
+            :func:`aa_lightning.optim.warmup_schedule` (milestones in optimizer steps).
+        map_backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
+        num_log_images / log_score_thresh: validation images drawn to TensorBoard (ground truth
+            green, predictions above the threshold red).
+    """
+
+    #: the metric ModelCheckpoint watches unless the config names another one
+    checkpoint_monitor: tuple[str, str] = ("val/map", "max")
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        backbone_checkpoint: str | None = None,
+        backbone_pretrained: bool = False,
+        out_indices: Sequence[int] = (2, 3, 4),
+        fpn_channels: int = 256,
+        p6p7_from: Literal["p5", "c5"] = "p5",
+        freeze_at: int = 2,
+        frozen_bn: bool = True,
+        head_norm: Literal["none", "group"] = "none",
+        anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+        anchor_scales_per_octave: int = 3,
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.4,
+        topk_candidates: int = 1000,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.01,
+        lr_batch_size: int | None = 16,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 500,
+        schedule: Literal["step", "cosine", "constant"] = "step",
+        milestones: Sequence[int] = (60000, 80000),
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        map_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
+        num_log_images: int = 4,
+        log_score_thresh: float = 0.3,
+    ):
+        super().__init__()
+        self._validate(locals())
+        self.save_hyperparameters()
+        backbone_module = TimmFPNBackbone(
+            backbone, out_indices, fpn_channels, p6p7_from, freeze_at, frozen_bn,
+            backbone_checkpoint, backbone_kwargs, backbone_pretrained)
+        if (frozen_bn or freeze_at > 0) and not (backbone_checkpoint or backbone_pretrained):
+            rank_zero_warn(
+                f"model.init_args: freeze_at={freeze_at}, frozen_bn={frozen_bn} freeze a randomly initialized "
+                "backbone; set backbone_checkpoint (an ImageNet classifier of this project) or "
+                "freeze_at: 0 and frozen_bn: false to train from scratch")
+        anchors = anchor_generator(anchor_sizes, anchor_scales_per_octave, aspect_ratios)
+        head = RetinaNetHead(
+            fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+            norm_layer=(lambda c: nn.GroupNorm(32, c)) if head_norm == "group" else None)
+        self.model = RetinaNet(
+            backbone_module, num_classes, anchor_generator=anchors, head=head,
+            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+            fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh, topk_candidates=topk_candidates)
+        cfg = backbone_module.pretrained_cfg
+        self.model.transform = NormalizePadTransform(cfg.get("mean", (0.485, 0.456, 0.406)),
+                                                     cfg.get("std", (0.229, 0.224, 0.225)))
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.category_ids: list[int] = list(range(num_classes))  # replaced by the data's in setup()
+        self.category_names: list[str] = [str(i) for i in range(num_classes)]
+
+    @staticmethod
+    def _validate(args: dict[str, Any]) -> None:
+        def fail(key: str, allowed: str) -> None:
+            raise ValueError(f"model.init_args.{key}: expected {allowed}; got {args[key]!r}")
+
+        if args["num_classes"] < 1:
+            fail("num_classes", "an int >= 1")
+        if len(args["out_indices"]) != 3:
+            fail("out_indices", "three feature levels (C3, C4, C5), e.g. [2, 3, 4]")
+        if len(args["anchor_sizes"]) != 5:
+            fail("anchor_sizes", "five base sizes, one per level P3-P7")
+        if args["head_norm"] == "group" and args["fpn_channels"] % 32:
+            fail("fpn_channels", "a multiple of 32 with head_norm 'group'")
+        if args["fpn_channels"] < 1:
+            fail("fpn_channels", "an int >= 1")
+        if not 0 < args["bg_iou_thresh"] <= args["fg_iou_thresh"] <= 1:
+            fail("bg_iou_thresh", "0 < bg_iou_thresh <= fg_iou_thresh <= 1")
+        if args["lr"] <= 0:
+            fail("lr", "a positive float")
+        if args["warmup_steps"] < 0:
+            fail("warmup_steps", "an int >= 0")
+        if list(args["milestones"]) != sorted(args["milestones"]):
+            fail("milestones", "increasing optimizer steps")
+
+    # -- data hand-over ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        categories = getattr(datamodule, "categories", None)
+        if categories is None:
+            return
+        if len(categories) != self.hparams.num_classes:
+            raise ValueError(
+                f"model.init_args.num_classes is {self.hparams.num_classes} but the data set has "
+                f"{len(categories)} categories (ids {categories.category_ids}); set num_classes to {len(categories)}")
+        self.category_ids = list(categories.category_ids)
+        self.category_names = list(categories.names)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["categories"] = {"ids": self.category_ids, "names": self.category_names}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        categories = checkpoint.get("categories")
+        if categories:
+            self.category_ids, self.category_names = list(categories["ids"]), list(categories["names"])
+
+    # -- steps ------------------------------------------------------------------------------
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections for [0, 1] RGB images ``[3, H, W]``: boxes xyxy (input pixels), scores, labels."""
+        return self.model(images)
+
+    def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        loss = losses["classification"] + losses["bbox_regression"]
+        n = len(images)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss_cls", losses["classification"], batch_size=n)
+        self.log("train/loss_box", losses["bbox_regression"], batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def _evaluate(self, batch: tuple[list[Tensor], list[dict]], metric: MeanAveragePrecision,
+                  ) -> list[dict[str, Tensor]]:
+        images, targets = batch
+        detections = self.model(images)
+        preds = []
+        for det, t in zip(detections, targets):
+            scale = (t["orig_size"].flip(0) / t["size"].flip(0)).to(det["boxes"]).repeat(2)  # (sx, sy, sx, sy)
+            preds.append({"boxes": det["boxes"] * scale, "scores": det["scores"], "labels": det["labels"]})
+        metric.update(preds, [{"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"],
+                               "area": t["area"]} for t in targets])
+        return detections
+
+    def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
+        detections = self._evaluate(batch, self.val_map)
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self._log_images(batch, detections)
+
+    def test_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_map)
+
+    def _log_metrics(self, metric: MeanAveragePrecision, prefix: str) -> None:
+        results = metric.compute()  # synchronized across processes by torchmetrics
+        self.log_dict({f"{prefix}/{k}": results[k].float() for k in LOGGED_METRICS}, sync_dist=False)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_map, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_map, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Tensor]]:
+        """Detections with COCO ``category_ids`` beside the contiguous ``labels``."""
+        images = batch[0] if isinstance(batch, (tuple, list)) and isinstance(batch[0], list) else batch
+        detections = self.model(images)
+        ids = torch.tensor(self.category_ids)
+        for det in detections:
+            det["category_ids"] = ids.to(det["labels"].device)[det["labels"]]
+        return detections
+
+    # -- TensorBoard images -----------------------------------------------------------------
+    @torch.no_grad()
+    def _log_images(self, batch: tuple[list[Tensor], list[dict]], detections: list[dict[str, Tensor]]) -> None:
+        experiment = getattr(self.logger, "experiment", None) if self.logger else None
+        if not hasattr(experiment, "add_image") or self.global_rank != 0:
+            return
+        images, targets = batch
+        for i, (image, t, det) in enumerate(zip(images, targets, detections)):
+            if i >= self.hparams.num_log_images:
+                break
+            canvas = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
+            canvas = draw_bounding_boxes(canvas, t["boxes"].cpu(), colors="lime", width=1,
+                                         labels=[self.category_names[int(k)] for k in t["labels"]])
+            keep = det["scores"] >= self.hparams.log_score_thresh
+            labels = [f"{self.category_names[int(k)]} {s:.2f}" for k, s in
+                      zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
+            canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu(), colors="red", width=1, labels=labels)
+            experiment.add_image(f"val/detections_{i}", canvas, self.global_step)
+
+    # -- optimization -----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        lr = hp.lr
+        if hp.lr_batch_size:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            per_device = getattr(datamodule, "batch_size", None)
+            if per_device is None:
+                raise ValueError("model.init_args.lr_batch_size needs a data module with batch_size "
+                                 "(or set lr_batch_size: null to use lr as is)")
+            global_batch = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+            lr = scaled_lr(hp.lr, global_batch, hp.lr_batch_size)
+        optimizer = build_optimizer(param_groups(self, hp.weight_decay), hp.optimizer, lr, momentum=hp.momentum)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_schedule(optimizer, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio,
+                                    hp.milestones, hp.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

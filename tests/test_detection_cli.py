@@ -1,0 +1,115 @@
+"""Detection through the real entry point (train.py) in subprocesses, on a tiny generated COCO set."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+
+
+def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) -> Path:
+    """RetinaNet on timm's test_resnet, 4 steps on 8 generated 64px images, validation every 2 steps."""
+    recipe = {
+        "seed_everything": 0,
+        "runs_dir": str(tmp_path / "runs"),
+        "trainer": {"max_steps": 4, "val_check_interval": 2, "accelerator": "cpu", "devices": 1,
+                    "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False},
+        "model": {
+            "class_path": "aa_lightning.tasks.RetinaNetDetector",
+            "init_args": {"num_classes": 5, "backbone": "test_resnet", "fpn_channels": 16, "freeze_at": 0,
+                          "frozen_bn": False, "anchor_sizes": [8, 16, 32, 64, 128], "optimizer": "adamw",
+                          "lr": 1e-3, "lr_batch_size": None, "warmup_steps": 1, "schedule": "cosine",
+                          "milestones": [], "num_log_images": 2, "log_score_thresh": 0.0, **model_overrides},
+        },
+        "data": {
+            "class_path": "aa_lightning.data.SyntheticCOCODataModule",
+            "init_args": {"root": str(tmp_path / "data"), "num_train": 8, "num_val": 4, "image_size": 64,
+                          "min_object_size": 8, "batch_size": 4, "num_workers": 0, "train_min_size": 64,
+                          "eval_min_size": 64, "max_size": 96},
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _events(log_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_fit_validate_test_checkpoints_and_tensorboard(tmp_path):
+    result = run_cli("--config", str(detection_recipe(tmp_path)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"RetinaNetDetector \([\d.]+M parameters\), 4 optimizer steps", out), out[-2000:]
+    assert re.search(r"test \(best checkpoint\)\s+map [-\d.e]+\s+map_50", out), out[-2000:]
+    version = tmp_path / "runs" / "tiny_det" / "version_0"
+    best = list((version / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (version / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["checkpoint"]["monitor"] == "val/map" and saved["checkpoint"]["mode"] == "max"
+    ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["categories"] == {"ids": [1, 3, 5, 7, 9], "names": ["circle", "square", "triangle", "cross", "bar"]}
+    tags = _events(version).Tags()
+    for tag in ("train/loss", "train/loss_cls", "train/loss_box", "train/lr", "val/map", "val/map_50",
+                "val/map_75", "val/map_small", "val/map_medium", "val/map_large", "test/map", "test/map_50"):
+        assert tag in tags["scalars"], tag
+    assert {"val/detections_0", "val/detections_1"} <= set(tags["images"])
+    events = _events(version)
+    assert [e.step for e in events.Scalars("val/map")] == [1, 3]  # validated after steps 2 and 4
+
+
+def test_num_classes_that_do_not_match_the_data_fail_naming_the_key(tmp_path):
+    result = run_cli("--config", str(detection_recipe(tmp_path, num_classes=80)), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "model.init_args.num_classes is 80 but the data set has 5 categories" in result.stderr
+
+
+def test_bad_choice_fails_at_start_up_naming_the_key(tmp_path):
+    result = run_cli("--config", str(detection_recipe(tmp_path)), "--model.init_args.p6p7_from", "p4", cwd=tmp_path)
+    assert result.returncode != 0 and "p6p7_from" in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_backbone_initialized_from_a_classification_run(tmp_path):
+    classification = {
+        "seed_everything": 0, "runs_dir": str(tmp_path / "runs"), "test_ckpt_path": None,
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "num_sanity_val_steps": 0,
+                    "enable_model_summary": False, "limit_val_batches": 1},
+        "model": {"class_path": "aa_lightning.tasks.ImageClassifier",
+                  "init_args": {"model_name": "test_resnet", "num_classes": 4, "warmup_epochs": 0}},
+        "data": {"class_path": "aa_lightning.data.SyntheticCIFARDataModule",
+                 "init_args": {"data_dir": str(tmp_path / "cifar"), "num_classes": 4, "train_size": 16,
+                               "test_size": 8, "val_split": 8, "batch_size": 8, "num_workers": 0}},
+        "image_grid": {"num_images": 0},
+    }
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(classification))
+    result = run_cli("--config", str(tmp_path / "cls.yaml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    classifier_ckpt = tmp_path / "runs" / "cls" / "version_0" / "checkpoints" / "last.ckpt"
+    recipe = detection_recipe(tmp_path, backbone_checkpoint=str(classifier_ckpt))
+    result = run_cli("--config", str(recipe), "--trainer.max_steps", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the same checkpoint refuses another backbone, naming both models
+    result = run_cli("--config", str(recipe), "--model.init_args.backbone", "resnet18", cwd=tmp_path)
+    assert result.returncode != 0 and "'test_resnet'" in result.stderr and "'resnet18'" in result.stderr
