@@ -157,18 +157,20 @@ def test_missing_cifar_data_names_the_path(tmp_path):
         (["--data.batch_size", "many"], "batch_size"),
     ],
 )
-def test_unknown_keys_and_bad_values_stop_the_parser_naming_the_key(tmp_path, capsys, override, named):
+def test_unknown_keys_and_bad_values_stop_the_parser_naming_the_key(tmp_path, capsys, monkeypatch, override, named):
     from aa_lightning.cli import AACLI
 
+    monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(SystemExit) as info:
         AACLI(args=["--config", str(tiny_recipe(tmp_path)), *override])
     assert info.value.code != 0
     assert named in capsys.readouterr().err
 
 
-def test_a_value_checked_by_the_class_stops_the_run_before_training(tmp_path):
+def test_a_value_checked_by_the_class_stops_the_run_before_training(tmp_path, monkeypatch):
     from aa_lightning.cli import AACLI
 
+    monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(ValueError, match=r"model.label_smoothing must be in \[0, 1\)"):
         AACLI(args=["--config", str(tiny_recipe(tmp_path)), "--model.label_smoothing", "1.5"])
     assert not (tmp_path / "runs").exists()
