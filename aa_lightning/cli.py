@@ -70,8 +70,8 @@ def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int]:
 class AACLI(LightningCLI):
     """LightningCLI for aa-lightning recipes: fit, test, summary (see the module docstring)."""
 
-    def __init__(self, args: Any = None) -> None:
-        self.start_time = time.perf_counter()
+    def __init__(self, args: Any = None, start_time: Optional[float] = None) -> None:
+        self.start_time = time.perf_counter() if start_time is None else start_time
         self.resume_version: Optional[int] = None
         super().__init__(
             LightningModule,
@@ -174,9 +174,12 @@ class AACLI(LightningCLI):
         return results
 
 
-def main(args: Any = None) -> Optional[dict[str, float]]:
-    """Parse the recipe and overrides (``args`` or ``sys.argv``), fit, test, print the summary."""
-    cli = AACLI(args=args)
+def main(args: Any = None, start_time: Optional[float] = None) -> Optional[dict[str, float]]:
+    """Parse the recipe and overrides (``args`` or ``sys.argv``), fit, test, print the summary.
+
+    ``start_time``: ``time.perf_counter()`` at process start, so the summary's wall time counts imports.
+    """
+    cli = AACLI(args=args, start_time=start_time)
     return cli.fit_and_test()
 
 
