@@ -11,6 +11,15 @@ from aa_lightning.tasks import ImageClassifier
 TINY = "test_resnet"  # timm's 0.37M-parameter test network
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Data(pl.LightningDataModule):
     def __init__(self, n=48, batch_size=8, num_classes=4, size=16):
         super().__init__()
