@@ -113,3 +113,48 @@ def test_backbone_initialized_from_a_classification_run(tmp_path):
     # the same checkpoint refuses another backbone, naming both models
     result = run_cli("--config", str(recipe), "--model.init_args.backbone", "resnet18", cwd=tmp_path)
     assert result.returncode != 0 and "'test_resnet'" in result.stderr and "'resnet18'" in result.stderr
+
+
+CONFIGS = REPO / "configs"
+
+
+def _resolved(capsys, monkeypatch, recipe: Path) -> dict:
+    from aa_lightning.cli import AACLI
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(SystemExit) as info:
+        AACLI(args=["--config", str(recipe), "--print_config"])
+    assert info.value.code in (None, 0)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "aa_resnet50", "resnet101", "aa_resnet101"])
+def test_coco_recipes_follow_the_retinanet_1x_recipe(backbone, capsys, monkeypatch):
+    import timm
+
+    import aa_lightning  # noqa: F401  (registers the aa_* models)
+
+    config = _resolved(capsys, monkeypatch, CONFIGS / f"coco_retinanet_{backbone}.yaml")
+    init = config["model"]["init_args"]
+    assert init["backbone"] == backbone and timm.is_model(backbone)
+    assert config["model"]["class_path"] == "aa_lightning.tasks.RetinaNetDetector" and init["num_classes"] == 80
+    assert (init["optimizer"], init["lr"], init["lr_batch_size"], init["momentum"], init["weight_decay"]) == \
+        ("sgd", 0.01, 16, 0.9, 1e-4)
+    assert (init["schedule"], init["milestones"], init["gamma"], init["warmup_steps"]) == ("step", [60000, 80000], 0.1, 500)
+    assert init["fpn_channels"] == 256 and init["anchor_sizes"] == [32, 64, 128, 256, 512]
+    assert (init["fg_iou_thresh"], init["bg_iou_thresh"]) == (0.5, 0.4)
+    trainer, data = config["trainer"], config["data"]["init_args"]
+    assert trainer["max_steps"] == 90000 and trainer["strategy"] == "ddp" and "mixed" in trainer["precision"]
+    assert trainer["devices"] * data["batch_size"] == 16  # Detectron's 16 images per step
+    assert (data["train_min_size"], data["eval_min_size"], data["max_size"]) == (800, 800, 1333)
+    assert config["data"]["class_path"] == "aa_lightning.data.COCODataModule"
+
+
+def test_quickstart_recipe_stays_small(capsys, monkeypatch):
+    config = _resolved(capsys, monkeypatch, CONFIGS / "quickstart_detection.yaml")
+    data = config["data"]["init_args"]
+    assert config["data"]["class_path"] == "aa_lightning.data.SyntheticCOCODataModule"
+    assert data["image_size"] <= 192
+    steps_per_epoch = data["num_train"] // data["batch_size"]
+    assert config["trainer"]["max_steps"] % (steps_per_epoch * config["trainer"]["check_val_every_n_epoch"]) == 0, \
+        "the last step should be validated (the tested best checkpoint then includes the end of training)"

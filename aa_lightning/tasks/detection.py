@@ -20,6 +20,7 @@ original image, where COCO's metrics (and their small/medium/large areas) are de
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
@@ -225,7 +226,8 @@ class RetinaNetDetector(pl.LightningModule):
         preds = []
         for det, t in zip(detections, targets):
             scale = (t["orig_size"].flip(0) / t["size"].flip(0)).to(det["boxes"]).repeat(2)  # (sx, sy, sx, sy)
-            preds.append({"boxes": det["boxes"] * scale, "scores": det["scores"], "labels": det["labels"]})
+            preds.append({"boxes": det["boxes"].float() * scale, "scores": det["scores"].float(),
+                          "labels": det["labels"]})
         metric.update(preds, [{"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"],
                                "area": t["area"]} for t in targets])
         return detections
@@ -268,13 +270,18 @@ class RetinaNetDetector(pl.LightningModule):
         for i, (image, t, det) in enumerate(zip(images, targets, detections)):
             if i >= self.hparams.num_log_images:
                 break
+            zoom = max(1, math.ceil(256 / min(image.shape[-2:])))  # small images: enlarge so labels stay readable
             canvas = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
-            canvas = draw_bounding_boxes(canvas, t["boxes"].cpu(), colors="lime", width=1,
-                                         labels=[self.category_names[int(k)] for k in t["labels"]])
+            canvas = canvas.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
+            if len(t["boxes"]):
+                canvas = draw_bounding_boxes(canvas, t["boxes"].cpu() * zoom, colors="lime", width=1,
+                                             labels=[self.category_names[int(k)] for k in t["labels"]])
             keep = det["scores"] >= self.hparams.log_score_thresh
-            labels = [f"{self.category_names[int(k)]} {s:.2f}" for k, s in
-                      zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
-            canvas = draw_bounding_boxes(canvas, det["boxes"][keep].cpu(), colors="red", width=1, labels=labels)
+            if keep.any():
+                labels = [f"{self.category_names[int(k)]} {s:.2f}" for k, s in
+                          zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
+                canvas = draw_bounding_boxes(canvas, det["boxes"][keep].float().cpu() * zoom, colors="red", width=1,
+                                             labels=labels)
             experiment.add_image(f"val/detections_{i}", canvas, self.global_step)
 
     # -- optimization -----------------------------------------------------------------------
