@@ -158,3 +158,16 @@ def test_quickstart_recipe_stays_small(capsys, monkeypatch):
     steps_per_epoch = data["num_train"] // data["batch_size"]
     assert config["trainer"]["max_steps"] % (steps_per_epoch * config["trainer"]["check_val_every_n_epoch"]) == 0, \
         "the last step should be validated (the tested best checkpoint then includes the end of training)"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_uneven_validation_shards(tmp_path):
+    """5 val images over 2 processes (3 + 2: UnrepeatedDistributedSampler) must not break the mAP gather."""
+    recipe = detection_recipe(tmp_path)
+    result = run_cli("--config", str(recipe), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     "--trainer.max_steps", "2", "--data.init_args.num_val", "5", "--data.init_args.eval_batch_size", "1",
+                     cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run summary") == 1
+    tags = _events(tmp_path / "runs" / "tiny_det" / "version_0").Tags()["scalars"]
+    assert "val/map" in tags and "test/map" in tags

@@ -194,3 +194,52 @@ def test_overfits_a_few_synthetic_images(tmp_path):
     with torch.no_grad():
         metric.update(detector(images), targets)
     assert metric.compute()["map_50"] > 0.8
+
+
+def _ddp_map_worker(rank: int, world_size: int, port: int, preds: list, targets: list, out: dict) -> None:
+    import torch.distributed as dist
+
+    from aa_lightning.tasks.detection_metrics import DistributedMeanAveragePrecision
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        metric = DistributedMeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        mine = [i for i in range(len(preds)) if i % world_size == rank]  # 3 images on rank 0, 2 on rank 1
+        metric.update([preds[i] for i in mine], [targets[i] for i in mine])
+        out[rank] = {k: float(v) for k, v in metric.compute().items() if v.numel() == 1}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_map_gathered_over_uneven_ddp_shards_equals_one_process():
+    """torchmetrics gathers MAP states one image at a time, which breaks when processes hold
+    different numbers of images; DistributedMeanAveragePrecision gathers whole lists."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from torchmetrics.detection import MeanAveragePrecision
+
+    generator = torch.Generator().manual_seed(0)
+    preds, targets = [], []
+    for _ in range(5):
+        xy = torch.rand(4, 2, generator=generator) * 60
+        boxes = torch.cat([xy, xy + 10 + torch.rand(4, 2, generator=generator) * 30], dim=1)
+        labels = torch.randint(0, 3, (4,), generator=generator)
+        targets.append({"boxes": boxes, "labels": labels})
+        noisy = boxes + torch.randn(4, 4, generator=generator) * 3
+        preds.append({"boxes": noisy, "labels": labels, "scores": torch.rand(4, generator=generator)})
+    reference = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    reference.update(preds, targets)
+    expected = {k: float(v) for k, v in reference.compute().items() if v.numel() == 1}
+    assert 0.1 < expected["map"] < 0.95  # a non-trivial value, so that a lost or doubled image shows
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ddp_map_worker, args=(2, port, preds, targets, out), nprocs=2, join=True)
+        results = dict(out)
+    for rank in (0, 1):
+        for key in ("map", "map_50", "map_75", "mar_100"):
+            assert results[rank][key] == pytest.approx(expected[key], abs=1e-9), (rank, key)

@@ -5,7 +5,7 @@ per branch, shared across levels), anchor generator, focal loss (alpha 0.25, gam
 torchvision's head, the values of Lin et al. 2017), box coder and post-processing (score
 threshold, per-level top-k, NMS). This module adds the backbone (:mod:`.detection_backbone`),
 the optimizer/schedule (:mod:`aa_lightning.optim`) and COCO metrics (torchmetrics'
-``MeanAveragePrecision``).
+``MeanAveragePrecision``, gathered per process under DDP: :mod:`.detection_metrics`).
 
 Input transform decision: images arrive already resized by the data pipeline
 (:mod:`aa_lightning.data.detection_transforms`, shorter side / longer-side cap) and in [0, 1].
@@ -27,7 +27,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -36,6 +35,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from ..optim import build_optimizer, param_groups, scaled_lr, warmup_schedule
 from .detection_backbone import TimmFPNBackbone
+from .detection_metrics import DistributedMeanAveragePrecision
 
 #: Logged COCO metrics (torchmetrics names): AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@100.
 LOGGED_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -153,8 +153,8 @@ class RetinaNetDetector(pl.LightningModule):
         cfg = backbone_module.pretrained_cfg
         self.model.transform = NormalizePadTransform(cfg.get("mean", (0.485, 0.456, 0.406)),
                                                      cfg.get("std", (0.229, 0.224, 0.225)))
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.val_map = DistributedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.test_map = DistributedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
         self.category_ids: list[int] = list(range(num_classes))  # replaced by the data's in setup()
         self.category_names: list[str] = [str(i) for i in range(num_classes)]
 
@@ -219,7 +219,7 @@ class RetinaNetDetector(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
-    def _evaluate(self, batch: tuple[list[Tensor], list[dict]], metric: MeanAveragePrecision,
+    def _evaluate(self, batch: tuple[list[Tensor], list[dict]], metric: DistributedMeanAveragePrecision,
                   ) -> list[dict[str, Tensor]]:
         images, targets = batch
         detections = self.model(images)
@@ -240,7 +240,7 @@ class RetinaNetDetector(pl.LightningModule):
     def test_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
         self._evaluate(batch, self.test_map)
 
-    def _log_metrics(self, metric: MeanAveragePrecision, prefix: str) -> None:
+    def _log_metrics(self, metric: DistributedMeanAveragePrecision, prefix: str) -> None:
         results = metric.compute()  # synchronized across processes by torchmetrics
         self.log_dict({f"{prefix}/{k}": results[k].float() for k in LOGGED_METRICS}, sync_dist=False)
         metric.reset()
