@@ -165,7 +165,8 @@ def test_ddp_two_processes_with_uneven_validation_shards(tmp_path):
     """5 val images over 2 processes (3 + 2: UnrepeatedDistributedSampler) must not break the mAP gather."""
     recipe = detection_recipe(tmp_path)
     result = run_cli("--config", str(recipe), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                     "--trainer.max_steps", "2", "--data.init_args.num_val", "5", "--data.init_args.eval_batch_size", "1",
+                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "1",
+                     "--data.init_args.num_val", "5", "--data.init_args.eval_batch_size", "1",
                      cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run summary") == 1
