@@ -15,6 +15,16 @@ from aa_lightning.tasks.detection import NormalizePadTransform
 from detection_helpers import crowd_and_empty_set
 
 TINY = dict(backbone="resnet18", fpn_channels=32, freeze_at=0, frozen_bn=False)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.mask")  # pycocotools vs numpy 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain little from threads, and spinning OpenMP threads crawl on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def n_params(module: nn.Module) -> int:
@@ -73,7 +83,8 @@ def test_parameter_count_equals_torchvision_retinanet_resnet50_fpn():
     reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)  # trainable BN
     assert n_params(ours.model) == n_params(reference)
     # with frozen BN (BN weights become buffers): torchvision's published count of its COCO model
-    frozen = RetinaNetDetector(num_classes=91, backbone="resnet50", freeze_at=0, frozen_bn=True)
+    with pytest.warns(UserWarning, match="freeze a randomly initialized backbone"):
+        frozen = RetinaNetDetector(num_classes=91, backbone="resnet50", freeze_at=0, frozen_bn=True)
     assert n_params(frozen.model) == 34_014_999
     # P6 from C5 (Lin et al.) instead of P5: one 3x3 conv takes 2048 instead of 256 inputs
     c5 = RetinaNetDetector(num_classes=91, backbone="resnet50", freeze_at=0, frozen_bn=False, p6p7_from="c5")
@@ -81,13 +92,15 @@ def test_parameter_count_equals_torchvision_retinanet_resnet50_fpn():
 
 
 def test_freeze_at_and_frozen_bn():
-    detector = RetinaNetDetector(num_classes=3, backbone="resnet18", fpn_channels=32, freeze_at=2, frozen_bn=False)
+    with pytest.warns(UserWarning, match="freeze a randomly initialized backbone"):
+        detector = RetinaNetDetector(num_classes=3, backbone="resnet18", fpn_channels=32, freeze_at=2, frozen_bn=False)
     body = detector.model.backbone.body
     assert not any(p.requires_grad for m in (body.conv1, body.layer1) for p in m.parameters())
     assert all(p.requires_grad for p in body.layer2.parameters())
     assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn1, FrozenBatchNorm2d)
     assert isinstance(body.layer2[0].bn1, nn.BatchNorm2d)
-    all_frozen = RetinaNetDetector(num_classes=3, backbone="resnet18", fpn_channels=32, freeze_at=0, frozen_bn=True)
+    with pytest.warns(UserWarning):
+        all_frozen = RetinaNetDetector(num_classes=3, backbone="resnet18", fpn_channels=32, freeze_at=0, frozen_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in all_frozen.model.backbone.body.modules())
     with pytest.raises(ValueError, match="freeze_at"):
         RetinaNetDetector(num_classes=3, backbone="resnet18", freeze_at=7)
