@@ -103,8 +103,8 @@ def tile_origin(row: int, col: int, *, tile_size: int, header_lines: int, pad: i
 
 def attention_figure(
     image: Tensor,
-    maps: Tensor,
-    query_pixels: Tensor,
+    maps: Optional[Tensor],
+    query_pixels: Optional[Tensor],
     *,
     header: Sequence[str] = (),
     tile_size: int = 96,
@@ -118,16 +118,21 @@ def attention_figure(
     image: [3, H, W] in [0, 1] (already denormalized); maps: [Nh, nq, H', W'] probabilities of
     one image (``AttentionCapture.maps[b]``); query_pixels: [nq, 2] (iy, ix) on the H' x W' grid.
     Returns an RGB PIL image: ``header`` lines, column titles, then nq rows of (1 + Nh) tiles of
-    tile_size px (at :func:`tile_origin`), each with a label line under it.
+    tile_size px (at :func:`tile_origin`), each with a label line under it. ``maps=None`` (a model
+    without attention): the header and the input only.
     """
-    if maps.dim() != 4 or query_pixels.shape != (maps.shape[1], 2):
-        raise ValueError(f"maps must be [Nh, nq, H', W'] and query_pixels [nq, 2]; got {tuple(maps.shape)}, {tuple(query_pixels.shape)}")
-    nh, nq, gh, gw = maps.shape
     line = _line_height(tile_size)
     font = _font(line - 4)
     tile_image = F.interpolate(image[None].float(), size=(tile_size, tile_size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
-    heat = heat_tiles(maps.reshape(nh * nq, gh, gw), tile_size, upsample).reshape(nh, nq, tile_size, tile_size)
-    peaks = maps.detach().float().flatten(2).amax(dim=2)  # [Nh, nq]
+    if maps is None:
+        nh, nq = 0, 1
+    else:
+        if maps.dim() != 4 or query_pixels is None or query_pixels.shape != (maps.shape[1], 2):
+            shapes = tuple(maps.shape), None if query_pixels is None else tuple(query_pixels.shape)
+            raise ValueError(f"maps must be [Nh, nq, H', W'] and query_pixels [nq, 2]; got {shapes}")
+        nh, nq, gh, gw = maps.shape
+        heat = heat_tiles(maps.reshape(nh * nq, gh, gw), tile_size, upsample).reshape(nh, nq, tile_size, tile_size)
+        peaks = maps.detach().float().flatten(2).amax(dim=2)  # [Nh, nq]
 
     width, height = tile_origin(nq, 1 + nh, tile_size=tile_size, header_lines=len(header), pad=pad)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -140,6 +145,10 @@ def attention_figure(
     for c, title in enumerate(titles):
         x, y = tile_origin(0, c, tile_size=tile_size, header_lines=len(header), pad=pad)
         draw.text((x, y - line), title, fill=TEXT_COLOR, font=font)
+    if maps is None:
+        x, y = tile_origin(0, 0, tile_size=tile_size, header_lines=len(header), pad=pad)
+        canvas.paste(_to_pil(tile_image), (x, y))
+        return canvas
     for r in range(nq):
         iy, ix = (int(v) for v in query_pixels[r].tolist())
         box = query_box((iy, ix), (gh, gw), tile_size)

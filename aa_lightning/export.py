@@ -1,0 +1,212 @@
+"""Export a trained classifier to ONNX and to a timm-loadable safetensors folder, and check both.
+
+    python -m aa_lightning.export --ckpt runs/quickstart/version_0/checkpoints/best-*.ckpt --out export/
+
+writes into ``--out``:
+
+- ``model.safetensors`` + ``config.json``: timm's own export format (``timm.models.save_for_hf``:
+  weights, architecture, ``model_args`` such as ``aa_k``, class names, mean / std / input size).
+  Load it with ``timm.create_model("local-dir:export/", pretrained=True)`` (after
+  ``import aa_lightning``), or with the model name:
+  ``timm.create_model(name, pretrained=True, num_classes=C, **model_kwargs,
+  pretrained_cfg_overlay=dict(file="export/model.safetensors", num_classes=C))``.
+- ``model.onnx``: input ``images`` [B, 3, S, S] (dynamic batch, fixed S), output ``logits``
+  [B, num_classes]. The AA layers are exported with ``backend="fused"`` (torch's
+  scaled_dot_product_attention with the relative logits folded into the dot product) or
+  ``"reference"``, switched for the export only: the ``chunked`` CPU training backend is a custom
+  autograd.Function with a Python loop over query chunks. Every backend computes the same
+  function, and the check below compares against the PyTorch model as it runs by default.
+
+Both files are checked after writing: the reloaded timm model and the ONNX graph (onnxruntime
+when installed, else onnx's reference evaluator after ``onnx.checker``) must reproduce the PyTorch
+logits on random inputs; the command fails otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
+from aa_lightning.inspect import InspectError, TrainedClassifier, load_trained_classifier  # noqa: E402
+from aa_lightning.layers import AugmentedConv2d  # noqa: E402
+
+ONNX_BACKENDS = ("fused", "reference")
+ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models get a model.onnx.data file
+# pretrained_cfg fields that describe timm's released weights of the architecture, not these ones
+SOURCE_WEIGHT_FIELDS = ("tag", "origin_url", "paper_ids", "paper_name", "notes", "license", "hf_hub_id", "url")
+FORMATS = ("onnx", "safetensors")
+
+
+@contextlib.contextmanager
+def attention_backend(model: nn.Module, backend: str) -> Iterator[int]:
+    """Set ``backend`` on every AugmentedConv2d of ``model`` inside the block (restored after);
+    yields the number of layers switched."""
+    layers = [m for m in model.modules() if isinstance(m, AugmentedConv2d)]
+    saved = [m.backend for m in layers]
+    for m in layers:
+        m.backend = backend
+    try:
+        yield len(layers)
+    finally:
+        for m, b in zip(layers, saved):
+            m.backend = b
+
+
+def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, backend: str = "fused", opset: int = 18) -> Path:
+    """Write ``model`` (eval mode) as ONNX: ``images`` [B, 3, S, S] -> ``logits``; batch dynamic.
+
+    The AA layers run ``backend`` (``fused`` or ``reference``) during the export only.
+    """
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"ONNX export backend must be one of {ONNX_BACKENDS}; got {backend!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    example = torch.randn(2, 3, image_size, image_size)
+    try:
+        with attention_backend(model, backend), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
+            torch.onnx.export(
+                model, (example,), str(path), input_names=["images"], output_names=["logits"], opset_version=opset,
+                dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
+                external_data=sum(p.numel() * p.element_size() for p in model.parameters()) > ONNX_SINGLE_FILE_BYTES,
+            )
+    finally:
+        model.train(was_training)
+    return path
+
+
+def run_onnx(path: str | Path, images: Tensor) -> tuple[np.ndarray, str]:
+    """Logits of an ONNX file for ``images``, and which runtime computed them: onnxruntime when
+    installed, else ``onnx.reference.ReferenceEvaluator`` (after ``onnx.checker``)."""
+    inputs = {"images": images.detach().cpu().float().numpy()}
+    try:
+        import onnxruntime
+    except ImportError:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph, full_check=True)
+        return ReferenceEvaluator(graph).run(None, inputs)[0], "onnx.reference"
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0], f"onnxruntime {onnxruntime.__version__}"
+
+
+def export_timm(classifier: TrainedClassifier, folder: str | Path) -> Path:
+    """``model.safetensors`` + ``config.json`` by timm's ``save_for_hf`` (weights, architecture,
+    model arguments, class names, preprocessing); returns the folder."""
+    from timm.models import save_for_hf
+
+    folder = Path(folder)
+    model_config = {"label_names": list(classifier.class_names)} if classifier.class_names else {}
+    data_config = {
+        "input_size": (3, classifier.image_size, classifier.image_size),
+        "mean": tuple(classifier.mean),
+        "std": tuple(classifier.std),
+        "crop_pct": classifier.image_size / classifier.resize_size,
+    }
+    save_for_hf(
+        classifier.model, str(folder), model_config=model_config, model_args=dict(classifier.model_kwargs),
+        safe_serialization=True, data_config=data_config,
+    )
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in SOURCE_WEIGHT_FIELDS:
+        config["pretrained_cfg"].pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def reload_timm(folder: str | Path) -> nn.Module:
+    """The exported model as a timm user loads it (eval mode)."""
+    import timm
+
+    return timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True).eval()
+
+
+def max_difference(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m aa_lightning.export",
+        description="Export a trained classifier to ONNX and to a timm-loadable safetensors folder, and check that both reproduce it.",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt of an ImageClassifier")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write (default: both)")
+    parser.add_argument("--model", default=None, help="expected model name: fail if the checkpoint holds another")
+    parser.add_argument("--image-size", type=int, default=None, help="ONNX input size S (default: the checkpoint's evaluation size)")
+    parser.add_argument("--backend", choices=ONNX_BACKENDS, default="fused", help="attention backend inside the ONNX graph (default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted |logit difference| in the checks (default: %(default)s)")
+    parser.add_argument("--no-check", action="store_true", help="skip the checks")
+    return parser
+
+
+def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
+    """Run the command; returns the max |logit difference| of each check."""
+    classifier = load_trained_classifier(args.ckpt, args.model)
+    if args.image_size is not None:
+        if args.image_size < 1:
+            raise InspectError(f"--image-size must be >= 1, got {args.image_size}")
+        classifier.resize_size = round(classifier.resize_size * args.image_size / classifier.image_size)
+        classifier.image_size = args.image_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = classifier.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, classifier.image_size, classifier.image_size, generator=generator)
+    with torch.no_grad():
+        expected = model(images)
+    differences: dict[str, float] = {}
+    if "safetensors" in args.formats:
+        folder = export_timm(classifier, out)
+        print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'} (timm.create_model('local-dir:{folder}', pretrained=True))")
+        if not args.no_check:
+            with torch.no_grad():
+                differences["safetensors"] = max_difference(reload_timm(folder)(images), expected)
+            print(f"  check: timm reload reproduces the logits, max |difference| {differences['safetensors']:.2e}")
+    if "onnx" in args.formats:
+        path = export_onnx(model, out / "model.onnx", classifier.image_size, backend=args.backend, opset=args.opset)
+        print(f"wrote {path} (images [B, 3, {classifier.image_size}, {classifier.image_size}] -> logits [B, {classifier.num_classes}], AA backend {args.backend!r})")
+        if not args.no_check:
+            logits, runtime = run_onnx(path, images)
+            differences["onnx"] = max_difference(logits, expected)
+            print(f"  check: {runtime} reproduces the logits, max |difference| {differences['onnx']:.2e}")
+    failed = {k: v for k, v in differences.items() if not v <= args.atol}
+    if failed:
+        raise InspectError(f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}")
+    (out / "export.json").write_text(json.dumps({"checkpoint": str(args.ckpt), "model_name": classifier.model_name,
+                                                  "max_abs_difference": differences}, indent=1) + "\n")
+    return differences
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        export_checkpoint(args)
+    except InspectError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""ONNX export of AA layers: the backend switch, dynamic batch, onnxruntime and onnx's reference evaluator."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aa_lightning.export import attention_backend, export_onnx, run_onnx
+from aa_lightning.layers import AugmentedConv2d
+
+
+def aa_network(positions=("relative", "relative")) -> nn.Module:
+    """16x16 -> conv -> strided AA conv (8x8 grid) -> fully attentional AA conv(s) -> 4 logits, chunked backend."""
+    torch.manual_seed(0)
+    first, *rest = positions
+    layers = [
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        AugmentedConv2d(8, 8, 3, 2, dk=8, dv=4, num_heads=2, position=first, feat_size=16, backend="chunked"),
+        nn.BatchNorm2d(8), nn.ReLU(),
+    ]
+    for position in rest:
+        layers.append(AugmentedConv2d(8, 8, 3, 1, dk=8, dv=8, num_heads=4, position=position, feat_size=8, backend="chunked"))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_onnx_graph_reproduces_the_chunked_pytorch_model(tmp_path, backend):
+    model = aa_network()
+    path = export_onnx(model, tmp_path / "m.onnx", 16, backend=backend)
+    assert [m.backend for m in model.modules() if isinstance(m, AugmentedConv2d)] == ["chunked", "chunked"]  # restored
+    images = torch.randn(5, 3, 16, 16)  # another batch size than the export's example: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(images).numpy()
+    logits, runtime = run_onnx(path, images)
+    assert runtime.startswith("onnxruntime")
+    assert logits.shape == (5, 4)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_position_encoding_exports(tmp_path):
+    model = aa_network(("none", "sine", "coord"))
+    images = torch.randn(2, 3, 16, 16)
+    logits, _ = run_onnx(export_onnx(model, tmp_path / "m.onnx", 16), images)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_without_onnxruntime_the_checked_graph_runs_in_the_reference_evaluator(tmp_path, monkeypatch):
+    model = aa_network()
+    path = export_onnx(model, tmp_path / "m.onnx", 16)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    images = torch.randn(2, 3, 16, 16)
+    logits, runtime = run_onnx(path, images)
+    assert runtime == "onnx.reference"
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_backend_switch_is_restored_after_an_error():
+    model = aa_network()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attention_backend(model, "reference") as count:
+            assert count == 2 and all(m.backend == "reference" for m in model.modules() if isinstance(m, AugmentedConv2d))
+            raise RuntimeError("boom")
+    assert all(m.backend == "chunked" for m in model.modules() if isinstance(m, AugmentedConv2d))
+
+
+def test_onnx_export_rejects_the_chunked_backend(tmp_path):
+    with pytest.raises(ValueError, match=r"one of \('fused', 'reference'\)"):
+        export_onnx(aa_network(), tmp_path / "m.onnx", 16, backend="chunked")
