@@ -110,6 +110,16 @@ def test_backbone_initialized_from_a_classification_run(tmp_path):
     recipe = detection_recipe(tmp_path, backbone_checkpoint=str(classifier_ckpt))
     result = run_cli("--config", str(recipe), "--trainer.max_steps", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the detector's checkpoint holds the weights: it loads without the classifier's checkpoint
+    from aa_lightning.tasks import RetinaNetDetector
+
+    detector_ckpt = tmp_path / "runs" / "tiny_det" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(detector_ckpt, map_location="cpu", weights_only=True)
+    assert saved["backbone_init"] == {"checkpoint": str(classifier_ckpt), "pretrained": False}
+    moved = classifier_ckpt.rename(tmp_path / "elsewhere.ckpt")
+    detector = RetinaNetDetector.load_from_checkpoint(detector_ckpt, map_location="cpu")
+    assert all(torch.equal(value, saved["state_dict"][key]) for key, value in detector.state_dict().items())
+    moved.rename(classifier_ckpt)
     # the same checkpoint refuses another backbone, naming both models
     result = run_cli("--config", str(recipe), "--model.init_args.backbone", "resnet18", cwd=tmp_path)
     assert result.returncode != 0 and "'test_resnet'" in result.stderr and "'resnet18'" in result.stderr

@@ -197,6 +197,13 @@ class RetinaNetDetector(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["categories"] = {"ids": self.category_ids, "names": self.category_names}
+        # the weights are in the state dict: loading this checkpoint must not need (or download)
+        # the backbone's initialization again; where it came from is kept beside
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            checkpoint["backbone_init"] = {"checkpoint": hparams.get("backbone_checkpoint"),
+                                           "pretrained": hparams.get("backbone_pretrained", False)}
+            hparams["backbone_checkpoint"], hparams["backbone_pretrained"] = None, False
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         categories = checkpoint.get("categories")
