@@ -79,7 +79,11 @@ def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise InspectError(f"{path} holds Python objects that a weights-only load refuses (not loading code from a checkpoint): {err}") from None
+        detail = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        raise InspectError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint, or one holding Python objects that a "
+            f"weights-only torch.load refuses to unpickle ({detail})"
+        ) from None
     except Exception as err:  # not a torch file, truncated, ...
         raise InspectError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -124,14 +128,25 @@ def _import_datamodule_class(class_path: Optional[str]) -> Optional[type]:
         return None
 
 
-def _class_names_from_data(data_hparams: dict[str, Any], datamodule_class: Optional[type]) -> Optional[list[str]]:
+def _is_cifar_format(data_hparams: dict[str, Any], datamodule_class: Optional[type]) -> bool:
+    """CIFAR100DataModule or a subclass (by the CLI's class path; else by its files on disk)."""
     from aa_lightning.data.cifar import CIFAR100DataModule
+    from aa_lightning.data.cifar_format import BASE_FOLDER
+
+    if datamodule_class is not None:
+        return issubclass(datamodule_class, CIFAR100DataModule)
+    data_dir = data_hparams.get("data_dir")
+    return data_dir is not None and "eval_size" not in data_hparams and (Path(data_dir) / BASE_FOLDER / "meta").is_file()
+
+
+def _class_names_from_data(data_hparams: dict[str, Any], cifar_format: bool) -> Optional[list[str]]:
+    """The class names from the data module's files, when they are still where training read them."""
     from aa_lightning.data.cifar_format import read_cifar_meta
 
     data_dir = data_hparams.get("data_dir")
-    if datamodule_class is None or data_dir is None:
+    if data_dir is None:
         return None
-    if issubclass(datamodule_class, CIFAR100DataModule):
+    if cifar_format:
         try:
             return read_cifar_meta(data_dir)
         except (OSError, ValueError):
@@ -171,16 +186,14 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
     load_weights(model, state_dict, name, path)
 
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    datamodule_class = _import_datamodule_class(data_hparams.get("_class_path"))
+    cifar_format = _is_cifar_format(data_hparams, _import_datamodule_class(data_hparams.get("_class_path")))
     classifier = TrainedClassifier(model.eval(), name, int(hparams["num_classes"]), path, kwargs)
     classifier.class_names = (
-        checkpoint.get("class_names") or hparams.get("class_names") or _class_names_from_data(data_hparams, datamodule_class)
+        checkpoint.get("class_names") or hparams.get("class_names") or _class_names_from_data(data_hparams, cifar_format)
     )
     if data_hparams.get("mean") is not None and data_hparams.get("std") is not None:
         classifier.mean, classifier.std = tuple(data_hparams["mean"]), tuple(data_hparams["std"])
-    from aa_lightning.data.cifar import CIFAR100DataModule
-
-    if datamodule_class is not None and issubclass(datamodule_class, CIFAR100DataModule):
+    if cifar_format:
         classifier.image_size = classifier.resize_size = CIFAR_IMAGE_SIZE
     elif "eval_size" in data_hparams:
         classifier.image_size = int(data_hparams["eval_size"])

@@ -1,4 +1,5 @@
 """ONNX export of AA layers: the backend switch, dynamic batch, onnxruntime and onnx's reference evaluator."""
+import json
 import sys
 
 import numpy as np
@@ -69,3 +70,52 @@ def test_backend_switch_is_restored_after_an_error():
 def test_onnx_export_rejects_the_chunked_backend(tmp_path):
     with pytest.raises(ValueError, match=r"one of \('fused', 'reference'\)"):
         export_onnx(aa_network(), tmp_path / "m.onnx", 16, backend="chunked")
+
+
+# -- the command, on a trained checkpoint ---------------------------------------------------------------
+from test_inspect import checkpoint, images  # noqa: E402,F401  (fixtures: a trained tiny AA classifier, image files)
+
+
+def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tmp_path, capsys):  # noqa: F811
+    import timm
+
+    from aa_lightning.export import main
+    from aa_lightning.inspect import main as inspect_main
+    from aa_lightning.tasks import ImageClassifier
+
+    out = tmp_path / "export"
+    assert main(["--ckpt", str(checkpoint), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export.json", "model.onnx", "model.safetensors"]
+    report = json.loads((out / "export.json").read_text())["max_abs_difference"]
+    assert set(report) == {"onnx", "safetensors"} and all(v < 1e-4 for v in report.values())
+    assert "onnxruntime" in capsys.readouterr().out
+
+    trained = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained(x)
+        by_name = timm.create_model("inspect_tiny_aa", pretrained=True, num_classes=4,
+                                    pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=4)).eval()
+        torch.testing.assert_close(by_name(x), expected, rtol=0, atol=0)
+        by_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        torch.testing.assert_close(by_folder(x), expected, rtol=0, atol=0)
+    cfg = by_folder.pretrained_cfg
+    assert cfg["label_names"] == [f"plus_at_{a:03d}deg_of_square" for a in (0, 90, 180, 270)]
+    assert tuple(cfg["input_size"]) == (3, 32, 32) and tuple(cfg["mean"]) == pytest.approx((0.5071, 0.4865, 0.4409))
+    assert "tag" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]  # not timm's released weights
+    logits, _ = run_onnx(out / "model.onnx", x)
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+    # inspect reads the export folder like the checkpoint
+    for source, folder in ((checkpoint, tmp_path / "a"), (out, tmp_path / "b")):
+        assert inspect_main(["--ckpt", str(source), "--images", str(images[0]), "--out", str(folder)]) == 0
+    from_ckpt, from_export = (json.loads((tmp_path / f / "predictions.json").read_text())[0]["top_k"] for f in "ab")
+    assert [p["name"] for p in from_ckpt] == [p["name"] for p in from_export]
+    np.testing.assert_allclose([p["probability"] for p in from_ckpt], [p["probability"] for p in from_export], rtol=1e-5)
+
+
+def test_export_command_names_both_models_on_a_mismatch(checkpoint, tmp_path, capsys):  # noqa: F811
+    from aa_lightning.export import main
+
+    assert main(["--ckpt", str(checkpoint), "--out", str(tmp_path), "--model", "aa_wrn28_10"]) == 2
+    assert f"checkpoint {checkpoint} holds a 'inspect_tiny_aa' model, not 'aa_wrn28_10'" in capsys.readouterr().err
