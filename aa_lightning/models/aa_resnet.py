@@ -5,9 +5,10 @@ The first 3x3 conv of every block in stages 2-4 (``layer2``-``layer4``) is an
 1 and everything else is timm's ResNet unchanged, so a plain ``resnet50`` checkpoint's keys line
 up except the augmented convs (``layerN.M.conv2.{conv,qkv,proj,rel_h,rel_w}``).
 
-- Bottleneck nets (26/50/101/152): Nh = 8, k = 2v = 0.2 (the paper's ResNet-50 setting).
-- BasicBlock AA-ResNet-34: Nh = 8, k = v = 0.25 (what public re-implementations use to match
-  the paper's 20.7M); AA-ResNet-26 (timm's Bottleneck ResNet-26) uses the Bottleneck setting.
+- AA-ResNet-50/101/152: Nh = 8, k = 2v = 0.2 (the paper's ResNet-50 setting).
+- AA-ResNet-26/34: Nh = 8, k = v = 0.25 (what public re-implementations use for the paper's
+  AA-ResNet-34; the spec gives no count for ResNet-26, whose baseline here is timm's Bottleneck
+  ``resnet26``, layers 2-2-2-2).
 - Strided convs (first block of stages 2-4) average-pool the attention input by the stride.
 - Relative tables are sized for ``img_size`` (default 224): attention grids 28/14/7 in
   stages 2/3/4; other input sizes resample them in the layer.
@@ -26,8 +27,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from .attention_settings import AttentionSettings, grid, pop_img_size
 from .weights import check_weight_source, checkpoint_filter_fn
 
-BOTTLENECK_AA = AttentionSettings(k=0.2, v=0.1, heads=8)
-BASIC_AA = AttentionSettings(k=0.25, v=0.25, heads=8)
+DEEP_AA = AttentionSettings(k=0.2, v=0.1, heads=8)  # ResNet-50/101/152
+SHALLOW_AA = AttentionSettings(k=0.25, v=0.25, heads=8)  # ResNet-26/34
 AUGMENTED_STAGES = (2, 3, 4)
 
 
@@ -130,29 +131,29 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def aa_resnet26(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """AA-ResNet-26 (timm's Bottleneck ResNet-26, layers 2-2-2-2): Nh 8, k = 2v = 0.2."""
-    return _create_aa_resnet("aa_resnet26", pretrained, Bottleneck, (2, 2, 2, 2), BOTTLENECK_AA, **kwargs)
+    """AA-ResNet-26 (timm's Bottleneck ResNet-26, layers 2-2-2-2): Nh 8, k = v = 0.25."""
+    return _create_aa_resnet("aa_resnet26", pretrained, Bottleneck, (2, 2, 2, 2), SHALLOW_AA, **kwargs)
 
 
 @register_model
 def aa_resnet34(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """AA-ResNet-34 (BasicBlock, layers 3-4-6-3): Nh 8, k = v = 0.25."""
-    return _create_aa_resnet("aa_resnet34", pretrained, BasicBlock, (3, 4, 6, 3), BASIC_AA, **kwargs)
+    return _create_aa_resnet("aa_resnet34", pretrained, BasicBlock, (3, 4, 6, 3), SHALLOW_AA, **kwargs)
 
 
 @register_model
 def aa_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """AA-ResNet-50 (Bottleneck, layers 3-4-6-3): Nh 8, k = 2v = 0.2."""
-    return _create_aa_resnet("aa_resnet50", pretrained, Bottleneck, (3, 4, 6, 3), BOTTLENECK_AA, **kwargs)
+    return _create_aa_resnet("aa_resnet50", pretrained, Bottleneck, (3, 4, 6, 3), DEEP_AA, **kwargs)
 
 
 @register_model
 def aa_resnet101(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """AA-ResNet-101 (Bottleneck, layers 3-4-23-3): Nh 8, k = 2v = 0.2."""
-    return _create_aa_resnet("aa_resnet101", pretrained, Bottleneck, (3, 4, 23, 3), BOTTLENECK_AA, **kwargs)
+    return _create_aa_resnet("aa_resnet101", pretrained, Bottleneck, (3, 4, 23, 3), DEEP_AA, **kwargs)
 
 
 @register_model
 def aa_resnet152(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """AA-ResNet-152 (Bottleneck, layers 3-8-36-3): Nh 8, k = 2v = 0.2."""
-    return _create_aa_resnet("aa_resnet152", pretrained, Bottleneck, (3, 8, 36, 3), BOTTLENECK_AA, **kwargs)
+    return _create_aa_resnet("aa_resnet152", pretrained, Bottleneck, (3, 8, 36, 3), DEEP_AA, **kwargs)

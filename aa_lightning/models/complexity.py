@@ -39,8 +39,10 @@ def attention_backend(model: nn.Module, backend: str) -> Iterator[None]:
             m.backend = b
 
 
-def count_flops(model: nn.Module, input_size: Sequence[int], backend: str = "reference") -> int:
-    """FLOPs (2 x MACs) of one eval-mode forward pass of one image [1, *input_size].
+def count_flops_by_op(model: nn.Module, input_size: Sequence[int], backend: str = "reference") -> dict[str, int]:
+    """FLOPs (2 x MACs) of one eval-mode forward pass of one image [1, *input_size], by aten op
+    (``convolution``: convs incl. the AA qkv / W_O 1x1 convs; ``bmm``: the attention products;
+    ``addmm`` / ``mm``: linear layers).
 
     Works on a model built on the ``meta`` device (shapes only, no compute), e.g.
     ``with torch.device("meta"): model = timm.create_model(name)``.
@@ -54,4 +56,9 @@ def count_flops(model: nn.Module, input_size: Sequence[int], backend: str = "ref
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops()
+    return {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int], backend: str = "reference") -> int:
+    """Total FLOPs (2 x MACs) of one image [1, *input_size]; see :func:`count_flops_by_op`."""
+    return sum(count_flops_by_op(model, input_size, backend).values())

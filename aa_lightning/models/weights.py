@@ -150,6 +150,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
             for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
             if items
         )
-        raise ValueError(f"{path} ({described}) does not fit the model '{name or type(model).__name__}': {details}")
+        hint = f"; build the model as timm.create_model('{saved_name}', **{saved_kwargs})" if saved_name and saved_kwargs else ""
+        raise ValueError(f"{path} ({described}) does not fit the model '{name or type(model).__name__}': {details}{hint}")
     model.load_state_dict(state_dict, strict=strict)
     return model
