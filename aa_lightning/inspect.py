@@ -38,6 +38,7 @@ import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
 from aa_lightning.callbacks.attention_maps import default_layer  # noqa: E402
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize  # noqa: E402
 from aa_lightning.layers import augmented_layers, capture_attention  # noqa: E402
+from aa_lightning.models import load_checkpoint  # noqa: E402
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
 CIFAR_IMAGE_SIZE = 32
@@ -99,22 +100,6 @@ def _checked_model_name(found: Optional[str], expected: Optional[str], path: Pat
     if expected is not None and found != expected:
         raise InspectError(f"checkpoint {path} holds a {found!r} model, not {expected!r}")
     return found
-
-
-def load_weights(model: nn.Module, state_dict: dict[str, Tensor], model_name: str, path: Path) -> None:
-    """Strict ``load_state_dict`` whose error names the model and the checkpoint."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        details = "; ".join(
-            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
-            if items
-        )
-        raise InspectError(f"checkpoint {path} does not fit model {model_name!r} as built from its settings: {details}")
-    model.load_state_dict(state_dict)
 
 
 def _import_datamodule_class(class_path: Optional[str]) -> Optional[type]:
@@ -181,9 +166,10 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
         model = build_timm_model(name, int(hparams["num_classes"]), kwargs)
     except ValueError as err:
         raise InspectError(f"checkpoint {path}: {err}") from None
-    prefix = "model."
-    state_dict = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    load_weights(model, state_dict, name, path)
+    try:
+        load_checkpoint(model, path)  # the model zoo's checks: same model, same shapes, no code unpickled
+    except ValueError as err:
+        raise InspectError(str(err)) from None
 
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     cifar_format = _is_cifar_format(data_hparams, _import_datamodule_class(data_hparams.get("_class_path")))
