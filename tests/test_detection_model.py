@@ -256,3 +256,20 @@ def test_map_gathered_over_uneven_ddp_shards_equals_one_process():
     for rank in (0, 1):
         for key in ("map", "map_50", "map_75", "mar_100"):
             assert results[rank][key] == pytest.approx(expected[key], abs=1e-9), (rank, key)
+
+
+def test_channels_last_computes_the_same_network():
+    torch.manual_seed(0)
+    plain = RetinaNetDetector(num_classes=3, **TINY).eval()
+    nhwc = RetinaNetDetector(num_classes=3, channels_last=True, **TINY).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.model.head.classification_head.cls_logits.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        features_a, features_b = plain.model.backbone(x), nhwc.model.backbone(x)
+        for level in features_a:
+            torch.testing.assert_close(features_b[level], features_a[level], rtol=1e-4, atol=1e-5)
+        heads_a = plain.model.head(list(features_a.values()))
+        heads_b = nhwc.model.head(list(features_b.values()))
+    for key in heads_a:
+        torch.testing.assert_close(heads_b[key], heads_a[key], rtol=1e-4, atol=1e-5)

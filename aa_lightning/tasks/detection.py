@@ -87,6 +87,8 @@ class RetinaNetDetector(pl.LightningModule):
             (``lr_batch_size: null`` uses ``lr`` as is).
         warmup_steps, schedule, milestones, gamma, min_lr_ratio: per-step schedule of
             :func:`aa_lightning.optim.warmup_schedule` (milestones in optimizer steps).
+        channels_last: NHWC memory format for the whole network (~1.6x faster on CPU here;
+            also the fast path for mixed precision on recent GPUs).
         map_backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
         num_log_images / log_score_thresh: validation images drawn to TensorBoard (ground truth
             green, predictions above the threshold red).
@@ -127,6 +129,7 @@ class RetinaNetDetector(pl.LightningModule):
         milestones: Sequence[int] = (60000, 80000),
         gamma: float = 0.1,
         min_lr_ratio: float = 0.0,
+        channels_last: bool = False,
         map_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         num_log_images: int = 4,
         log_score_thresh: float = 0.3,
@@ -136,7 +139,7 @@ class RetinaNetDetector(pl.LightningModule):
         self.save_hyperparameters()
         backbone_module = TimmFPNBackbone(
             backbone, out_indices, fpn_channels, p6p7_from, freeze_at, frozen_bn,
-            backbone_checkpoint, backbone_kwargs, backbone_pretrained)
+            backbone_checkpoint, backbone_kwargs, backbone_pretrained, channels_last)
         if (frozen_bn or freeze_at > 0) and not (backbone_checkpoint or backbone_pretrained):
             rank_zero_warn(
                 f"model.init_args: freeze_at={freeze_at}, frozen_bn={frozen_bn} freeze a randomly initialized "
@@ -153,6 +156,8 @@ class RetinaNetDetector(pl.LightningModule):
         cfg = backbone_module.pretrained_cfg
         self.model.transform = NormalizePadTransform(cfg.get("mean", (0.485, 0.456, 0.406)),
                                                      cfg.get("std", (0.229, 0.224, 0.225)))
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.val_map = DistributedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
         self.test_map = DistributedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
         self.category_ids: list[int] = list(range(num_classes))  # replaced by the data's in setup()

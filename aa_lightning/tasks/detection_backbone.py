@@ -146,7 +146,11 @@ def freeze_backbone_stages(body: nn.Module, freeze_at: int) -> None:
 
 
 class TimmFPNBackbone(nn.Module):
-    """timm C3-C5 + FPN + P6/P7 with ``out_channels`` (the attribute RetinaNet reads)."""
+    """timm C3-C5 + FPN + P6/P7 with ``out_channels`` (the attribute RetinaNet reads).
+
+    ``channels_last``: feed the backbone NHWC-strided input (the weights must be converted too,
+    as :class:`~aa_lightning.tasks.RetinaNetDetector` does); ~1.6x faster convolutions on CPU.
+    """
 
     def __init__(
         self,
@@ -159,8 +163,10 @@ class TimmFPNBackbone(nn.Module):
         checkpoint: str | Path | None = None,
         model_kwargs: dict | None = None,
         pretrained: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
+        self.channels_last = channels_last
         if p6p7_from not in ("p5", "c5"):
             raise ValueError(f"model.init_args.p6p7_from must be 'p5' or 'c5'; got {p6p7_from!r}")
         self.body = create_feature_backbone(name, out_indices, checkpoint, model_kwargs, pretrained)
@@ -175,5 +181,7 @@ class TimmFPNBackbone(nn.Module):
         self.pretrained_cfg = self.body.pretrained_cfg
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         features = self.body(x)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
