@@ -174,3 +174,24 @@ def test_a_value_checked_by_the_class_stops_the_run_before_training(tmp_path, mo
     with pytest.raises(ValueError, match=r"model.label_smoothing must be in \[0, 1\)"):
         AACLI(args=["--config", str(tiny_recipe(tmp_path)), "--model.label_smoothing", "1.5"])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_trains_an_aa_network_well_above_chance_within_five_minutes(tmp_path):
+    """The README's main-job command, as it is (only its outputs redirected to tmp_path)."""
+    import time
+
+    start = time.perf_counter()
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(REPO / "configs" / "quickstart.yaml"),
+         "--runs_dir", str(tmp_path / "runs"), "--data.data_dir", str(tmp_path / "data")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    assert config["model"]["init_args"]["model_name"].startswith("aa_")
+    top1 = float(summary_value(result.stdout, r"test \(best checkpoint, 2000 images\).*top1 ([\d.]+)%"))
+    assert top1 > 50.0  # chance: 10%
+    assert elapsed < 300, f"quickstart took {elapsed:.0f} s"
