@@ -9,7 +9,8 @@ import aa_lightning  # noqa: F401  (registers the AA models)
 from aa_lightning.cli import AACLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p for p in CONFIGS.glob("*.yaml"))
+OVERRIDES = {"quickstart_baseline.yaml": "quickstart.yaml"}  # override file -> the recipe it is composed after
+RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in OVERRIDES)
 ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
 
 
@@ -65,3 +66,13 @@ def test_imagenet_recipes_follow_the_standard_resnet_recipe(depth, capsys):
         assert (init["base_lr"], init["reference_batch_size"], init["weight_decay"], init["warmup_epochs"]) == (0.1, 256, 1e-4, 5)
         data = config["data"]["init_args"]
         assert (data["train_size"], data["resize_size"], data["eval_size"]) == (224, 256, 224)
+
+
+def test_quickstart_baseline_is_the_same_run_without_attention(capsys):
+    aa = resolved(capsys, CONFIGS / "quickstart.yaml")
+    baseline = resolved(capsys, CONFIGS / "quickstart.yaml", CONFIGS / "quickstart_baseline.yaml")
+    assert baseline["model"]["init_args"]["model_name"] == "wrn28_10"
+    kwargs = aa["model"]["init_args"]["model_kwargs"]
+    assert baseline["model"]["init_args"]["model_kwargs"] == {k: v for k, v in kwargs.items() if not k.startswith("aa_")}
+    assert baseline["data"] == aa["data"] and baseline["seed_everything"] == aa["seed_everything"]
+    assert not baseline["trainer"]["callbacks"] and aa["trainer"]["callbacks"][0]["class_path"].endswith("AttentionMapLogger")
