@@ -98,6 +98,17 @@ def test_aa_stages_choose_the_augmented_stages():
     assert {n.split(".")[1] for n in augmented(meta("aa_wrn28_10", aa_stages=(2, 3)))} == {"1", "2"}
 
 
+def test_timm_resnet_kwargs_pass_through_layers_and_channels():
+    """An AA-ResNet-18 at half width, as the detection quickstart builds it: the same shapes as
+    timm's resnet18 with those kwargs apart from the augmented convs."""
+    kwargs = dict(layers=(2, 2, 2, 2), channels=(32, 64, 128, 256), stem_width=32)
+    layers = augmented(meta("aa_resnet34", aa_heads=4, img_size=128, **kwargs))
+    assert set(layers) == {f"layer{s}.{i}.conv1" for s in (2, 3, 4) for i in range(2)}
+    assert [layers[f"layer{s}.1.conv1"].rel_h.shape[0] for s in (2, 3, 4)] == [2 * 16 - 1, 2 * 8 - 1, 2 * 4 - 1]
+    ours = meta("aa_resnet34", aa_v=0.0, **kwargs).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in meta("resnet18", **kwargs).state_dict().items()}
+
+
 @pytest.mark.parametrize("name", ["aa_resnet50", "aa_wrn28_10", "aa_mnasnet_100"])
 def test_without_attention_the_model_is_its_baseline(name):
     baseline = {"aa_resnet50": "resnet50", "aa_wrn28_10": "wrn28_10", "aa_mnasnet_100": "semnasnet_100"}[name]

@@ -13,7 +13,9 @@ up except the augmented convs (``layerN.M.conv2.{conv,qkv,proj,rel_h,rel_w}``).
 - Relative tables are sized for ``img_size`` (default 224): attention grids 28/14/7 in
   stages 2/3/4; other input sizes resample them in the layer.
 
-Baselines: timm's own ``resnet26/34/50/101/152``.
+Baselines: timm's own ``resnet26/34/50/101/152``. timm's ResNet kwargs pass through
+(``layers``, ``channels``, ``stem_width``, ``output_stride``, ...): ``aa_resnet34`` with
+``layers=(2, 2, 2, 2)`` is an AA-ResNet-18 (the detection quickstart's backbone).
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def aa_stage_blocks(block: type, attention: AttentionSettings, img_size: Sequenc
     return tuple(blocks)
 
 
-def _create_aa_resnet(variant: str, pretrained: bool, block: type, layers: Sequence[int],
+def _create_aa_resnet(variant: str, pretrained: bool, block: type, default_layers: Sequence[int],
                       attention: AttentionSettings, **kwargs: Any) -> ResNet:
     """timm's ResNet built by ``build_model_with_cfg`` with the AA blocks of ``variant``."""
     check_weight_source(variant, pretrained, kwargs)
@@ -101,9 +103,10 @@ def _create_aa_resnet(variant: str, pretrained: bool, block: type, layers: Seque
     stages = tuple(kwargs.pop("aa_stages", AUGMENTED_STAGES))
     if not set(stages) <= {1, 2, 3, 4}:
         raise ValueError(f"aa_stages must be a subset of (1, 2, 3, 4); got {stages}")
+    layers = tuple(kwargs.pop("layers", default_layers))  # timm's ResNet kwarg: e.g. (2, 2, 2, 2) for an AA-ResNet-18
     blocks = aa_stage_blocks(block, attention, img_size, kwargs.get("output_stride", 32), stages)
     return build_model_with_cfg(
-        ResNet, variant, pretrained, block=blocks, layers=tuple(layers),
+        ResNet, variant, pretrained, block=blocks, layers=layers,
         pretrained_filter_fn=checkpoint_filter_fn, **kwargs,
     )
 
