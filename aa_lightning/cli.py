@@ -18,9 +18,11 @@ off with a warning, so a multi-GPU recipe still runs on a laptop.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +41,19 @@ import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
 from aa_lightning.callbacks import RunSummary, TrainingImageGrid  # noqa: E402
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+# Library noise that a user can do nothing about: Lightning's own use of a deprecated torch
+# pytree API, and its advertisements for its cloud products (printed at every start).
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropTips())
 
 
 def _import_class(class_path: str) -> Optional[type]:
