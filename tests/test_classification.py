@@ -11,13 +11,7 @@ from aa_lightning.tasks import ImageClassifier
 TINY = "test_resnet"  # timm's 0.37M-parameter test network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class _Data(pl.LightningDataModule):

@@ -15,16 +15,10 @@ from aa_lightning.tasks.detection import NormalizePadTransform
 from detection_helpers import crowd_and_empty_set
 
 TINY = dict(backbone="resnet18", fpn_channels=32, freeze_at=0, frozen_bn=False)
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.mask")  # pycocotools vs numpy 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain little from threads, and spinning OpenMP threads crawl on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.mask"),  # pycocotools vs numpy 2
+    pytest.mark.usefixtures("one_thread"),  # conftest.py
+]
 
 
 def n_params(module: nn.Module) -> int:

@@ -33,13 +33,7 @@ CIFAR_MODELS = ["wrn28_10", "aa_wrn28_10"]
 EXCLUDE_JIT_FILTERS = ["aa_*"]  # AugmentedConv2d does not script
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Spinning OpenMP threads crawl on the shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def small(name: str) -> dict:

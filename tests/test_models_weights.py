@@ -15,12 +15,7 @@ from aa_lightning.tasks import ImageClassifier
 SMALL = dict(img_size=32, num_classes=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
