@@ -26,7 +26,7 @@ from datetime import date
 
 import torch
 
-CASES = ("reference", "fused", "chunked", "floor")
+CASES = ("reference", "fused", "chunked", "cpu_kernel", "floor")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -172,7 +172,7 @@ def accuracy(args: argparse.Namespace, size: int = 14) -> dict:
     shapes = [(2, args.heads, size, size, dk // args.heads), (2, args.heads, size, size, dk // args.heads), (2, args.heads, size, size, dv // args.heads)]
     base = [torch.randn(*s, generator=g) for s in shapes] + [torch.randn(2 * size - 1, dk // args.heads, generator=g) * 0.4 for _ in range(2)]
     results, ref = {}, None
-    for backend in ("reference", "fused", "chunked"):
+    for backend in ("reference", "fused", "chunked", "cpu_kernel"):
         inputs = [t.clone().requires_grad_() for t in base]
         out = relative_attention_2d(*inputs, backend=backend)
         out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))

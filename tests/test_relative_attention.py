@@ -5,7 +5,7 @@ import torch
 from aa_lightning.layers import rel_to_abs, relative_attention_2d
 from attention_loop_reference import loop_relative_attention
 
-EXACT_BACKENDS = ["reference", "chunked", "fused"]
+EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused"]
 
 
 def make_inputs(b, nh, h, w, dkh, dvh, dtype=torch.float64, seed=0, requires_grad=False):
@@ -72,7 +72,7 @@ def test_rel_to_abs_matches_its_definition():
             torch.testing.assert_close(out[:, :, i, j], x[:, :, i, j - i + 4])
 
 
-@pytest.mark.parametrize("backend", ["chunked", "fused", "reference"])
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel", "fused", "reference"])
 def test_gradcheck(backend, monkeypatch):
     import aa_lightning.layers.chunked_attention as chunked
 
@@ -91,12 +91,12 @@ def test_gradients_match_reference_float32():
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads[backend] = [t.grad.clone() for t in inputs]
         assert all(g.abs().sum() > 0 for g in grads[backend])
-    for backend in ("chunked", "fused"):
+    for backend in ("chunked", "cpu_kernel", "fused"):
         for got, want in zip(grads[backend], grads["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "fused"])
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel", "fused"])
 def test_fp32_and_bf16_autocast_against_reference(backend):
     q, k, v, rel_h, rel_w = make_inputs(2, 4, 8, 6, 8, 4, dtype=torch.float32)
     ref = relative_attention_2d(q, k, v, rel_h, rel_w, backend="reference")
@@ -108,10 +108,11 @@ def test_fp32_and_bf16_autocast_against_reference(backend):
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
 
 
-def test_bf16_autocast_backward_reaches_every_input():
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel"])
+def test_bf16_autocast_backward_reaches_every_input(backend):
     inputs = make_inputs(1, 2, 4, 4, 4, 4, dtype=torch.float32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = relative_attention_2d(*inputs, backend="chunked")
+        out = relative_attention_2d(*inputs, backend=backend)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in inputs)
 

@@ -9,7 +9,11 @@ same function; they differ in speed and memory:
 - ``"reference"``: the paper's appendix algorithm, explicit (HW)x(HW) logits (ground truth).
 - ``"chunked"``: S_W and S_H are factorized as per-query tables ``q_i . r^W`` [HW, W] and
   ``q_i . r^H`` [HW, H]; attention runs in query chunks with a recomputing backward
-  (:mod:`.chunked_attention`). O(HW (H + W)) memory beyond one chunk; the CPU default.
+  (:mod:`.chunked_attention`). O(HW (H + W)) memory beyond one chunk; plain torch ops.
+- ``"cpu_kernel"``: the same factorization in a small C kernel compiled on first use
+  (:mod:`.cpu_kernel`): one query row at a time in cache, the (HW)^2 logits never written to
+  memory, a recomputing backward from the saved log-sum-exp. CPU only; computes in float32
+  (float64 for float64 inputs). The CPU default when a C compiler is available.
 - ``"fused"``: the relative terms fold into an augmented dot product
   ``q'_i = [q_i, q_i . r^W[x - ix + W - 1] (x < W), q_i . r^H[y - iy + H - 1] (y < H)]``,
   ``k'_j = [k_j, onehot_W(jx), onehot_H(jy)]`` so ``q'_i . k'_j = q_i . k_j + S_W + S_H``, run by
@@ -18,7 +22,7 @@ same function; they differ in speed and memory:
   default.
 - ``"flex"``: FlexAttention with the relative terms as a ``score_mod`` (compiled; CUDA for
   training — torch's CPU FlexAttention has no backward).
-- ``"auto"``: ``chunked`` on CPU, ``fused`` elsewhere.
+- ``"auto"``: ``cpu_kernel`` on CPU (``chunked`` where it cannot be compiled), ``fused`` elsewhere.
 
 Content-only attention (no tables) always goes through ``scaled_dot_product_attention``.
 """
@@ -31,20 +35,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernel
 from .chunked_attention import factorized_bias_attention
 from .relative_attention_reference import relative_attention_reference
 
-Backend = Literal["auto", "reference", "chunked", "fused", "flex"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "fused", "flex")
+Backend = Literal["auto", "reference", "chunked", "cpu_kernel", "fused", "flex"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "cpu_kernel", "fused", "flex")
+
+
+@torch.compiler.assume_constant_result  # compile/export: decided once at trace time, no graph break
+def _cpu_kernel_available() -> bool:
+    return cpu_kernel.available()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ``"auto"`` stands for on ``device`` (others pass through)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "cpu_kernel" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu_kernel' runs on CPU tensors only; got {device.type} (use 'auto' or 'fused')")
     if backend != "auto":
         return backend
-    return "chunked" if device.type == "cpu" else "fused"
+    if device.type != "cpu":
+        return "fused"
+    return "cpu_kernel" if _cpu_kernel_available() else "chunked"
 
 
 def relative_offsets_index(size: int, device: torch.device | None = None) -> Tensor:
@@ -108,23 +122,27 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _chunked_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+def _factorized_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, kernel: bool) -> Tensor:
+    """The chunked and cpu_kernel backends: per-query tables, then the factorized-bias attention.
+    Computes in the autocast dtype (else q's); the kernel in float32 unless that is float64."""
     b, nh, h, w, dkh = q.shape
     device_type = q.device.type
-    dtype = _autocast_dtype(device_type) or q.dtype
+    out_dtype = _autocast_dtype(device_type) or q.dtype
+    dtype = out_dtype if not kernel or out_dtype in cpu_kernel.DTYPES else torch.float32
     with torch.autocast(device_type, enabled=False):
         q = q.to(dtype) * dkh**-0.5
         k, v = k.to(dtype), v.to(dtype)
         s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
         bh, length = b * nh, h * w
-        out = factorized_bias_attention(
+        attention = cpu_kernel.cpu_kernel_attention if kernel else factorized_bias_attention
+        out = attention(
             q.reshape(bh, length, dkh),
             k.reshape(bh, length, dkh),
             v.reshape(bh, length, -1),
             s_w.reshape(bh, length, w),
             s_h.reshape(bh, length, h),
         )
-    return out.reshape(b, nh, h, w, -1)
+    return out.to(out_dtype).reshape(b, nh, h, w, -1)
 
 
 @functools.cache
@@ -193,8 +211,8 @@ def relative_attention_2d(
         return relative_attention_reference(q, k, v, rel_h, rel_w)
     if rel_h is None:
         return _content_attention(q, k, v)
-    if backend == "chunked":
-        return _chunked_attention(q, k, v, rel_h, rel_w)
+    if backend in ("chunked", "cpu_kernel"):
+        return _factorized_attention(q, k, v, rel_h, rel_w, kernel=backend == "cpu_kernel")
     if backend == "fused":
         return _fused_attention(q, k, v, rel_h, rel_w)
     return _flex_attention(q, k, v, rel_h, rel_w)

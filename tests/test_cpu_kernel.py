@@ -1,0 +1,86 @@
+"""The compiled CPU kernel backend: when it is used, its thread split, and its fallbacks.
+
+Its numbers are checked with every other backend in test_relative_attention.py (float64 loop
+reference, gradcheck, float32 gradients, bf16 autocast)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aa_lightning.layers import cpu_kernel, relative_attention_2d, resolve_backend
+from test_relative_attention import make_inputs
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here")
+
+
+@needs_kernel
+def test_auto_uses_the_kernel_on_cpu_and_fused_elsewhere():
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu_kernel"
+    assert resolve_backend("auto", torch.device("cuda")) == "fused"
+    with pytest.raises(ValueError, match="'cpu_kernel' runs on CPU tensors only"):
+        resolve_backend("cpu_kernel", torch.device("cuda"))
+
+
+@needs_kernel
+def test_threads_split_the_batch_heads_without_changing_a_bit():
+    """B Nh = 3 slices over 1, 2 and 3 threads: each thread owns whole slices, so the k and v
+    gradients are accumulated in the same order whatever the split."""
+    inputs = make_inputs(1, 3, 4, 5, 3, 2, dtype=torch.float32, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = relative_attention_2d(*inputs, backend="cpu_kernel")
+            results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_large_logits_stay_finite():
+    """Rows whose logits reach +-80 (exp would overflow float32 without the max shift)."""
+    q, k, v, rel_h, rel_w = make_inputs(1, 2, 6, 6, 4, 3, dtype=torch.float32)
+    q = q * 20
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, backend="cpu_kernel")
+    ref = relative_attention_2d(q.double(), k.double(), v.double(), rel_h.double(), rel_w.double(), backend="reference")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_loading_the_kernel_leaves_denormals_alone():
+    """Built without -ffast-math: loading it must not switch the process to flush-to-zero."""
+    cpu_kernel.available()
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 0.5).item() > 0
+
+
+def _run(code: str, **env: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+CHECK = ("import torch; from aa_lightning.layers import cpu_kernel, resolve_backend; "
+         "print(cpu_kernel.available(), resolve_backend('auto', torch.device('cpu')))")
+
+
+def test_without_a_working_compiler_auto_falls_back_to_chunked(tmp_path):
+    assert _run(CHECK, CC="false", AA_LIGHTNING_CACHE=str(tmp_path)) == "False chunked"
+
+
+def test_the_kernel_can_be_switched_off(tmp_path):
+    assert _run(CHECK, AA_LIGHTNING_CPU_KERNEL="0") == "False chunked"
+
+
+@needs_kernel
+def test_a_fresh_cache_builds_the_kernel(tmp_path):
+    assert _run(CHECK, AA_LIGHTNING_CACHE=str(tmp_path)) == "True cpu_kernel"
+    assert len(list((tmp_path / "kernels").glob("factorized_attention_*.so"))) == 1
