@@ -13,8 +13,8 @@ writes into ``--out``:
 - ``model.onnx``: input ``images`` [B, 3, S, S] (dynamic batch, fixed S), output ``logits``
   [B, num_classes]. The AA layers are exported with ``backend="fused"`` (torch's
   scaled_dot_product_attention with the relative logits folded into the dot product) or
-  ``"reference"``, switched for the export only: the ``chunked`` CPU training backend is a custom
-  autograd.Function with a Python loop over query chunks. Every backend computes the same
+  ``"reference"``, switched for the export only: the CPU training backends (``cpu_kernel``, a
+  compiled custom op; ``chunked``, a Python loop over query chunks) have no ONNX form. Every backend computes the same
   function, and the check below compares against the PyTorch model as it runs by default.
 
 Both files are checked after writing: the reloaded timm model and the ONNX graph (onnxruntime

@@ -157,7 +157,7 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tenso
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
         raise RuntimeError(
             "backend='flex' has no backward on CPU (torch's FlexAttention limitation); "
-            "use backend='chunked' (the CPU default) for training"
+            "use backend='auto' (cpu_kernel or chunked on CPU) for training"
         )
     q = q * dkh**-0.5
     s_w, s_h = relative_logit_tables(q, rel_h, rel_w)
