@@ -11,7 +11,7 @@ recomputes each row's probabilities from it and accumulates every gradient in th
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``; about
 a second) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a hash
-of the source and flags, and loaded with ctypes; the work is split across
+of the source, the flags and the CPU's features, and loaded with ctypes; the work is split across
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL), one range of
 (batch, head) slices each. No compiler, or ``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available`
 is False and ``backend="auto"`` uses ``chunked``. The kernel is registered as the torch
@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -83,13 +84,27 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _cpu_signature() -> bytes:
+    """What -march=native depends on: the CPU's feature flags (Linux), else its name. Part of
+    the cache key, so a cache shared by different machines (an NFS home on a cluster) never
+    hands one CPU a library built for another's instruction set."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            for line in f:
+                if line.startswith((b"flags", b"Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{sys.platform} {platform.machine()} {platform.processor()}".encode()
+
+
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
     if os.environ.get("AA_LIGHTNING_CPU_KERNEL", "1") == "0":
         return None
     source = _SOURCE.read_bytes()
     for flags in (_FLAGS + _NATIVE, _FLAGS):  # -march=native is not accepted everywhere
-        key = hashlib.sha256(source + " ".join(flags).encode() + sys.platform.encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
         target = _cache_dir() / f"factorized_attention_{key}.so"
         try:
             if target.is_file() or _compile(target, flags):
