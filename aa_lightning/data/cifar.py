@@ -14,10 +14,10 @@ from typing import Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .cifar_format import BASE_FOLDER, read_cifar_meta, read_cifar_split
-from .loaders import make_loader
+from .loaders import SplitLoaders
 from .transforms import CIFAR100_MEAN, CIFAR100_STD, AlbumentationsTransform, cifar_eval_transform, cifar_train_transform
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -36,7 +36,7 @@ class ArrayImageDataset(Dataset):
         return self.transform(self.images[index]), int(self.labels[index])
 
 
-class CIFAR100DataModule(pl.LightningDataModule):
+class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
     """CIFAR-100 train/val/test loaders.
 
     Args:
@@ -138,23 +138,3 @@ class CIFAR100DataModule(pl.LightningDataModule):
             self.test_set = ArrayImageDataset(images, labels, eval_transform)
             if self.hparams.val_split == 0:
                 self.val_set = self.test_set
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return make_loader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            train=train,
-            trainer=self.trainer,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)

@@ -37,11 +37,11 @@ import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .detection_transforms import detection_eval_transform, detection_train_transform
+from .loaders import SplitLoaders, make_loader
 
 COCO_DOWNLOAD_HINT = (
     "Get COCO 2017 from https://cocodataset.org/#download (2017 Train images, 2017 Val images, "
@@ -220,7 +220,7 @@ def _reseed_worker_pipeline(worker_id: int) -> None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
-class COCODataModule(pl.LightningDataModule):
+class COCODataModule(SplitLoaders, pl.LightningDataModule):
     """COCO 2017 (or any set in its layout) for RetinaNet.
 
     Args:
@@ -320,33 +320,18 @@ class COCODataModule(pl.LightningDataModule):
             self._check_same_categories(self.test_set)
 
     def _loader(self, dataset: COCODetection, train: bool) -> DataLoader:
-        sampler = None
-        trainer = self.trainer
-        if not train and trainer is not None and trainer.world_size > 1:
-            # every image exactly once over all processes (DistributedSampler would repeat some
-            # to even out the shards, and the repeats would count twice in the COCO metrics)
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
-        return DataLoader(
+        return make_loader(  # under DDP every evaluation image exactly once (repeats would count twice in the COCO metrics)
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=sampler,
-            drop_last=train,
             num_workers=self.num_workers,
-            collate_fn=collate_detection,
+            train=train,
+            trainer=self.trainer,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_detection,
             worker_init_fn=_reseed_worker_pipeline if train else None,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
             raise ValueError("data.test_split is null: there is no test split to evaluate")
-        return self._loader(self.test_set, train=False)
+        return super().test_dataloader()

@@ -18,10 +18,9 @@ from typing import Optional
 import lightning.pytorch as pl
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from .loaders import make_loader
+from .loaders import SplitLoaders
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
 
 class ImageDecodeError(RuntimeError):
@@ -45,7 +44,7 @@ class RGBLoader:
             raise ImageDecodeError(f"cannot decode image {path}: {err}") from err
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
     """ImageNet train/val loaders from class folders.
 
     Args:
@@ -93,7 +92,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_classes: Optional[int] = None
         self.class_names: list[str] = []
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.test_set = None
 
     def _folder(self, split: str, stage_hint: str) -> str:
         folder = self.data_dir / split
@@ -110,6 +109,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         eval_loader = RGBLoader(hp.resize_size if hp.draft else None)
         eval_transform = imagenet_eval_transform(hp.eval_size, hp.resize_size, self.mean, self.std)
         self.val_set = ImageFolder(self._folder("val", "validation"), loader=eval_loader, transform=eval_transform)
+        self.test_set = self.val_set  # ILSVRC-2012's labelled val images are also the test set
         self.class_names = list(self.val_set.classes)
         self.num_classes = len(self.class_names)
         if stage in (None, "fit"):
@@ -125,23 +125,3 @@ class ImageNetDataModule(pl.LightningDataModule):
                     f"{self.data_dir}/train and {self.data_dir}/val must have the same class folders; "
                     f"only in train: {only_train}, only in val: {only_val}"
                 )
-
-    def _loader(self, dataset, train: bool) -> DataLoader:
-        return make_loader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            train=train,
-            trainer=self.trainer,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)

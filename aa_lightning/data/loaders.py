@@ -1,4 +1,4 @@
-"""DataLoader construction shared by the classification DataModules.
+"""DataLoader construction shared by the DataModules (classification and detection).
 
 Training loaders shuffle and drop the last incomplete batch (Lightning swaps in a
 ``DistributedSampler`` under DDP). Evaluation loaders under DDP get an
@@ -8,7 +8,7 @@ torchmetrics states are summed across processes at the end of the epoch.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +25,8 @@ def make_loader(
     trainer: Optional[pl.Trainer] = None,
     pin_memory: Optional[bool] = None,
     persistent_workers: bool = True,
+    collate_fn: Optional[Callable] = None,
+    worker_init_fn: Optional[Callable] = None,
 ) -> DataLoader:
     """A DataLoader with pinned memory on CUDA, persistent workers and exactly-once evaluation under DDP."""
     sampler = None
@@ -41,4 +43,33 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=collate_fn,
+        worker_init_fn=worker_init_fn,
     )
+
+
+class SplitLoaders:
+    """``train/val/test_dataloader`` of a LightningDataModule from its ``train_set``, ``val_set``
+    and ``test_set``, each through ``_loader(dataset, train)``. The default ``_loader`` is
+    :func:`make_loader` with the module's ``batch_size``, ``num_workers`` and its
+    ``pin_memory`` / ``persistent_workers`` hyper-parameters."""
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return make_loader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            train=train,
+            trainer=self.trainer,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
