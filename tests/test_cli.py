@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train.py"
+from cli_helpers import REPO, TRAIN, run_cli
+from cli_helpers import events as _events
+
 TEST_SIZE = 21  # odd: DDP over 2 processes must not pad it
 
 
@@ -37,9 +38,6 @@ def tiny_recipe(tmp_path: Path, **data_overrides) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def summary_value(stdout: str, pattern: str) -> str:
@@ -47,13 +45,6 @@ def summary_value(stdout: str, pattern: str) -> str:
     assert match, f"{pattern!r} not in the summary:\n{stdout[-3000:]}"
     return match.group(1)
 
-
-def _events(log_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    accumulator.Reload()
-    return accumulator
 
 
 def test_fit_then_test_writes_checkpoints_tensorboard_and_a_summary(tmp_path):

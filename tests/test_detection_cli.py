@@ -1,18 +1,17 @@
 """Detection through the real entry point (train.py) in subprocesses, on a tiny generated COCO set."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train.py"
+import cli_helpers
+from cli_helpers import REPO
+from cli_helpers import events as _events
 
 
 def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) -> Path:
@@ -42,18 +41,8 @@ def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) 
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return cli_helpers.run_cli(*args, cwd=cwd, timeout=timeout)
 
-
-def _events(log_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
-    accumulator.Reload()
-    return accumulator
 
 
 def test_fit_validate_test_checkpoints_and_tensorboard(tmp_path):

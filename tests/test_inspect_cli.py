@@ -1,26 +1,18 @@
 """End to end in subprocesses: train.py with the attention callback from YAML writes overlays to
 TensorBoard; python -m aa_lightning.inspect and python -m aa_lightning.export run on its checkpoint."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from aa_lightning.callbacks.attention_overlay import tile_origin
+from cli_helpers import REPO, events
+from cli_helpers import run_python as run
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_AA_WRN = {"depth": 10, "widen_factor": 1, "aa_heads": 2, "aa_min_dkh": 4}  # 3 AA layers, 77k parameters
-
-
-def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +45,11 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def test_training_logs_attention_overlays_from_the_yaml_callback(trained_run):
-    events = EventAccumulator(str(trained_run), size_guidance={"images": 0}).Reload()
-    tags = [t for t in events.Tags()["images"] if t.startswith("val/attention_")]
+    logged_events = events(trained_run)
+    tags = [t for t in logged_events.Tags()["images"] if t.startswith("val/attention_")]
     assert sorted(tags) == ["val/attention_0", "val/attention_1"]
     for tag in tags:
-        logged = events.Images(tag)
+        logged = logged_events.Images(tag)
         assert [e.step for e in logged] == [2, 4]  # after each of the 2 epochs of 2 steps
         width, height = tile_origin(2, 3, tile_size=48, header_lines=2)  # 2 query rows of (input + 2 heads) 48 px tiles
         assert logged[0].height == height and logged[0].width >= width
