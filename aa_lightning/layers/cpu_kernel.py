@@ -124,15 +124,29 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aa_attention")
 
 
-def _run_split(function, tensors: list[Tensor], batch_heads: int, sizes: tuple[int, ...], row_len: int, dtype) -> None:
-    """Call ``function`` on ranges of the BH slices, one range per thread, each with its own scratch row."""
+def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> tuple[Tensor, ...]:
+    """The kernel's contiguous layouts: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w, bias_h."""
+    return (q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+            bias_w.contiguous(), bias_h.contiguous())
+
+
+def _run_kernel(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
+    """Run ``aa_<direction>_<dtype>`` over all BH slices, split into one range per thread, each
+    thread with its own scratch of ``scratch_rows`` rows of L values. ``tensors`` start with
+    q, kT, vT, bias_w, bias_h in :func:`_kernel_layout`'s layouts."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the aa_lightning CPU attention kernel is not available (no C compiler?)")
+    q, kt, vt, bias_w, bias_h = tensors[:5]
+    (batch_heads, length, d), dv, w, h = q.shape, vt.shape[1], bias_w.shape[2], bias_h.shape[2]
+    function = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}")
     workers = max(1, min(torch.get_num_threads(), batch_heads))
     bounds = [batch_heads * t // workers for t in range(workers + 1)]
-    scratch = torch.empty(workers, row_len, dtype=dtype)
+    scratch = torch.empty(workers, scratch_rows * length, dtype=q.dtype)
     pointers = [t.data_ptr() for t in tensors]
 
     def work(t: int) -> None:
-        function(*pointers, bounds[t], bounds[t + 1], *sizes, scratch[t].data_ptr())
+        function(*pointers, bounds[t], bounds[t + 1], length, h, w, d, dv, scratch[t].data_ptr())
 
     if workers == 1:
         work(0)
@@ -150,17 +164,10 @@ def _suffix(dtype: torch.dtype) -> str:
 def factorized_attention_op(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> tuple[Tensor, Tensor]:
     """q, k: [BH, L, D] (q scaled); v: [BH, L, DV]; bias_w [BH, L, W]; bias_h [BH, L, H].
     Returns (out [BH, L, DV], log-sum-exp of each logits row [BH, L])."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the aa_lightning CPU attention kernel is not available (no C compiler?)")
-    bh, length, d = q.shape
-    dv, w, h = v.shape[2], bias_w.shape[2], bias_h.shape[2]
-    q, bias_w, bias_h = q.contiguous(), bias_w.contiguous(), bias_h.contiguous()
-    kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-    out = q.new_empty(bh, length, dv)
-    lse = q.new_empty(bh, length)
-    _run_split(getattr(lib, f"aa_forward_{_suffix(q.dtype)}"), [q, kt, vt, bias_w, bias_h, out, lse],
-               bh, (length, h, w, d, dv), length, q.dtype)
+    q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
+    out = q.new_empty(q.shape[0], q.shape[1], vt.shape[1])
+    lse = q.new_empty(q.shape[0], q.shape[1])
+    _run_kernel("forward", [q, kt, vt, bias_w, bias_h, out, lse], scratch_rows=1)
     return out, lse
 
 
@@ -174,15 +181,11 @@ def factorized_attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, bias_w, bias_h) of :func:`factorized_attention_op`'s ``out``."""
-    lib = _library()
-    bh, length, d = q.shape
-    dv, w, h = v.shape[2], bias_w.shape[2], bias_h.shape[2]
-    q, bias_w, bias_h, out, lse, grad_out = (t.contiguous() for t in (q, bias_w, bias_h, out, lse, grad_out))
-    kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
+    out, lse, grad_out = out.contiguous(), lse.contiguous(), grad_out.contiguous()
     grad_q, grad_kt, grad_vt, grad_bw, grad_bh = (t.new_empty(t.shape) for t in (q, kt, vt, bias_w, bias_h))
-    _run_split(getattr(lib, f"aa_backward_{_suffix(q.dtype)}"),
-               [q, kt, vt, bias_w, bias_h, out, lse, grad_out, grad_q, grad_kt, grad_vt, grad_bw, grad_bh],
-               bh, (length, h, w, d, dv), 2 * length, q.dtype)
+    _run_kernel("backward", [q, kt, vt, bias_w, bias_h, out, lse, grad_out, grad_q, grad_kt, grad_vt, grad_bw, grad_bh],
+                scratch_rows=2)
     return grad_q, grad_kt.transpose(1, 2).contiguous(), grad_vt.transpose(1, 2).contiguous(), grad_bw, grad_bh
 
 
