@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
-from aa_lightning.inspect import InspectError, TrainedClassifier, load_trained_classifier  # noqa: E402
+from aa_lightning.inspect import InspectError, TrainedClassifier, load_trained_classifier, run_command  # noqa: E402
 from aa_lightning.layers import AugmentedConv2d  # noqa: E402
 
 ONNX_BACKENDS = ("fused", "reference")
@@ -198,14 +198,7 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        export_checkpoint(args)
-    except InspectError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), export_checkpoint, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -339,15 +339,21 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], Any],
+                argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run ``command``; an :class:`InspectError` becomes one line on stderr
+    and exit status 2 (argparse's own convention for usage errors)."""
     args = parser.parse_args(argv)
     try:
-        inspect_images(args)
+        command(args)
     except InspectError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(build_parser(), inspect_images, argv)
 
 
 if __name__ == "__main__":
