@@ -9,6 +9,8 @@ Usage:
   python benchmarks/model_benchmark.py --pairs aa_resnet50:resnet50 aa_wrn28_10:wrn28_10 \
       --peers botnet26t_256 --batch 8 --out-dir docs/benchmarks
   python benchmarks/model_benchmark.py --device cuda --dtype bfloat16 --channels-last both --compile both
+  python benchmarks/model_benchmark.py --variant 'aa_resnet50_s34=aa_resnet50:{"aa_stages": [3, 4]}' \
+      --pairs aa_resnet50:resnet50 aa_resnet50_s34:resnet50 --peers --channels-last yes --modes train
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", default=["aa_resnet50:resnet50", "aa_wrn28_10:wrn28_10"], help="aa_model:baseline")
     p.add_argument("--peers", nargs="*", default=["botnet26t_256"], help="other models measured beside them")
+    p.add_argument("--variant", action="append", default=[], metavar='LABEL=MODEL:{"kwarg": value}',
+                   help="a timm model with create_model kwargs (JSON), usable by LABEL in --pairs/--peers")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
@@ -50,8 +54,21 @@ def _choices(flag: str) -> list[bool]:
     return {"no": [False], "yes": [True], "both": [False, True]}[flag]
 
 
-def build(name: str, device: torch.device, channels_last: bool, compiled: bool):
-    model = timm.create_model(name).to(device)
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict]]:
+    """``LABEL=MODEL:{json kwargs}`` -> {LABEL: (MODEL, kwargs)}."""
+    variants = {}
+    for spec in specs:
+        label, _, rest = spec.partition("=")
+        model, _, kwargs = rest.partition(":")
+        if not label or not model:
+            raise SystemExit(f"--variant {spec!r}: expected LABEL=MODEL:{{json kwargs}}")
+        variants[label] = (model, json.loads(kwargs or "{}"))
+    return variants
+
+
+def build(name: str, device: torch.device, channels_last: bool, compiled: bool, variants: dict[str, tuple[str, dict]]):
+    model_name, kwargs = variants.get(name, (name, {}))
+    model = timm.create_model(model_name, **kwargs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     input_size = model.pretrained_cfg["input_size"]
@@ -92,6 +109,7 @@ def make_step(model, runner, mode: str, batch: int, input_size, num_classes: int
 
 def measure(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    variants = parse_variants(args.variant)
     models = list(dict.fromkeys([m for pair in args.pairs for m in pair.split(":")] + list(args.peers)))
     rows = []
     for dtype_name, channels_last, compiled, mode in itertools.product(
@@ -100,7 +118,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         dtype = getattr(torch, dtype_name)
         steps = {}
         for name in models:
-            model, runner, input_size, num_classes = build(name, device, channels_last, compiled)
+            model, runner, input_size, num_classes = build(name, device, channels_last, compiled, variants)
             steps[name] = (make_step(model, runner, mode, args.batch, input_size, num_classes, device, dtype, channels_last), input_size)
             for _ in range(args.warmup):
                 steps[name][0]()
