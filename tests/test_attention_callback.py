@@ -1,7 +1,6 @@
 """AttentionMapLogger: TensorBoard overlays of the real attention probabilities, rank 0 only, cheap and safe."""
 import io
 import types
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl

@@ -12,7 +12,7 @@ from aa_lightning.data.coco import (CategoryMapping, COCODataModule, COCODetecti
                                     load_coco_annotations)
 from aa_lightning.data.detection_transforms import detection_eval_transform, detection_train_transform
 from aa_lightning.data.synthetic_coco import CATEGORIES, generate_synthetic_coco
-from detection_helpers import crowd_and_empty_set, write_coco_split
+from detection_helpers import crowd_and_empty_set
 
 
 def test_category_mapping_round_trips_non_contiguous_ids():

@@ -1,8 +1,5 @@
 """python -m aa_lightning.inspect: predictions and attention overlays of a checkpoint on image files; clear errors."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,7 +13,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from aa_lightning.callbacks.attention_overlay import colormap_table, tile_origin
 from aa_lightning.data import SyntheticCIFARDataModule
 from aa_lightning.inspect import load_trained_classifier, main, preprocess, read_image
-from aa_lightning.layers import AugmentedConv2d, augmented_layers, relative_attention_reference
+from aa_lightning.layers import AugmentedConv2d, relative_attention_reference
 from aa_lightning.tasks import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
