@@ -1,7 +1,8 @@
 """The compiled CPU kernel backend: when it is used, its thread split, and its fallbacks.
 
 Its numbers are checked with every other backend in test_relative_attention.py (float64 loop
-reference, gradcheck, float32 gradients, bf16 autocast)."""
+reference, gradcheck, float32 gradients, bf16 autocast); here the float32 kernel built per head
+dims is checked on the shapes its tiling makes awkward (padded grid rows, partial row tiles)."""
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from aa_lightning.layers import cpu_kernel, relative_attention_2d, resolve_backend
+from attention_loop_reference import loop_relative_attention
 from test_relative_attention import make_inputs
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here")
@@ -40,6 +42,49 @@ def test_threads_split_the_batch_heads_without_changing_a_bit():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
+    (2, 1, 5, 9, 3, 2),   # W = 9: grid rows padded to 16 columns; L = 45: a partial tile of 1 row
+    (1, 2, 4, 8, 13, 6),  # W = 8: no padding; dkh 13 > 8
+    (1, 1, 7, 3, 2, 7),   # dvh > dkh; L = 21: a partial tile of 1 row
+    (1, 2, 3, 5, 1, 1),   # one-dim heads
+    (1, 1, 1, 1, 2, 2),   # a single position
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", TILED_SHAPES)
+def test_float32_kernel_against_float64_references(shape):
+    """Output against the loop reference; every input's gradient against the float64 reference
+    backend (itself gradchecked against finite differences)."""
+    assert cpu_kernel._tiled_library(shape[4], shape[5]) is not None
+    inputs32 = make_inputs(*shape, dtype=torch.float32, requires_grad=True)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs32]
+    out = relative_attention_2d(*inputs32, backend="cpu_kernel")
+    expected = loop_relative_attention(*(t.detach() for t in inputs64))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-6)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    got = torch.autograd.grad((out * weights.float()).sum(), inputs32)
+    want = torch.autograd.grad((relative_attention_2d(*inputs64, backend="reference") * weights).sum(), inputs64)
+    for name, g, w in zip(("q", "k", "v", "rel_h", "rel_w"), got, want):
+        assert g.abs().sum() > 0 or (shape[2:4] == (1, 1) and name != "v"), name  # one key: only v matters
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@needs_kernel
+def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
+    """The per-dims float32 kernel against the generic one (what runs when its build fails)."""
+    inputs = make_inputs(2, 2, 6, 11, 4, 3, dtype=torch.float32, requires_grad=True)
+    results = []
+    for tiled in (True, False):
+        if not tiled:
+            monkeypatch.setattr(cpu_kernel, "_tiled_for", lambda q, k, v: None)
+        out = relative_attention_2d(*inputs, backend="cpu_kernel")
+        results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    assert cpu_kernel._tiled_library(cpu_kernel._TILED_MAX_DIM + 1, 2) is None  # huge heads: generic
 
 
 @needs_kernel

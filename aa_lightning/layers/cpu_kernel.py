@@ -5,12 +5,18 @@
 
 The same function as :mod:`.chunked_attention`, but each query row's logits live in a scratch
 row that stays in the CPU's L1/L2 cache: the (HW)^2 logits are never written to memory, and
-the exponentials, the bias, the q.k products (dkh multiply-adds) and P V run in one SIMD loop
-nest (``factorized_attention.c``). Forward saves the row's log-sum-exp (O(HW) memory); backward
-recomputes each row's probabilities from it and accumulates every gradient in the same pass.
+the exponentials, the bias, the q.k products (dkh multiply-adds) and P V run in SIMD loops.
+Forward saves the row's log-sum-exp (O(HW) memory); backward recomputes each row's probabilities
+from it and accumulates every gradient in the same pass. Two C sources:
 
-The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``; about
-a second) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a hash
+- ``factorized_attention_tiled.c``, the float32 path: built once per head-dim pair (dkh, dvh)
+  with the dims as compile-time constants, so each key's vectors live in registers and four
+  query rows share every key load and gradient store (1.4-2.4x faster than the generic one);
+- ``factorized_attention.c``: any dims, float32 and float64 (tests, gradcheck); used for
+  float64, and for float32 if the per-dims build fails.
+
+Each is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
+second) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a hash
 of the source, the flags and the CPU's features, and loaded with ctypes; the work is split across
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL), one range of
 (batch, head) slices each. No compiler, or ``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available`
@@ -18,7 +24,7 @@ is False and ``backend="auto"`` uses ``chunked``. The kernel is registered as th
 custom op ``aa_lightning::factorized_attention`` (with a fake implementation and autograd),
 so ``torch.compile``, ``torch.export`` and fx see one opaque node, not a graph break.
 
-float32 (a vectorized exp within ~2 ulp) and float64 (libm's exp; for tests and gradcheck).
+float32 (a vectorized exp within ~2 ulp) and float64 (libm's exp).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -34,13 +41,16 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("factorized_attention.c")
+_TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
+_TILED_MAX_DIM = 64  # head dims above this use the generic kernel (register tiles would spill)
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-to-zero. These flags allow the vectorized loops without that side effect.
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -55,8 +65,8 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(target: Path, flags: list[str]) -> bool:
-    """Compile the source into ``target`` atomically (safe when DDP processes build at once)."""
+def _compile(source: Path, target: Path, flags: list[str]) -> bool:
+    """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")  # $CC: a path or a name
     if compiler is None:
         _log.info("aa_lightning CPU kernel: no C compiler found; using the chunked backend")
@@ -64,9 +74,9 @@ def _compile(target: Path, flags: list[str]) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
-            _log.info("aa_lightning CPU kernel: %s failed: %s", compiler, result.stderr[-2000:])
+            _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, result.stderr[-2000:])
             return False
         os.replace(built, target)
     return True
@@ -84,6 +94,17 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    lib.aa_tiled_forward.argtypes = [ptr] * 7 + [long] * 5 + [ptr] * 2
+    lib.aa_tiled_forward.restype = None
+    lib.aa_tiled_backward.argtypes = [ptr] * 13 + [long] * 5 + [ptr] * 2
+    lib.aa_tiled_backward.restype = None
+    lib.aa_tiled_scratch.argtypes = [long, long]
+    lib.aa_tiled_scratch.restype = long
+    return lib
+
+
 def _cpu_signature() -> bytes:
     """What -march=native depends on: the CPU's feature flags (Linux), else its name. Part of
     the cache key, so a cache shared by different machines (an NFS home on a cluster) never
@@ -98,20 +119,36 @@ def _cpu_signature() -> bytes:
     return f"{sys.platform} {platform.machine()} {platform.processor()}".encode()
 
 
-@functools.cache
-def _library() -> Optional[ctypes.CDLL]:
+def _build(source: Path, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
+    """Load ``source`` built with ``defines``, compiling it into the cache first if needed."""
     if os.environ.get("AA_LIGHTNING_CPU_KERNEL", "1") == "0":
         return None
-    source = _SOURCE.read_bytes()
+    text = source.read_bytes()
     for flags in (_FLAGS + _NATIVE, _FLAGS):  # -march=native is not accepted everywhere
-        key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
-        target = _cache_dir() / f"factorized_attention_{key}.so"
+        flags = flags + list(defines)
+        key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
+        target = _cache_dir() / f"{source.stem}_{key}.so"
         try:
-            if target.is_file() or _compile(target, flags):
-                return _bind(ctypes.CDLL(str(target)))
+            if target.is_file() or _compile(source, target, flags):
+                return ctypes.CDLL(str(target))
         except OSError as err:  # unwritable cache, a library that does not load
             _log.info("aa_lightning CPU kernel: %s", err)
     return None
+
+
+@functools.cache
+def _library() -> Optional[ctypes.CDLL]:
+    lib = _build(_SOURCE)
+    return None if lib is None else _bind(lib)
+
+
+@functools.cache
+def _tiled_library(dkh: int, dvh: int) -> Optional[ctypes.CDLL]:
+    """The float32 kernel built for these head dims; None where it cannot be (then the generic one runs)."""
+    if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
+        return None
+    lib = _build(_TILED_SOURCE, (f"-DAA_D={dkh}", f"-DAA_DV={dvh}"))
+    return None if lib is None else _bind_tiled(lib)
 
 
 def available() -> bool:
@@ -124,34 +161,72 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aa_attention")
 
 
-def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> tuple[Tensor, ...]:
-    """The kernel's contiguous layouts: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w, bias_h."""
-    return (q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
-            bias_w.contiguous(), bias_h.contiguous())
+def _in_parallel(batch_heads: int, scratch_floats: int, dtype: torch.dtype, work: Callable[[int, int, int], None]) -> None:
+    """Call ``work(first, end, scratch_pointer)`` on ranges of the BH slices, one range per
+    thread (``torch.get_num_threads()``, at most one per slice), each thread with its own
+    scratch of ``scratch_floats`` values. ctypes releases the GIL during the calls."""
+    workers = max(1, min(torch.get_num_threads(), batch_heads))
+    bounds = [batch_heads * t // workers for t in range(workers + 1)]
+    scratch = torch.empty(workers, scratch_floats, dtype=dtype)
+
+    def run(t: int) -> None:
+        work(bounds[t], bounds[t + 1], scratch[t].data_ptr())
+
+    if workers == 1:
+        run(0)
+    else:
+        list(_pool(workers).map(run, range(workers)))
 
 
-def _run_kernel(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
-    """Run ``aa_<direction>_<dtype>`` over all BH slices, split into one range per thread, each
-    thread with its own scratch of ``scratch_rows`` rows of L values. ``tensors`` start with
-    q, kT, vT, bias_w, bias_h in :func:`_kernel_layout`'s layouts."""
+def _pointers(tensors: list[Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+# The generic kernel: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w [BH, L, W], bias_h [BH, L, H].
+
+def _generic_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
+    return [q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+            bias_w.contiguous(), bias_h.contiguous()]
+
+
+def _run_generic(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
+    """``aa_<direction>_<dtype>`` over all BH slices; ``tensors`` start with the generic layout."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the aa_lightning CPU attention kernel is not available (no C compiler?)")
     q, kt, vt, bias_w, bias_h = tensors[:5]
     (batch_heads, length, d), dv, w, h = q.shape, vt.shape[1], bias_w.shape[2], bias_h.shape[2]
-    function = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}")
-    workers = max(1, min(torch.get_num_threads(), batch_heads))
-    bounds = [batch_heads * t // workers for t in range(workers + 1)]
-    scratch = torch.empty(workers, scratch_rows * length, dtype=q.dtype)
-    pointers = [t.data_ptr() for t in tensors]
+    function, pointers = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}"), _pointers(tensors)
+    _in_parallel(batch_heads, scratch_rows * length, q.dtype,
+                 lambda first, end, scratch: function(*pointers, first, end, length, h, w, d, dv, scratch))
 
-    def work(t: int) -> None:
-        function(*pointers, bounds[t], bounds[t + 1], length, h, w, d, dv, scratch[t].data_ptr())
 
-    if workers == 1:
-        work(0)
-    else:
-        list(_pool(workers).map(work, range(workers)))
+# The tiled float32 kernel: the key grid's rows padded to Wp (a multiple of 8) columns, which
+# get probability 0: kT [BH, D, H, Wp] and vT [BH, DV, H, Wp] zero there, bias_w [BH, L, Wp] -inf.
+
+def _tiled_for(q: Tensor, k: Tensor, v: Tensor) -> Optional[ctypes.CDLL]:
+    return _tiled_library(k.shape[2], v.shape[2]) if q.dtype == torch.float32 else None
+
+
+def _padded_width(w: int) -> int:
+    return -(-w // 8) * 8
+
+
+def _tiled_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
+    (batch_heads, _, d), dv, h, w = k.shape, v.shape[2], bias_h.shape[2], bias_w.shape[2]
+    pad = (0, _padded_width(w) - w)
+    grid = lambda t, c: F.pad(t.transpose(1, 2).reshape(batch_heads, c, h, w), pad).contiguous()  # noqa: E731
+    return [q.contiguous(), grid(k, d), grid(v, dv), F.pad(bias_w, pad, value=-math.inf).contiguous(), bias_h.contiguous()]
+
+
+def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
+    """``aa_tiled_<direction>`` over all BH slices; ``tensors`` start with the tiled layout."""
+    q, kt, vt, bias_w, bias_h = tensors[:5]
+    (batch_heads, _, d), dv, h, w, wp = q.shape, vt.shape[1], bias_h.shape[2], bias_h.shape[1] // bias_h.shape[2], kt.shape[3]
+    zeros = q.new_zeros(wp + h + d + dv)
+    function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
+    _in_parallel(batch_heads, lib.aa_tiled_scratch(h, wp), q.dtype,
+                 lambda first, end, scratch: function(*pointers, first, end, h, w, wp, scratch, zeros.data_ptr()))
 
 
 def _suffix(dtype: torch.dtype) -> str:
@@ -164,10 +239,14 @@ def _suffix(dtype: torch.dtype) -> str:
 def factorized_attention_op(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> tuple[Tensor, Tensor]:
     """q, k: [BH, L, D] (q scaled); v: [BH, L, DV]; bias_w [BH, L, W]; bias_h [BH, L, H].
     Returns (out [BH, L, DV], log-sum-exp of each logits row [BH, L])."""
-    q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
-    out = q.new_empty(q.shape[0], q.shape[1], vt.shape[1])
+    _suffix(q.dtype)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     lse = q.new_empty(q.shape[0], q.shape[1])
-    _run_kernel("forward", [q, kt, vt, bias_w, bias_h, out, lse], scratch_rows=1)
+    tiled = _tiled_for(q, k, v)
+    if tiled is not None:
+        _run_tiled(tiled, "forward", [*_tiled_layout(q, k, v, bias_w, bias_h), out, lse])
+    else:
+        _run_generic("forward", [*_generic_layout(q, k, v, bias_w, bias_h), out, lse], scratch_rows=1)
     return out, lse
 
 
@@ -181,11 +260,19 @@ def factorized_attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, bias_w, bias_h) of :func:`factorized_attention_op`'s ``out``."""
-    q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
-    out, lse, grad_out = out.contiguous(), lse.contiguous(), grad_out.contiguous()
-    grad_q, grad_kt, grad_vt, grad_bw, grad_bh = (t.new_empty(t.shape) for t in (q, kt, vt, bias_w, bias_h))
-    _run_kernel("backward", [q, kt, vt, bias_w, bias_h, out, lse, grad_out, grad_q, grad_kt, grad_vt, grad_bw, grad_bh],
-                scratch_rows=2)
+    saved = [out.contiguous(), lse.contiguous(), grad_out.contiguous()]
+    tiled = _tiled_for(q, k, v)
+    layout = _tiled_layout(q, k, v, bias_w, bias_h) if tiled is not None else _generic_layout(q, k, v, bias_w, bias_h)
+    grads = [t.new_empty(t.shape) for t in layout]
+    if tiled is not None:
+        _run_tiled(tiled, "backward", [*layout, *saved, *grads])
+    else:
+        _run_generic("backward", [*layout, *saved, *grads], scratch_rows=2)
+    grad_q, grad_kt, grad_vt, grad_bw, grad_bh = grads
+    w = bias_w.shape[2]
+    if tiled is not None:  # back from the padded grid: [BH, C, H, Wp] -> [BH, L, C]
+        unpad = lambda g: g[..., :w].permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1])  # noqa: E731
+        return grad_q, unpad(grad_kt), unpad(grad_vt), grad_bw[..., :w].contiguous(), grad_bh
     return grad_q, grad_kt.transpose(1, 2).contiguous(), grad_vt.transpose(1, 2).contiguous(), grad_bw, grad_bh
 
 
