@@ -17,9 +17,11 @@ from it and accumulates every gradient in the same pass. Two C sources:
 
 Each is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
 second) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a hash
-of the source, the flags and the CPU's features, and loaded with ctypes; the work is split across
-``torch.get_num_threads()`` Python threads (ctypes releases the GIL), one range of
-(batch, head) slices each. No compiler, or ``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available`
+of the source, the flags and the CPU's features, and loaded with ctypes. The work is split into
+``torch.get_num_threads()`` ranges of whole (batch, head) slices, run on OpenMP threads: built
+with ``-fopenmp``, the library resolves ``libgomp.so.1`` to the copy torch has already loaded, so
+the kernel shares torch's thread pool instead of fighting its spinning workers for the cores
+(where no OpenMP build works, Python threads run the ranges; ctypes releases the GIL). No compiler, or ``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available`
 is False and ``backend="auto"`` uses ``chunked``. The kernel is registered as the torch
 custom op ``aa_lightning::factorized_attention`` (with a fake implementation and autograd),
 so ``torch.compile``, ``torch.export`` and fx see one opaque node, not a graph break.
@@ -55,6 +57,7 @@ _TILED_MAX_DIM = 64  # head dims above this use the generic kernel (register til
 # flush-to-zero. These flags allow the vectorized loops without that side effect.
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _NATIVE = ["-march=native"]
+_OPENMP = ["-fopenmp"]
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -86,22 +89,24 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, long = ctypes.c_void_p, ctypes.c_long
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"aa_forward_{suffix}")
-        forward.argtypes = [ptr] * 7 + [long] * 7 + [ptr]
+        forward.argtypes = [ptr] * 7 + [long] * 8 + [ptr, long]
         forward.restype = None
         backward = getattr(lib, f"aa_backward_{suffix}")
-        backward.argtypes = [ptr] * 13 + [long] * 7 + [ptr]
+        backward.argtypes = [ptr] * 13 + [long] * 8 + [ptr, long]
         backward.restype = None
+    lib.aa_openmp.restype = ctypes.c_int
     return lib
 
 
 def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, long = ctypes.c_void_p, ctypes.c_long
-    lib.aa_tiled_forward.argtypes = [ptr] * 7 + [long] * 5 + [ptr] * 2
+    lib.aa_tiled_forward.argtypes = [ptr] * 7 + [long] * 5 + [ptr, long, ptr, long]
     lib.aa_tiled_forward.restype = None
-    lib.aa_tiled_backward.argtypes = [ptr] * 13 + [long] * 5 + [ptr] * 2
+    lib.aa_tiled_backward.argtypes = [ptr] * 13 + [long] * 5 + [ptr, long, ptr, long]
     lib.aa_tiled_backward.restype = None
     lib.aa_tiled_scratch.argtypes = [long, long]
     lib.aa_tiled_scratch.restype = long
+    lib.aa_openmp.restype = ctypes.c_int
     return lib
 
 
@@ -124,7 +129,8 @@ def _build(source: Path, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]
     if os.environ.get("AA_LIGHTNING_CPU_KERNEL", "1") == "0":
         return None
     text = source.read_bytes()
-    for flags in (_FLAGS + _NATIVE, _FLAGS):  # -march=native is not accepted everywhere
+    # -march=native and -fopenmp are not accepted everywhere
+    for flags in (_FLAGS + _OPENMP + _NATIVE, _FLAGS + _OPENMP, _FLAGS + _NATIVE, _FLAGS):
         flags = flags + list(defines)
         key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
         target = _cache_dir() / f"{source.stem}_{key}.so"
@@ -161,21 +167,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aa_attention")
 
 
-def _in_parallel(batch_heads: int, scratch_floats: int, dtype: torch.dtype, work: Callable[[int, int, int], None]) -> None:
-    """Call ``work(first, end, scratch_pointer)`` on ranges of the BH slices, one range per
-    thread (``torch.get_num_threads()``, at most one per slice), each thread with its own
-    scratch of ``scratch_floats`` values. ctypes releases the GIL during the calls."""
-    workers = max(1, min(torch.get_num_threads(), batch_heads))
-    bounds = [batch_heads * t // workers for t in range(workers + 1)]
-    scratch = torch.empty(workers, scratch_floats, dtype=dtype)
-
-    def run(t: int) -> None:
-        work(bounds[t], bounds[t + 1], scratch[t].data_ptr())
-
-    if workers == 1:
-        run(0)
-    else:
-        list(_pool(workers).map(run, range(workers)))
+def _in_parallel(lib: ctypes.CDLL, batch_heads: int, scratch_floats: int, dtype: torch.dtype,
+                 call: Callable[[int, int, int, int, int], None]) -> None:
+    """Run the kernel over the BH slices split into ``torch.get_num_threads()`` ranges (at most
+    one per slice), each with its own ``scratch_floats`` of scratch, through
+    ``call(first, end, parts, scratch_pointer, scratch_stride)``: one call that runs the ranges
+    on OpenMP threads, or without OpenMP one call per range on Python threads."""
+    parts = max(1, min(torch.get_num_threads(), batch_heads))
+    scratch = torch.empty(parts, scratch_floats, dtype=dtype)
+    if parts == 1 or lib.aa_openmp():
+        call(0, batch_heads, parts, scratch.data_ptr(), scratch_floats)
+        return
+    bounds = [batch_heads * t // parts for t in range(parts + 1)]
+    list(_pool(parts).map(lambda t: call(bounds[t], bounds[t + 1], 1, scratch[t].data_ptr(), scratch_floats), range(parts)))
 
 
 def _pointers(tensors: list[Tensor]) -> list[int]:
@@ -197,8 +201,9 @@ def _run_generic(direction: str, tensors: list[Tensor], scratch_rows: int) -> No
     q, kt, vt, bias_w, bias_h = tensors[:5]
     (batch_heads, length, d), dv, w, h = q.shape, vt.shape[1], bias_w.shape[2], bias_h.shape[2]
     function, pointers = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}"), _pointers(tensors)
-    _in_parallel(batch_heads, scratch_rows * length, q.dtype,
-                 lambda first, end, scratch: function(*pointers, first, end, length, h, w, d, dv, scratch))
+    _in_parallel(lib, batch_heads, scratch_rows * length, q.dtype,
+                 lambda first, end, parts, scratch, stride: function(*pointers, first, end, length, h, w, d, dv,
+                                                                      parts, scratch, stride))
 
 
 # The tiled float32 kernel: the key grid's rows padded to Wp (a multiple of 8) columns, which
@@ -225,8 +230,9 @@ def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     (batch_heads, _, d), dv, h, w, wp = q.shape, vt.shape[1], bias_h.shape[2], bias_h.shape[1] // bias_h.shape[2], kt.shape[3]
     zeros = q.new_zeros(wp + h + d + dv)
     function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
-    _in_parallel(batch_heads, lib.aa_tiled_scratch(h, wp), q.dtype,
-                 lambda first, end, scratch: function(*pointers, first, end, h, w, wp, scratch, zeros.data_ptr()))
+    _in_parallel(lib, batch_heads, lib.aa_tiled_scratch(h, wp), q.dtype,
+                 lambda first, end, parts, scratch, stride: function(*pointers, first, end, h, w, wp, zeros.data_ptr(),
+                                                                      parts, scratch, stride))
 
 
 def _suffix(dtype: torch.dtype) -> str:

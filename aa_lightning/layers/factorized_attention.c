@@ -7,11 +7,13 @@
  * (HW)^2 logits are never written to memory; every loop over j is a unit-stride SIMD loop.
  * Backward recomputes the row's probabilities from lse (one exp per logit) and accumulates
  * every gradient in the same pass. Rows of one (batch, head) slice are handled by one caller
- * thread, so gradients of k and v need no atomics: callers split the BH range across threads.
+ * thread, so gradients of k and v need no atomics. The exported functions split [bh0, bh1) into
+ * `parts` ranges, each with its own `stride` reals of scratch, run on OpenMP threads when built
+ * with -fopenmp (torch's own libgomp, already loaded, so no second thread pool competes).
  *
  * Layouts (contiguous): q [BH, L, D]   kT [BH, D, L]   vT [BH, DV, L]   bw [BH, L, W]
  * bh [BH, L, H]   out [BH, L, DV]   lse [BH, L]; gradients in the same layouts
- * (grad_kT [BH, D, L], grad_vT [BH, DV, L]). scratch: 2 * L reals per thread.
+ * (grad_kT [BH, D, L], grad_vT [BH, DV, L]). scratch: 2 * L reals per range.
  *
  * Built for float (with a vectorizable exp, ~2 ulp) and double (libm exp).
  */
@@ -57,7 +59,7 @@ static void logits_row_##suffix(const real* qi, const real* kT, const real* bwi,
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-void aa_forward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,          \
+static void forward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,          \
                          const real* bh, real* out, real* lse, long bh0, long bh1, long L,       \
                          long H, long W, long D, long DV, real* row) {                            \
     for (long s = bh0; s < bh1; ++s) {                                                            \
@@ -85,7 +87,7 @@ void aa_forward_##suffix(const real* q, const real* kT, const real* vT, const re
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-void aa_backward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,         \
+static void backward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,         \
                           const real* bh, const real* out, const real* lse, const real* gout,    \
                           real* gq, real* gkT, real* gvT, real* gbw, real* gbh,                  \
                           long bh0, long bh1, long L, long H, long W, long D, long DV,           \
@@ -137,7 +139,36 @@ void aa_backward_##suffix(const real* q, const real* kT, const real* vT, const r
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
+} \
+                                                                                                  \
+void aa_forward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,          \
+                         const real* bh, real* out, real* lse, long bh0, long bh1, long L,       \
+                         long H, long W, long D, long DV, long parts, real* scratch, long stride) {\
+    _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")                           \
+    for (long t = 0; t < parts; ++t)                                                              \
+        forward_##suffix(q, kT, vT, bw, bh, out, lse, bh0 + (bh1 - bh0) * t / parts,              \
+                         bh0 + (bh1 - bh0) * (t + 1) / parts, L, H, W, D, DV, scratch + t * stride);\
+}                                                                                                 \
+                                                                                                  \
+void aa_backward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,         \
+                          const real* bh, const real* out, const real* lse, const real* gout,    \
+                          real* gq, real* gkT, real* gvT, real* gbw, real* gbh,                  \
+                          long bh0, long bh1, long L, long H, long W, long D, long DV,           \
+                          long parts, real* scratch, long stride) {                               \
+    _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")                           \
+    for (long t = 0; t < parts; ++t)                                                              \
+        backward_##suffix(q, kT, vT, bw, bh, out, lse, gout, gq, gkT, gvT, gbw, gbh,              \
+                          bh0 + (bh1 - bh0) * t / parts, bh0 + (bh1 - bh0) * (t + 1) / parts,    \
+                          L, H, W, D, DV, scratch + t * stride);                                  \
 }
 
 DEFINE_KERNELS(float, f32, exp_f32)
 DEFINE_KERNELS(double, f64, exp)
+
+int aa_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -17,8 +17,11 @@
  * and -inf in bw, so they get probability exactly 0):
  *   q [BH, L, D] (L = H W)   kT [BH, D, H, Wp]   vT [BH, DV, H, Wp]   bw [BH, L, Wp]   bh [BH, L, H]
  *   out [BH, L, DV]   lse [BH, L]   gradients: gq like q, gkT like kT, gvT like vT, gbw like bw, gbh like bh
- *   scratch: aa_tiled_scratch(H, Wp) floats per thread; zeros: Wp + H + D + DV zero floats.
- * Callers split the BH range across threads; a slice's gkT and gvT are written by one thread.
+ *   scratch: aa_tiled_scratch(H, Wp) floats per range; zeros: Wp + H + D + DV zero floats.
+ * The exported functions split [bh0, bh1) into `parts` ranges of whole (batch, head) slices, each
+ * with its own `stride` floats of scratch, run on OpenMP threads when built with -fopenmp (torch's
+ * own libgomp, already loaded): a slice's gkT and gvT are written by one thread, and the result
+ * does not depend on the split.
  */
 #include <math.h>
 #include <stdint.h>
@@ -85,7 +88,7 @@ static tile_t tile_rows(const float* q, const float* bw, const float* bh, long s
 
 long aa_tiled_scratch(long H, long Wp) { return Wp + H + R * H * Wp; }
 
-void aa_tiled_forward(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
+static void forward_rows(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
                       float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                       const float* zeros) {
     const long L = H * W, Lp = H * Wp;
@@ -139,7 +142,7 @@ void aa_tiled_forward(const float* q, const float* kT, const float* vT, const fl
     }
 }
 
-void aa_tiled_backward(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
+static void backward_rows(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
                        const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
                        float* gbw, float* gbh, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                        const float* zeros) {
@@ -213,4 +216,31 @@ void aa_tiled_backward(const float* q, const float* kT, const float* vT, const f
             }
         }
     }
+}
+
+void aa_tiled_forward(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
+                      float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, const float* zeros,
+                      long parts, float* scratch, long stride) {
+    _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
+    for (long t = 0; t < parts; ++t)
+        forward_rows(q, kT, vT, bw, bh, out, lse, bh0 + (bh1 - bh0) * t / parts, bh0 + (bh1 - bh0) * (t + 1) / parts,
+                     H, W, Wp, scratch + t * stride, zeros);
+}
+
+void aa_tiled_backward(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
+                       const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
+                       float* gbw, float* gbh, long bh0, long bh1, long H, long W, long Wp, const float* zeros,
+                       long parts, float* scratch, long stride) {
+    _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
+    for (long t = 0; t < parts; ++t)
+        backward_rows(q, kT, vT, bw, bh, out, lse, gout, gq, gkT, gvT, gbw, gbh, bh0 + (bh1 - bh0) * t / parts,
+                      bh0 + (bh1 - bh0) * (t + 1) / parts, H, W, Wp, scratch + t * stride, zeros);
+}
+
+int aa_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
