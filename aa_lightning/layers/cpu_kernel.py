@@ -34,7 +34,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -52,7 +51,7 @@ from torch import Tensor
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("factorized_attention.c")
 _TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
-_TILED_MAX_DIM = 64  # head dims above this use the generic kernel (register tiles would spill)
+_TILED_MAX_DIM = 64  # head dims above this use the generic kernel
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-to-zero. These flags allow the vectorized loops without that side effect.
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -167,72 +166,26 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aa_attention")
 
 
-def _in_parallel(lib: ctypes.CDLL, batch_heads: int, scratch_floats: int, dtype: torch.dtype,
-                 call: Callable[[int, int, int, int, int], None]) -> None:
-    """Run the kernel over the BH slices split into ``torch.get_num_threads()`` ranges (at most
-    one per slice), each with its own ``scratch_floats`` of scratch, through
-    ``call(first, end, parts, scratch_pointer, scratch_stride)``: one call that runs the ranges
-    on OpenMP threads, or without OpenMP one call per range on Python threads."""
-    parts = max(1, min(torch.get_num_threads(), batch_heads))
-    scratch = torch.empty(parts, scratch_floats, dtype=dtype)
+def _parts(batch_heads: int) -> int:
+    """How many ranges the BH slices are split into: one per torch thread, at most one per slice."""
+    return max(1, min(torch.get_num_threads(), batch_heads))
+
+
+def _in_parallel(lib: ctypes.CDLL, batch_heads: int, call: Callable[[int, int, int, int], None]) -> None:
+    """Run the kernel over the BH slices split into :func:`_parts` ranges through
+    ``call(first, end, parts, part0)`` (ranges ``part0 .. part0 + parts - 1`` of the split, with
+    their scratch): one call that runs all the ranges on OpenMP threads, or, without OpenMP, one
+    call per range on Python threads."""
+    parts = _parts(batch_heads)
     if parts == 1 or lib.aa_openmp():
-        call(0, batch_heads, parts, scratch.data_ptr(), scratch_floats)
+        call(0, batch_heads, parts, 0)
         return
     bounds = [batch_heads * t // parts for t in range(parts + 1)]
-    list(_pool(parts).map(lambda t: call(bounds[t], bounds[t + 1], 1, scratch[t].data_ptr(), scratch_floats), range(parts)))
+    list(_pool(parts).map(lambda t: call(bounds[t], bounds[t + 1], 1, t), range(parts)))
 
 
 def _pointers(tensors: list[Tensor]) -> list[int]:
     return [t.data_ptr() for t in tensors]
-
-
-# The generic kernel: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w [BH, L, W], bias_h [BH, L, H].
-
-def _generic_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
-    return [q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
-            bias_w.contiguous(), bias_h.contiguous()]
-
-
-def _run_generic(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
-    """``aa_<direction>_<dtype>`` over all BH slices; ``tensors`` start with the generic layout."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the aa_lightning CPU attention kernel is not available (no C compiler?)")
-    q, kt, vt, bias_w, bias_h = tensors[:5]
-    (batch_heads, length, d), dv, w, h = q.shape, vt.shape[1], bias_w.shape[2], bias_h.shape[2]
-    function, pointers = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}"), _pointers(tensors)
-    _in_parallel(lib, batch_heads, scratch_rows * length, q.dtype,
-                 lambda first, end, parts, scratch, stride: function(*pointers, first, end, length, h, w, d, dv,
-                                                                      parts, scratch, stride))
-
-
-# The tiled float32 kernel: the key grid's rows padded to Wp (a multiple of 8) columns, which
-# get probability 0: kT [BH, D, H, Wp] and vT [BH, DV, H, Wp] zero there, bias_w [BH, L, Wp] -inf.
-
-def _tiled_for(q: Tensor, k: Tensor, v: Tensor) -> Optional[ctypes.CDLL]:
-    return _tiled_library(k.shape[2], v.shape[2]) if q.dtype == torch.float32 else None
-
-
-def _padded_width(w: int) -> int:
-    return -(-w // 8) * 8
-
-
-def _tiled_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
-    (batch_heads, _, d), dv, h, w = k.shape, v.shape[2], bias_h.shape[2], bias_w.shape[2]
-    pad = (0, _padded_width(w) - w)
-    grid = lambda t, c: F.pad(t.transpose(1, 2).reshape(batch_heads, c, h, w), pad).contiguous()  # noqa: E731
-    return [q.contiguous(), grid(k, d), grid(v, dv), F.pad(bias_w, pad, value=-math.inf).contiguous(), bias_h.contiguous()]
-
-
-def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
-    """``aa_tiled_<direction>`` over all BH slices; ``tensors`` start with the tiled layout."""
-    q, kt, vt, bias_w, bias_h = tensors[:5]
-    (batch_heads, _, d), dv, h, w, wp = q.shape, vt.shape[1], bias_h.shape[2], bias_h.shape[1] // bias_h.shape[2], kt.shape[3]
-    zeros = q.new_zeros(wp + h + d + dv)
-    function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
-    _in_parallel(lib, batch_heads, lib.aa_tiled_scratch(h, wp), q.dtype,
-                 lambda first, end, parts, scratch, stride: function(*pointers, first, end, h, w, wp, zeros.data_ptr(),
-                                                                      parts, scratch, stride))
 
 
 def _suffix(dtype: torch.dtype) -> str:
@@ -241,18 +194,36 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
+# ---- The generic kernel, on precomputed bias tables -------------------------------------------
+# Layouts: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w [BH, L, W], bias_h [BH, L, H].
+
+def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
+    return [q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+            bias_w.contiguous(), bias_h.contiguous()]
+
+
+def _run_kernel(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
+    """``aa_<direction>_<dtype>`` over all BH slices; ``tensors`` start with :func:`_kernel_layout`'s."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the aa_lightning CPU attention kernel is not available (no C compiler?)")
+    q, kt, vt, bias_w, bias_h = tensors[:5]
+    (batch_heads, length, d), dv, w, h = q.shape, vt.shape[1], bias_w.shape[2], bias_h.shape[2]
+    function, pointers = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}"), _pointers(tensors)
+    stride = scratch_rows * length
+    scratch = torch.empty(_parts(batch_heads), stride, dtype=q.dtype)
+    _in_parallel(lib, batch_heads, lambda first, end, parts, part0: function(
+        *pointers, first, end, length, h, w, d, dv, parts, scratch[part0].data_ptr(), stride))
+
+
 @torch.library.custom_op("aa_lightning::factorized_attention", mutates_args=(), device_types="cpu")
 def factorized_attention_op(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> tuple[Tensor, Tensor]:
     """q, k: [BH, L, D] (q scaled); v: [BH, L, DV]; bias_w [BH, L, W]; bias_h [BH, L, H].
     Returns (out [BH, L, DV], log-sum-exp of each logits row [BH, L])."""
-    _suffix(q.dtype)
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
+    out = q.new_empty(q.shape[0], q.shape[1], vt.shape[1])
     lse = q.new_empty(q.shape[0], q.shape[1])
-    tiled = _tiled_for(q, k, v)
-    if tiled is not None:
-        _run_tiled(tiled, "forward", [*_tiled_layout(q, k, v, bias_w, bias_h), out, lse])
-    else:
-        _run_generic("forward", [*_generic_layout(q, k, v, bias_w, bias_h), out, lse], scratch_rows=1)
+    _run_kernel("forward", [q, kt, vt, bias_w, bias_h, out, lse], scratch_rows=1)
     return out, lse
 
 
@@ -266,19 +237,11 @@ def factorized_attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, bias_w, bias_h) of :func:`factorized_attention_op`'s ``out``."""
-    saved = [out.contiguous(), lse.contiguous(), grad_out.contiguous()]
-    tiled = _tiled_for(q, k, v)
-    layout = _tiled_layout(q, k, v, bias_w, bias_h) if tiled is not None else _generic_layout(q, k, v, bias_w, bias_h)
-    grads = [t.new_empty(t.shape) for t in layout]
-    if tiled is not None:
-        _run_tiled(tiled, "backward", [*layout, *saved, *grads])
-    else:
-        _run_generic("backward", [*layout, *saved, *grads], scratch_rows=2)
-    grad_q, grad_kt, grad_vt, grad_bw, grad_bh = grads
-    w = bias_w.shape[2]
-    if tiled is not None:  # back from the padded grid: [BH, C, H, Wp] -> [BH, L, C]
-        unpad = lambda g: g[..., :w].permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1])  # noqa: E731
-        return grad_q, unpad(grad_kt), unpad(grad_vt), grad_bw[..., :w].contiguous(), grad_bh
+    q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
+    out, lse, grad_out = out.contiguous(), lse.contiguous(), grad_out.contiguous()
+    grad_q, grad_kt, grad_vt, grad_bw, grad_bh = (t.new_empty(t.shape) for t in (q, kt, vt, bias_w, bias_h))
+    _run_kernel("backward", [q, kt, vt, bias_w, bias_h, out, lse, grad_out, grad_q, grad_kt, grad_vt, grad_bw, grad_bh],
+                scratch_rows=2)
     return grad_q, grad_kt.transpose(1, 2).contiguous(), grad_vt.transpose(1, 2).contiguous(), grad_bw, grad_bh
 
 
@@ -300,9 +263,93 @@ factorized_attention_op.register_autograd(_backward, setup_context=_setup_contex
 
 
 def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> Tensor:
-    """softmax_j(q_i . k_j + bias_w[i, jx] + bias_h[i, jy]) v_j with the compiled kernel.
+    """softmax_j(q_i . k_j + bias_w[i, jx] + bias_h[i, jy]) v_j with the generic compiled kernel.
 
     q, k: [BH, L, d] (q already scaled); v: [BH, L, dv]; bias_w: [BH, L, W]; bias_h: [BH, L, H];
     L = H * W row-major. Returns [BH, L, dv]. The log-sum-exp output carries no gradient.
     """
     return factorized_attention_op(q, k, v, bias_w, bias_h)[0]
+
+
+# ---- The tiled float32 kernel, with the relative tables computed inside -------------------------
+# Layouts: q [BH, L, D]; kT [BH, D, H, Wp], vT [BH, DV, H, Wp]: the key grid's rows padded to Wp
+# (a multiple of 8) columns, zero there (the kernel gives them probability 0); rel_w [2W-1, D],
+# rel_h [2H-1, D].
+
+def tiled_available(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
+    """Whether :func:`cpu_kernel_relative_attention` runs for these inputs (float32, and the
+    kernel for (dkh, dvh) builds here; the first call per pair compiles it)."""
+    return dtype == torch.float32 and _tiled_library(dkh, dvh) is not None
+
+
+def _grid(t: Tensor) -> Tensor:
+    """[BH, H, W, C] -> [BH, C, H, Wp], zero-padded."""
+    w = t.shape[2]
+    return F.pad(t.permute(0, 3, 1, 2), (0, -(-w // 8) * 8 - w)).contiguous()
+
+
+def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
+    """``aa_tiled_<direction>`` over all BH slices; ``tensors``: the kernel's array arguments in its order."""
+    q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, H, Wp], vt [BH, DV, H, Wp]
+    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], kt.shape[3]
+    lib = _tiled_library(d, dv)
+    function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
+    zeros = q.new_zeros(wp + h + d + dv)
+    stride = lib.aa_tiled_scratch(h, wp)
+    scratch = torch.empty(_parts(batch_heads), stride, dtype=q.dtype)
+
+    _in_parallel(lib, batch_heads, lambda first, end, parts, part0: function(
+        *pointers, first, end, h, w, wp, zeros.data_ptr(), parts, scratch[part0].data_ptr(), stride))
+
+
+@torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
+def relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
+    """q, k: [BH, H, W, D] (q scaled); v: [BH, H, W, DV]; rel_h [2H-1, D]; rel_w [2W-1, D]; float32.
+    Returns (out [BH, H, W, DV], log-sum-exp of each logits row [BH, H, W])."""
+    batch_heads, h, w, d = q.shape
+    out = q.new_empty(batch_heads, h, w, v.shape[3])
+    lse = q.new_empty(batch_heads, h, w)
+    _run_tiled("forward", [q.contiguous(), _grid(k), _grid(v), rel_w.contiguous(), rel_h.contiguous(), out, lse])
+    return out, lse
+
+
+@relative_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
+    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("aa_lightning::relative_attention_backward", mutates_args=(), device_types="cpu")
+def relative_attention_backward_op(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (q, k, v, rel_h, rel_w) of :func:`relative_attention_op`'s ``out``."""
+    batch_heads, h, w, d = q.shape
+    inputs = [q.contiguous(), _grid(k), _grid(v), rel_w.contiguous(), rel_h.contiguous()]
+    grads = [t.new_empty(t.shape) for t in inputs[:3]]
+    grad_rel = [q.new_empty(batch_heads, *rel_w.shape), q.new_empty(batch_heads, *rel_h.shape)]  # per slice
+    _run_tiled("backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
+    grad_q, grad_kt, grad_vt = grads
+    back = lambda g: g[..., :w].permute(0, 2, 3, 1).contiguous()  # noqa: E731  [BH, C, H, Wp] -> [BH, H, W, C]
+    return grad_q, back(grad_kt), back(grad_vt), grad_rel[1].sum(0), grad_rel[0].sum(0)
+
+
+@relative_attention_backward_op.register_fake
+def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))  # contiguous, as the real op's
+
+
+def _relative_backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+    return relative_attention_backward_op(*ctx.saved_tensors, grad_out)
+
+
+relative_attention_op.register_autograd(_relative_backward, setup_context=_setup_context)
+
+
+def cpu_kernel_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """softmax_j(q_i . (k_j + rel_w[jx - ix + W - 1] + rel_h[jy - iy + H - 1])) v_j with the tiled
+    float32 kernel (check :func:`tiled_available` first).
+
+    q, k: [BH, H, W, dkh] (q already scaled); v: [BH, H, W, dvh]; rel_h: [2H-1, dkh];
+    rel_w: [2W-1, dkh]. Returns [BH, H, W, dvh]. The log-sum-exp output carries no gradient.
+    """
+    return relative_attention_op(q, k, v, rel_h, rel_w)[0]

@@ -1,22 +1,29 @@
-/* Attention with a factorized 2-D relative bias, float32, head dims fixed at compile time.
+/* 2-D relative attention, float32, head dims fixed at compile time.
  *
- *   l_ij  = q_i . k_j + bw[i, jx] + bh[i, jy]          j = (jy, jx) on an H x W grid
+ *   l_ij  = q_i . k_j + bw[i, jx] + bh[i, jy]          i = (iy, ix), j = (jy, jx) on an H x W grid
+ *   bw[i, jx] = q_i . rel_w[jx - ix + W - 1]           bh[i, jy] = q_i . rel_h[jy - iy + H - 1]
  *   out_i = sum_j softmax_j(l_i) v_j,   lse_i = log sum_j exp(l_ij)
  *
- * The same function as factorized_attention.c, built once per head-dim pair with
+ * The function of factorized_attention.c, with the relative tables bw and bh computed here, one
+ * tile of rows at a time (O(HW (H + W) dkh) in all), instead of read from [BH, HW, W + H] tensors
+ * that would cost more memory traffic than their arithmetic. Built once per head-dim pair with
  * -DAA_D=<dkh> -DAA_DV=<dvh>: with the dims constant, each key's k_j, v_j and the gradient
  * contributions to them stay in SIMD registers, and AA_ROWS query rows are processed together,
  * so each load of a key or value and each update of its gradient serves AA_ROWS rows.
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, one pass over the keys recomputes p_ij from lse_i and accumulates
- *             dV, dK, the bias gradients and dS (kept in scratch); a short pass gives dQ = dS K.
+ *             dV, dK, the bias gradients and dS (kept in scratch); short passes give dQ = dS K
+ *             plus the tables' share, and the tables' gradients d rel_w, d rel_h.
  * The (HW)^2 logits never reach memory: a tile's scratch holds AA_ROWS rows of them.
  *
- * Layouts (contiguous; Wp = W rounded up to AA_VW, the padding columns are zero in kT and vT
- * and -inf in bw, so they get probability exactly 0):
- *   q [BH, L, D] (L = H W)   kT [BH, D, H, Wp]   vT [BH, DV, H, Wp]   bw [BH, L, Wp]   bh [BH, L, H]
- *   out [BH, L, DV]   lse [BH, L]   gradients: gq like q, gkT like kT, gvT like vT, gbw like bw, gbh like bh
+ * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
+ * get bias -inf, so probability exactly 0):
+ *   q [BH, L, D] (L = H W, q already scaled)   kT [BH, D, H, Wp]   vT [BH, DV, H, Wp]
+ *   rel_w [2W - 1, D]   rel_h [2H - 1, D]   out [BH, L, DV]   lse [BH, L]
+ *   gradients: gq like q, gkT like kT, gvT like vT; grel_w [BH, 2W - 1, D] and grel_h
+ *   [BH, 2H - 1, D], one slab per (batch, head) slice, summed by the caller (so the result does
+ *   not depend on how the slices are split across threads).
  *   scratch: aa_tiled_scratch(H, Wp) floats per range; zeros: Wp + H + D + DV zero floats.
  * The exported functions split [bh0, bh1) into `parts` ranges of whole (batch, head) slices, each
  * with its own `stride` floats of scratch, run on OpenMP threads when built with -fopenmp (torch's
@@ -63,41 +70,58 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(p * (vf)bits) & ~under);
 }
 
-/* The rows of one tile. Rows past L read zeros and are never written back, so a partial tile
- * runs the same code and contributes nothing to the key and value gradients. */
+/* The rows of one tile, with their relative-bias rows computed into scratch. Rows past L read
+ * zeros (q and bias 0) and are never written back, so a partial tile runs the same code and
+ * contributes nothing to any gradient. */
 typedef struct {
     long index[R]; /* s * L + i, or -1 past the end */
     const float* q[R];
-    const float* bw[R];
-    const float* bh[R];
+    float* bw[R];  /* Wp: q_i . rel_w[jx - ix + W - 1], -inf in the padding */
+    float* bh[R];  /* H:  q_i . rel_h[jy - iy + H - 1] */
 } tile_t;
 
-static tile_t tile_rows(const float* q, const float* bw, const float* bh, long s, long i0, long L, long H,
-                        long Wp, const float* zeros) {
+static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, long s, long i0, long H, long W,
+                        long Wp, const float* zeros, float* bias) {
     tile_t t;
+    const long L = H * W;
     for (int r = 0; r < R; ++r) {
-        const int valid = i0 + r < L;
-        const long i = s * L + i0 + r;
-        t.index[r] = valid ? i : -1;
-        t.q[r] = valid ? q + i * D : zeros;
-        t.bw[r] = valid ? bw + i * Wp : zeros;
-        t.bh[r] = valid ? bh + i * H : zeros;
+        const long i = i0 + r;
+        t.index[r] = i < L ? s * L + i : -1;
+        t.q[r] = i < L ? q + t.index[r] * D : zeros;
+        t.bw[r] = bias + r * (Wp + H);
+        t.bh[r] = t.bw[r] + Wp;
+        if (i >= L) {
+            memset(t.bw[r], 0, sizeof(float) * (Wp + H));
+            continue;
+        }
+        const long iy = i / W, ix = i % W;
+        for (long jx = 0; jx < Wp; ++jx) {
+            float acc = jx < W ? 0.0f : -INFINITY;
+            for (int d = 0; d < D && jx < W; ++d) acc += t.q[r][d] * rel_w[(jx - ix + W - 1) * D + d];
+            t.bw[r][jx] = acc;
+        }
+        for (long jy = 0; jy < H; ++jy) {
+            float acc = 0.0f;
+            for (int d = 0; d < D; ++d) acc += t.q[r][d] * rel_h[(jy - iy + H - 1) * D + d];
+            t.bh[r][jy] = acc;
+        }
     }
     return t;
 }
 
-long aa_tiled_scratch(long H, long Wp) { return Wp + H + R * H * Wp; }
+long aa_tiled_scratch(long H, long Wp) { return 2 * R * (Wp + H) + R * H * Wp; }
 
-static void forward_rows(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
-                      float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, float* scratch,
-                      const float* zeros) {
+static void forward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
+                         float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, float* scratch,
+                         const float* zeros) {
     const long L = H * W, Lp = H * Wp;
-    float* logits = scratch + Wp + H;
+    float* bias = scratch;                  /* R (Wp + H): the tile's bias rows */
+    float* logits = scratch + R * (Wp + H); /* R Lp */
     for (long s = bh0; s < bh1; ++s) {
         const float* kTs = kT + s * D * Lp;
         const float* vTs = vT + s * DV * Lp;
         for (long i0 = 0; i0 < L; i0 += R) {
-            const tile_t t = tile_rows(q, bw, bh, s, i0, L, H, Wp, zeros);
+            const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
             vf qs[R][D], m[R];
             for (int r = 0; r < R; ++r) {
                 for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d]);
@@ -142,14 +166,19 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
     }
 }
 
-static void backward_rows(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
-                       const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
-                       float* gbw, float* gbh, long bh0, long bh1, long H, long W, long Wp, float* scratch,
-                       const float* zeros) {
+static void backward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
+                          const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
+                          float* grel_w, float* grel_h, long bh0, long bh1, long H, long W, long Wp, float* scratch,
+                          const float* zeros) {
     const long L = H * W, Lp = H * Wp;
-    float* sink = scratch;            /* bias-gradient rows of the rows past L: Wp + H floats */
-    float* dsrow = scratch + Wp + H;  /* dS of the tile's rows: R * Lp floats */
+    float* bias = scratch;                       /* R (Wp + H): the tile's bias rows */
+    float* gbias = scratch + R * (Wp + H);       /* R (Wp + H): their gradients */
+    float* dsrow = scratch + 2 * R * (Wp + H);   /* R Lp: dS of the tile's rows */
     for (long s = bh0; s < bh1; ++s) {
+        float* grw_s = grel_w + s * (2 * W - 1) * D;
+        float* grh_s = grel_h + s * (2 * H - 1) * D;
+        memset(grw_s, 0, sizeof(float) * (2 * W - 1) * D);
+        memset(grh_s, 0, sizeof(float) * (2 * H - 1) * D);
         const float* kTs = kT + s * D * Lp;
         const float* vTs = vT + s * DV * Lp;
         float* gkTs = gkT + s * D * Lp;
@@ -157,7 +186,7 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
         memset(gkTs, 0, sizeof(float) * D * Lp);
         memset(gvTs, 0, sizeof(float) * DV * Lp);
         for (long i0 = 0; i0 < L; i0 += R) {
-            const tile_t t = tile_rows(q, bw, bh, s, i0, L, H, Wp, zeros);
+            const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
             vf qs[R][D], gs[R][DV], dot[R], lses[R];
             float* gbwr[R];
             float* gbhr[R];
@@ -172,8 +201,8 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 dot[r] = splat(dd);
                 lses[r] = splat(i >= 0 ? lse[i] : 0.0f);
                 for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d]);
-                gbwr[r] = i >= 0 ? gbw + i * Wp : sink;
-                gbhr[r] = i >= 0 ? gbh + i * H : sink + Wp;
+                gbwr[r] = gbias + r * (Wp + H);
+                gbhr[r] = gbwr[r] + Wp;
                 memset(gbwr[r], 0, sizeof(float) * Wp);
             }
             for (long jy = 0; jy < H; ++jy) {
@@ -204,6 +233,7 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 }
                 for (int r = 0; r < R; ++r) gbhr[r][jy] = hsum(rowsum[r]);
             }
+            float dq[R][D];
             for (int d = 0; d < D; ++d) { /* dQ = dS K */
                 vf a[R];
                 for (int r = 0; r < R; ++r) a[r] = splat(0.0f);
@@ -211,30 +241,48 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                     const vf kd = load(kTs + d * Lp + j);
                     for (int r = 0; r < R; ++r) a[r] += load(dsrow + r * Lp + j) * kd;
                 }
-                for (int r = 0; r < R; ++r)
-                    if (t.index[r] >= 0) gq[t.index[r] * D + d] = hsum(a[r]);
+                for (int r = 0; r < R; ++r) dq[r][d] = hsum(a[r]);
+            }
+            for (int r = 0; r < R; ++r) { /* the tables' share: bw, bh = q . rel */
+                const long i = t.index[r];
+                if (i < 0) continue;
+                const long iy = (i0 + r) / W, ix = (i0 + r) % W;
+                for (long jx = 0; jx < W; ++jx) {
+                    const float g = gbwr[r][jx];
+                    const float* rw = rel_w + (jx - ix + W - 1) * D;
+                    float* grw = grw_s + (jx - ix + W - 1) * D;
+                    for (int d = 0; d < D; ++d) { dq[r][d] += g * rw[d]; grw[d] += g * t.q[r][d]; }
+                }
+                for (long jy = 0; jy < H; ++jy) {
+                    const float g = gbhr[r][jy];
+                    const float* rh = rel_h + (jy - iy + H - 1) * D;
+                    float* grh = grh_s + (jy - iy + H - 1) * D;
+                    for (int d = 0; d < D; ++d) { dq[r][d] += g * rh[d]; grh[d] += g * t.q[r][d]; }
+                }
+                for (int d = 0; d < D; ++d) gq[i * D + d] = dq[r][d];
             }
         }
     }
 }
 
-void aa_tiled_forward(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
+void aa_tiled_forward(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                       float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, const float* zeros,
                       long parts, float* scratch, long stride) {
     _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
     for (long t = 0; t < parts; ++t)
-        forward_rows(q, kT, vT, bw, bh, out, lse, bh0 + (bh1 - bh0) * t / parts, bh0 + (bh1 - bh0) * (t + 1) / parts,
-                     H, W, Wp, scratch + t * stride, zeros);
+        forward_rows(q, kT, vT, rel_w, rel_h, out, lse, bh0 + (bh1 - bh0) * t / parts,
+                     bh0 + (bh1 - bh0) * (t + 1) / parts, H, W, Wp, scratch + t * stride, zeros);
 }
 
-void aa_tiled_backward(const float* q, const float* kT, const float* vT, const float* bw, const float* bh,
+void aa_tiled_backward(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                        const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
-                       float* gbw, float* gbh, long bh0, long bh1, long H, long W, long Wp, const float* zeros,
+                       float* grel_w, float* grel_h, long bh0, long bh1, long H, long W, long Wp, const float* zeros,
                        long parts, float* scratch, long stride) {
     _Pragma("omp parallel for schedule(static, 1) num_threads(parts)")
     for (long t = 0; t < parts; ++t)
-        backward_rows(q, kT, vT, bw, bh, out, lse, gout, gq, gkT, gvT, gbw, gbh, bh0 + (bh1 - bh0) * t / parts,
-                      bh0 + (bh1 - bh0) * (t + 1) / parts, H, W, Wp, scratch + t * stride, zeros);
+        backward_rows(q, kT, vT, rel_w, rel_h, out, lse, gout, gq, gkT, gvT, grel_w, grel_h,
+                      bh0 + (bh1 - bh0) * t / parts, bh0 + (bh1 - bh0) * (t + 1) / parts, H, W, Wp,
+                      scratch + t * stride, zeros);
 }
 
 int aa_openmp(void) {

@@ -48,6 +48,11 @@ def _cpu_kernel_available() -> bool:
     return cpu_kernel.available()
 
 
+@torch.compiler.assume_constant_result  # the same for the per-head-dims build
+def _tiled_kernel_available(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
+    return cpu_kernel.tiled_available(dtype, dkh, dvh)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ``"auto"`` stands for on ``device`` (others pass through)."""
     if backend not in BACKENDS:
@@ -132,8 +137,12 @@ def _factorized_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     with torch.autocast(device_type, enabled=False):
         q = q.to(dtype) * dkh**-0.5
         k, v = k.to(dtype), v.to(dtype)
-        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
         bh, length = b * nh, h * w
+        if kernel and _tiled_kernel_available(dtype, dkh, v.shape[-1]):  # tables computed in the kernel
+            grid = lambda t: t.reshape(bh, h, w, t.shape[-1])  # noqa: E731
+            out = cpu_kernel.cpu_kernel_relative_attention(grid(q), grid(k), grid(v), rel_h.to(dtype), rel_w.to(dtype))
+            return out.to(out_dtype).reshape(b, nh, h, w, -1)
+        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
         attention = cpu_kernel.cpu_kernel_attention if kernel else factorized_bias_attention
         out = attention(
             q.reshape(bh, length, dkh),
