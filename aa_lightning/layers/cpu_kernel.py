@@ -1,30 +1,35 @@
-"""A compiled CPU kernel for attention with a factorized (2-D relative) bias: one query row at a time.
+"""Compiled CPU kernels for 2-D relative attention: a few query rows at a time, in cache.
 
     logits[i, j] = q_i . k_j + bias_w[i, jx] + bias_h[i, jy]        j = jy * W + jx
+    bias_w[i, jx] = q_i . rel_w[jx - ix + W - 1],  bias_h[i, jy] = q_i . rel_h[jy - iy + H - 1]
     out_i = sum_j softmax_j(logits[i, :]) v_j
 
-The same function as :mod:`.chunked_attention`, but each query row's logits live in a scratch
-row that stays in the CPU's L1/L2 cache: the (HW)^2 logits are never written to memory, and
-the exponentials, the bias, the q.k products (dkh multiply-adds) and P V run in SIMD loops.
-Forward saves the row's log-sum-exp (O(HW) memory); backward recomputes each row's probabilities
-from it and accumulates every gradient in the same pass. Two C sources:
+The same function as :mod:`.chunked_attention`, but each query row's logits live in scratch that
+stays in the CPU's L1/L2 cache: the (HW)^2 logits are never written to memory, and the
+exponentials, the bias, the q.k products (dkh multiply-adds) and P V run in SIMD loops.
+Forward saves each row's log-sum-exp (O(HW) memory); backward recomputes the row's
+probabilities from it and accumulates every gradient in one pass over the keys. Two C sources:
 
-- ``factorized_attention_tiled.c``, the float32 path: built once per head-dim pair (dkh, dvh)
-  with the dims as compile-time constants, so each key's vectors live in registers and four
-  query rows share every key load and gradient store (1.4-2.4x faster than the generic one);
-- ``factorized_attention.c``: any dims, float32 and float64 (tests, gradcheck); used for
-  float64, and for float32 if the per-dims build fails.
+- ``factorized_attention_tiled.c``, the float32 path (:func:`cpu_kernel_relative_attention`,
+  op ``aa_lightning::relative_attention``): built once per head-dim pair (dkh, dvh) with the
+  dims as compile-time constants, so each key's vectors live in registers; four query rows
+  share every key load and gradient store; the bias rows are computed from q, rel_w and rel_h
+  inside the kernel (no [BH, HW, W + H] table tensors to build, copy and differentiate).
+- ``factorized_attention.c`` (:func:`cpu_kernel_attention`, op
+  ``aa_lightning::factorized_attention``): any dims, float32 and float64, on precomputed
+  tables; used for float64 (tests, gradcheck) and for float32 where the per-dims build fails.
 
 Each is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
-second) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a hash
-of the source, the flags and the CPU's features, and loaded with ctypes. The work is split into
-``torch.get_num_threads()`` ranges of whole (batch, head) slices, run on OpenMP threads: built
-with ``-fopenmp``, the library resolves ``libgomp.so.1`` to the copy torch has already loaded, so
-the kernel shares torch's thread pool instead of fighting its spinning workers for the cores
-(where no OpenMP build works, Python threads run the ranges; ctypes releases the GIL). No compiler, or ``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available`
-is False and ``backend="auto"`` uses ``chunked``. The kernel is registered as the torch
-custom op ``aa_lightning::factorized_attention`` (with a fake implementation and autograd),
-so ``torch.compile``, ``torch.export`` and fx see one opaque node, not a graph break.
+second per build) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a
+hash of the source, the flags and the CPU's features, and loaded with ctypes. The work is split
+into ``torch.get_num_threads()`` ranges of whole (batch, head) slices, run on OpenMP threads:
+built with ``-fopenmp``, the library resolves ``libgomp.so.1`` to the copy torch has already
+loaded, so the kernel shares torch's thread pool instead of fighting its spinning workers for
+the cores (where no OpenMP build works, Python threads run the ranges; ctypes releases the
+GIL). Each slice is one thread's, so the result does not depend on the split. No compiler, or
+``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available` is False and ``backend="auto"`` uses
+``chunked``. Both ops are torch custom ops (with fake implementations and autograd), so
+``torch.compile``, ``torch.export`` and fx see one opaque node, not a graph break.
 
 float32 (a vectorized exp within ~2 ulp) and float64 (libm's exp).
 """

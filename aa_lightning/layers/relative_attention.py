@@ -10,10 +10,11 @@ same function; they differ in speed and memory:
 - ``"chunked"``: S_W and S_H are factorized as per-query tables ``q_i . r^W`` [HW, W] and
   ``q_i . r^H`` [HW, H]; attention runs in query chunks with a recomputing backward
   (:mod:`.chunked_attention`). O(HW (H + W)) memory beyond one chunk; plain torch ops.
-- ``"cpu_kernel"``: the same factorization in a small C kernel compiled on first use
-  (:mod:`.cpu_kernel`): one query row at a time in cache, the (HW)^2 logits never written to
-  memory, a recomputing backward from the saved log-sum-exp. CPU only; computes in float32
-  (float64 for float64 inputs). The CPU default when a C compiler is available.
+- ``"cpu_kernel"``: the same factorization in small C kernels compiled on first use
+  (:mod:`.cpu_kernel`): a few query rows at a time in cache, the (HW)^2 logits never written
+  to memory, a recomputing backward from the saved log-sum-exp; in float32 the tables are
+  computed inside the kernel, built per head-dim pair. CPU only; computes in float32 (float64
+  for float64 inputs). The CPU default when a C compiler is available.
 - ``"fused"``: the relative terms fold into an augmented dot product
   ``q'_i = [q_i, q_i . r^W[x - ix + W - 1] (x < W), q_i . r^H[y - iy + H - 1] (y < H)]``,
   ``k'_j = [k_j, onehot_W(jx), onehot_H(jy)]`` so ``q'_i . k'_j = q_i . k_j + S_W + S_H``, run by
