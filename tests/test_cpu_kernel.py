@@ -4,8 +4,10 @@ Its numbers are checked with every other backend in test_relative_attention.py (
 reference, gradcheck, float32 gradients, bf16 autocast); here the float32 kernel built per head
 dims is checked on the shapes its tiling makes awkward (padded grid rows, partial row tiles)."""
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,26 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
 
 
 @needs_kernel
+def test_python_threads_run_the_ranges_where_openmp_is_missing(monkeypatch):
+    """Without an OpenMP build each range is one call on a Python thread: the same bits."""
+    inputs = make_inputs(2, 3, 5, 6, 3, 2, dtype=torch.float32, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        torch.set_num_threads(2)
+        for openmp in (True, False):
+            if not openmp:
+                for lib in (cpu_kernel._library(), cpu_kernel._tiled_library(3, 2)):
+                    monkeypatch.setattr(lib, "aa_openmp", lambda: 0)
+            out = relative_attention_2d(*inputs, backend="cpu_kernel")
+            results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
 def test_large_logits_stay_finite():
     """Rows whose logits reach +-80 (exp would overflow float32 without the max shift)."""
     q, k, v, rel_h, rel_w = make_inputs(1, 2, 6, 6, 4, 3, dtype=torch.float32)
@@ -130,3 +152,21 @@ def test_the_kernel_can_be_switched_off(tmp_path):
 def test_a_fresh_cache_builds_the_kernel(tmp_path):
     assert _run(CHECK, AA_LIGHTNING_CACHE=str(tmp_path)) == "True cpu_kernel"
     assert len(list((tmp_path / "kernels").glob("factorized_attention_*.so"))) == 1
+
+
+@needs_kernel
+def test_a_compiler_without_openmp_still_builds_both_kernels(tmp_path):
+    """A cc that refuses -fopenmp (Apple's clang, say): both kernels build without it, run their
+    ranges on Python threads, and agree with the float64 reference backend."""
+    real = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    compiler.chmod(0o755)
+    code = ("import sys, torch; sys.path.insert(0, {tests!r}); from test_relative_attention import make_inputs; "
+            "from aa_lightning.layers import cpu_kernel, relative_attention_2d; torch.set_num_threads(2); "
+            "x = make_inputs(1, 2, 4, 5, 3, 2, dtype=torch.float32); "
+            "err = (relative_attention_2d(*x, backend='cpu_kernel').double() "
+            "- relative_attention_2d(*(t.double() for t in x), backend='reference')).abs().max().item(); "
+            "print(cpu_kernel._library().aa_openmp(), cpu_kernel._tiled_library(3, 2).aa_openmp(), err < 1e-5)")
+    out = _run(code.format(tests=str(Path(__file__).parent)), CC=str(compiler), AA_LIGHTNING_CACHE=str(tmp_path))
+    assert out == "0 0 True"
