@@ -60,7 +60,7 @@ TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
 def test_float32_kernel_against_float64_references(shape):
     """Output against the loop reference; every input's gradient against the float64 reference
     backend (itself gradchecked against finite differences)."""
-    assert cpu_kernel._tiled_library(shape[4], shape[5]) is not None
+    assert cpu_kernel.use_tiled(torch.float32, shape[4], shape[5], shape[2] * shape[3])
     inputs32 = make_inputs(*shape, dtype=torch.float32, requires_grad=True)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs32]
     out = relative_attention_2d(*inputs32, backend="cpu_kernel")
@@ -82,12 +82,20 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
     results = []
     for tiled in (True, False):
         if not tiled:
-            monkeypatch.setattr(cpu_kernel, "tiled_available", lambda dtype, dkh, dvh: False)
+            monkeypatch.setattr(cpu_kernel, "use_tiled", lambda dtype, dkh, dvh, positions: False)
         out = relative_attention_2d(*inputs, backend="cpu_kernel")
         results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
     assert cpu_kernel._tiled_library(cpu_kernel._TILED_MAX_DIM + 1, 2) is None  # huge heads: generic
+
+
+@needs_kernel
+def test_the_tiled_kernel_is_used_where_it_is_the_faster_one():
+    assert cpu_kernel.use_tiled(torch.float32, 3, 2, 28 * 28)  # aa_resnet50 stage 2
+    assert cpu_kernel.use_tiled(torch.float32, 24, 12, 7 * 7)  # small grids: any head dims
+    assert not cpu_kernel.use_tiled(torch.float32, 20, 2, 32 * 32)  # aa_wrn28_10 group 1: spills
+    assert not cpu_kernel.use_tiled(torch.float64, 3, 2, 28 * 28)  # float64: the generic kernel
 
 
 @needs_kernel

@@ -57,6 +57,7 @@ _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("factorized_attention.c")
 _TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
 _TILED_MAX_DIM = 64  # head dims above this use the generic kernel
+_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = 12, 196  # where the tiled kernel wins: see use_tiled
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-to-zero. These flags allow the vectorized loops without that side effect.
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -108,8 +109,9 @@ def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.aa_tiled_forward.restype = None
     lib.aa_tiled_backward.argtypes = [ptr] * 13 + [long] * 5 + [ptr, long, ptr, long]
     lib.aa_tiled_backward.restype = None
-    lib.aa_tiled_scratch.argtypes = [long, long]
-    lib.aa_tiled_scratch.restype = long
+    for size in (lib.aa_tiled_scratch, lib.aa_tiled_row_stride):
+        size.argtypes = [long, long]
+        size.restype = long
     lib.aa_openmp.restype = ctypes.c_int
     return lib
 
@@ -277,34 +279,57 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 
 
 # ---- The tiled float32 kernel, with the relative tables computed inside -------------------------
-# Layouts: q [BH, L, D]; kT [BH, D, H, Wp], vT [BH, DV, H, Wp]: the key grid's rows padded to Wp
-# (a multiple of 8) columns, zero there (the kernel gives them probability 0); rel_w [2W-1, D],
-# rel_h [2H-1, D].
+# Layouts: q [BH, H, W, D]; kT [BH, D, Ls], vT [BH, DV, Ls]: each row the H x Wp key grid (its
+# rows padded to Wp, a multiple of 8, columns; the kernel gives those probability 0), then
+# padding to the kernel's row stride Ls; all padding zero. rel_w [2W-1, D], rel_h [2H-1, D].
 
-def tiled_available(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
-    """Whether :func:`cpu_kernel_relative_attention` runs for these inputs (float32, and the
-    kernel for (dkh, dvh) builds here; the first call per pair compiles it)."""
-    return dtype == torch.float32 and _tiled_library(dkh, dvh) is not None
+def use_tiled(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
+    """Whether ``backend="cpu_kernel"`` runs :func:`cpu_kernel_relative_attention` for these
+    inputs: float32, a grid and head dims where it beats the generic kernel, and the kernel for
+    (dkh, dvh) builds here (the first call per pair compiles it).
+
+    The tiled kernel keeps 4 query rows x dkh products per key vector in registers; from dkh 16
+    on large grids they spill, and the generic kernel is faster (``benchmarks/kernel_benchmark.py``
+    on the 2-core AVX-512 VM, forward + backward, tiled vs generic: 28x28 dkh 3 1.4x, 14x14
+    dkh 17 1.4x, 7x7 dkh 24 2.0x, 32x32 dkh 12 1.0x, 16x16 dkh 16 0.87x, 32x32 dkh 20 0.68x)."""
+    fits = dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS
+    return dtype == torch.float32 and fits and _tiled_library(dkh, dvh) is not None
 
 
-def _grid(t: Tensor) -> Tensor:
-    """[BH, H, W, C] -> [BH, C, H, Wp], zero-padded."""
-    w = t.shape[2]
-    return F.pad(t.permute(0, 3, 1, 2), (0, -(-w // 8) * 8 - w)).contiguous()
+def _padded_width(w: int) -> int:
+    return -(-w // 8) * 8
+
+
+def _to_rows(t: Tensor, row_stride: int) -> Tensor:
+    """[BH, H, W, C] -> [BH, C, row_stride]: the H x Wp grid, zero-padded."""
+    batch_heads, h, w, c = t.shape
+    grid = F.pad(t.permute(0, 3, 1, 2), (0, _padded_width(w) - w)).reshape(batch_heads, c, -1)
+    return F.pad(grid, (0, row_stride - grid.shape[2])).contiguous()
+
+
+def _from_rows(t: Tensor, h: int, w: int) -> Tensor:
+    """[BH, C, row_stride] -> [BH, H, W, C]."""
+    wp = _padded_width(w)
+    return t[..., : h * wp].unflatten(2, (h, wp))[..., :w].permute(0, 2, 3, 1).contiguous()
 
 
 def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
     """``aa_tiled_<direction>`` over all BH slices; ``tensors``: the kernel's array arguments in its order."""
-    q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, H, Wp], vt [BH, DV, H, Wp]
-    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], kt.shape[3]
+    q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, Ls], vt [BH, DV, Ls]
+    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2])
     lib = _tiled_library(d, dv)
     function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
     zeros = q.new_zeros(wp + h + d + dv)
     stride = lib.aa_tiled_scratch(h, wp)
     scratch = torch.empty(_parts(batch_heads), stride, dtype=q.dtype)
-
     _in_parallel(lib, batch_heads, lambda first, end, parts, part0: function(
         *pointers, first, end, h, w, wp, zeros.data_ptr(), parts, scratch[part0].data_ptr(), stride))
+
+
+def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> list[Tensor]:
+    """The kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
+    row_stride = _tiled_library(q.shape[3], v.shape[3]).aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2]))
+    return [q.contiguous(), _to_rows(k, row_stride), _to_rows(v, row_stride), rel_w.contiguous(), rel_h.contiguous()]
 
 
 @torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
@@ -314,7 +339,7 @@ def relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     batch_heads, h, w, d = q.shape
     out = q.new_empty(batch_heads, h, w, v.shape[3])
     lse = q.new_empty(batch_heads, h, w)
-    _run_tiled("forward", [q.contiguous(), _grid(k), _grid(v), rel_w.contiguous(), rel_h.contiguous(), out, lse])
+    _run_tiled("forward", [*_tiled_inputs(q, k, v, rel_h, rel_w), out, lse])
     return out, lse
 
 
@@ -329,13 +354,12 @@ def relative_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, rel_h, rel_w) of :func:`relative_attention_op`'s ``out``."""
     batch_heads, h, w, d = q.shape
-    inputs = [q.contiguous(), _grid(k), _grid(v), rel_w.contiguous(), rel_h.contiguous()]
+    inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
     grads = [t.new_empty(t.shape) for t in inputs[:3]]
     grad_rel = [q.new_empty(batch_heads, *rel_w.shape), q.new_empty(batch_heads, *rel_h.shape)]  # per slice
     _run_tiled("backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
-    back = lambda g: g[..., :w].permute(0, 2, 3, 1).contiguous()  # noqa: E731  [BH, C, H, Wp] -> [BH, H, W, C]
-    return grad_q, back(grad_kt), back(grad_vt), grad_rel[1].sum(0), grad_rel[0].sum(0)
+    return grad_q, _from_rows(grad_kt, h, w), _from_rows(grad_vt, h, w), grad_rel[1].sum(0), grad_rel[0].sum(0)
 
 
 @relative_attention_backward_op.register_fake
@@ -352,7 +376,7 @@ relative_attention_op.register_autograd(_relative_backward, setup_context=_setup
 
 def cpu_kernel_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
     """softmax_j(q_i . (k_j + rel_w[jx - ix + W - 1] + rel_h[jy - iy + H - 1])) v_j with the tiled
-    float32 kernel (check :func:`tiled_available` first).
+    float32 kernel (:func:`use_tiled` says when it is the faster kernel).
 
     q, k: [BH, H, W, dkh] (q already scaled); v: [BH, H, W, dvh]; rel_h: [2H-1, dkh];
     rel_w: [2W-1, dkh]. Returns [BH, H, W, dvh]. The log-sum-exp output carries no gradient.

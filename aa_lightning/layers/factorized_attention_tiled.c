@@ -19,7 +19,8 @@
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
  * get bias -inf, so probability exactly 0):
- *   q [BH, L, D] (L = H W, q already scaled)   kT [BH, D, H, Wp]   vT [BH, DV, H, Wp]
+ *   q [BH, L, D] (L = H W, q already scaled)   kT [BH, D, Ls]   vT [BH, DV, Ls], each row an
+ *   H x Wp grid followed by padding to Ls = aa_tiled_row_stride(H, Wp) floats
  *   rel_w [2W - 1, D]   rel_h [2H - 1, D]   out [BH, L, DV]   lse [BH, L]
  *   gradients: gq like q, gkT like kT, gvT like vT; grel_w [BH, 2W - 1, D] and grel_h
  *   [BH, 2H - 1, D], one slab per (batch, head) slice, summed by the caller (so the result does
@@ -109,17 +110,22 @@ static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, 
     return t;
 }
 
-long aa_tiled_scratch(long H, long Wp) { return 2 * R * (Wp + H) + R * H * Wp; }
+/* The stride of the rows of kT, vT, their gradients and the scratch rows: a cache line more than
+ * the grid, so that the D + DV rows one key vector is read from fall in different L1 sets (a
+ * 32 x 32 grid is exactly 4 KiB: unpadded, its rows would all compete for one set's 8 ways). */
+long aa_tiled_row_stride(long H, long Wp) { return H * Wp + 16; }
+
+long aa_tiled_scratch(long H, long Wp) { return 2 * R * (Wp + H) + R * aa_tiled_row_stride(H, Wp); }
 
 static void forward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                          float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                          const float* zeros) {
-    const long L = H * W, Lp = H * Wp;
+    const long L = H * W, Lp = H * Wp, Ls = aa_tiled_row_stride(H, Wp);
     float* bias = scratch;                  /* R (Wp + H): the tile's bias rows */
-    float* logits = scratch + R * (Wp + H); /* R Lp */
+    float* logits = scratch + R * (Wp + H); /* R rows of Ls */
     for (long s = bh0; s < bh1; ++s) {
-        const float* kTs = kT + s * D * Lp;
-        const float* vTs = vT + s * DV * Lp;
+        const float* kTs = kT + s * D * Ls;
+        const float* vTs = vT + s * DV * Ls;
         for (long i0 = 0; i0 < L; i0 += R) {
             const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
             vf qs[R][D], m[R];
@@ -131,11 +137,11 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D];
-                    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Lp + j);
+                    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
                     for (int r = 0; r < R; ++r) {
                         vf l = load(t.bw[r] + jx) + t.bh[r][jy];
                         for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                        store(logits + r * Lp + j, l);
+                        store(logits + r * Ls + j, l);
                         m[r] = vmax(l, m[r]);
                     }
                 }
@@ -148,9 +154,9 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
             }
             for (long j = 0; j < Lp; j += VW) {
                 vf v[DV];
-                for (int c = 0; c < DV; ++c) v[c] = load(vTs + c * Lp + j);
+                for (int c = 0; c < DV; ++c) v[c] = load(vTs + c * Ls + j);
                 for (int r = 0; r < R; ++r) {
-                    const vf p = vexp(load(logits + r * Lp + j) - m[r]);
+                    const vf p = vexp(load(logits + r * Ls + j) - m[r]);
                     sum[r] += p;
                     for (int c = 0; c < DV; ++c) acc[r][c] += p * v[c];
                 }
@@ -170,21 +176,21 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                           const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
                           float* grel_w, float* grel_h, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                           const float* zeros) {
-    const long L = H * W, Lp = H * Wp;
+    const long L = H * W, Lp = H * Wp, Ls = aa_tiled_row_stride(H, Wp);
     float* bias = scratch;                       /* R (Wp + H): the tile's bias rows */
     float* gbias = scratch + R * (Wp + H);       /* R (Wp + H): their gradients */
-    float* dsrow = scratch + 2 * R * (Wp + H);   /* R Lp: dS of the tile's rows */
+    float* dsrow = scratch + 2 * R * (Wp + H);   /* R rows of Ls: dS of the tile's rows */
     for (long s = bh0; s < bh1; ++s) {
         float* grw_s = grel_w + s * (2 * W - 1) * D;
         float* grh_s = grel_h + s * (2 * H - 1) * D;
         memset(grw_s, 0, sizeof(float) * (2 * W - 1) * D);
         memset(grh_s, 0, sizeof(float) * (2 * H - 1) * D);
-        const float* kTs = kT + s * D * Lp;
-        const float* vTs = vT + s * DV * Lp;
-        float* gkTs = gkT + s * D * Lp;
-        float* gvTs = gvT + s * DV * Lp;
-        memset(gkTs, 0, sizeof(float) * D * Lp);
-        memset(gvTs, 0, sizeof(float) * DV * Lp);
+        const float* kTs = kT + s * D * Ls;
+        const float* vTs = vT + s * DV * Ls;
+        float* gkTs = gkT + s * D * Ls;
+        float* gvTs = gvT + s * DV * Ls;
+        memset(gkTs, 0, sizeof(float) * D * Ls);
+        memset(gvTs, 0, sizeof(float) * DV * Ls);
         for (long i0 = 0; i0 < L; i0 += R) {
             const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
             vf qs[R][D], gs[R][DV], dot[R], lses[R];
@@ -214,8 +220,8 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D], v[DV], gk[D], gv[DV];
-                    for (int d = 0; d < D; ++d) { k[d] = load(kTs + d * Lp + j); gk[d] = splat(0.0f); }
-                    for (int c = 0; c < DV; ++c) { v[c] = load(vTs + c * Lp + j); gv[c] = splat(0.0f); }
+                    for (int d = 0; d < D; ++d) { k[d] = load(kTs + d * Ls + j); gk[d] = splat(0.0f); }
+                    for (int c = 0; c < DV; ++c) { v[c] = load(vTs + c * Ls + j); gv[c] = splat(0.0f); }
                     for (int r = 0; r < R; ++r) {
                         vf l = load(t.bw[r] + jx) + b[r];
                         for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
@@ -223,13 +229,13 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                         vf dp = -dot[r];
                         for (int c = 0; c < DV; ++c) { dp += gs[r][c] * v[c]; gv[c] += p * gs[r][c]; }
                         const vf ds = p * dp; /* dS = P (dO . v_j - D_i) */
-                        store(dsrow + r * Lp + j, ds);
+                        store(dsrow + r * Ls + j, ds);
                         for (int d = 0; d < D; ++d) gk[d] += ds * qs[r][d];
                         store(gbwr[r] + jx, load(gbwr[r] + jx) + ds);
                         rowsum[r] += ds;
                     }
-                    for (int d = 0; d < D; ++d) store(gkTs + d * Lp + j, load(gkTs + d * Lp + j) + gk[d]);
-                    for (int c = 0; c < DV; ++c) store(gvTs + c * Lp + j, load(gvTs + c * Lp + j) + gv[c]);
+                    for (int d = 0; d < D; ++d) store(gkTs + d * Ls + j, load(gkTs + d * Ls + j) + gk[d]);
+                    for (int c = 0; c < DV; ++c) store(gvTs + c * Ls + j, load(gvTs + c * Ls + j) + gv[c]);
                 }
                 for (int r = 0; r < R; ++r) gbhr[r][jy] = hsum(rowsum[r]);
             }
@@ -238,8 +244,8 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 vf a[R];
                 for (int r = 0; r < R; ++r) a[r] = splat(0.0f);
                 for (long j = 0; j < Lp; j += VW) {
-                    const vf kd = load(kTs + d * Lp + j);
-                    for (int r = 0; r < R; ++r) a[r] += load(dsrow + r * Lp + j) * kd;
+                    const vf kd = load(kTs + d * Ls + j);
+                    for (int r = 0; r < R; ++r) a[r] += load(dsrow + r * Ls + j) * kd;
                 }
                 for (int r = 0; r < R; ++r) dq[r][d] = hsum(a[r]);
             }

@@ -49,9 +49,9 @@ def _cpu_kernel_available() -> bool:
     return cpu_kernel.available()
 
 
-@torch.compiler.assume_constant_result  # the same for the per-head-dims build
-def _tiled_kernel_available(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
-    return cpu_kernel.tiled_available(dtype, dkh, dvh)
+@torch.compiler.assume_constant_result  # the same for the choice of the float32 kernel
+def _use_tiled_kernel(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
+    return cpu_kernel.use_tiled(dtype, dkh, dvh, positions)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -139,7 +139,7 @@ def _factorized_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
         q = q.to(dtype) * dkh**-0.5
         k, v = k.to(dtype), v.to(dtype)
         bh, length = b * nh, h * w
-        if kernel and _tiled_kernel_available(dtype, dkh, v.shape[-1]):  # tables computed in the kernel
+        if kernel and _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):  # tables computed in the kernel
             grid = lambda t: t.reshape(bh, h, w, t.shape[-1])  # noqa: E731
             out = cpu_kernel.cpu_kernel_relative_attention(grid(q), grid(k), grid(v), rel_h.to(dtype), rel_w.to(dtype))
             return out.to(out_dtype).reshape(b, nh, h, w, -1)
