@@ -91,6 +91,17 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
 
 
 @needs_kernel
+def test_the_kernels_refuse_mixed_or_unsupported_dtypes():
+    q = torch.randn(2, 3, 4, 2)
+    rel_h, rel_w = torch.randn(5, 2), torch.randn(7, 2)
+    with pytest.raises(TypeError, match="float32 tensors"):
+        cpu_kernel.cpu_kernel_relative_attention(q, q, q, rel_h.double(), rel_w)
+    flat = q.reshape(2, 12, 2)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_kernel.cpu_kernel_attention(flat, flat, flat.double(), torch.randn(2, 12, 4), torch.randn(2, 12, 3))
+
+
+@needs_kernel
 def test_the_tiled_kernel_is_used_where_it_is_the_faster_one():
     assert cpu_kernel.use_tiled(torch.float32, 3, 2, 28 * 28)  # aa_resnet50 stage 2
     assert cpu_kernel.use_tiled(torch.float32, 24, 12, 7 * 7)  # small grids: any head dims

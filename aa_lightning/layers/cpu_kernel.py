@@ -205,6 +205,8 @@ def _suffix(dtype: torch.dtype) -> str:
 # Layouts: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w [BH, L, W], bias_h [BH, L, H].
 
 def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
+    if len({t.dtype for t in (q, k, v, bias_w, bias_h)}) > 1:
+        raise TypeError(f"the CPU attention kernel takes tensors of one dtype, got {[str(t.dtype) for t in (q, k, v, bias_w, bias_h)]}")
     return [q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
             bias_w.contiguous(), bias_h.contiguous()]
 
@@ -328,7 +330,13 @@ def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
 
 def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> list[Tensor]:
     """The kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
-    row_stride = _tiled_library(q.shape[3], v.shape[3]).aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2]))
+    if any(t.dtype != torch.float32 for t in (q, k, v, rel_h, rel_w)):
+        raise TypeError(f"the tiled CPU attention kernel takes float32 tensors, got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}")
+    lib = _tiled_library(q.shape[3], v.shape[3])
+    if lib is None:
+        raise RuntimeError(f"the tiled CPU attention kernel for dkh {q.shape[3]}, dvh {v.shape[3]} is not available "
+                           "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)")
+    row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2]))
     return [q.contiguous(), _to_rows(k, row_stride), _to_rows(v, row_stride), rel_w.contiguous(), rel_h.contiguous()]
 
 
