@@ -139,7 +139,7 @@ static void backward_##suffix(const real* q, const real* kT, const real* vT, con
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
-} \
+}                                                                                                 \
                                                                                                   \
 void aa_forward_##suffix(const real* q, const real* kT, const real* vT, const real* bw,          \
                          const real* bh, real* out, real* lse, long bh0, long bh1, long L,       \

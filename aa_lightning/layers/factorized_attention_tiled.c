@@ -8,14 +8,14 @@
  * tile of rows at a time (O(HW (H + W) dkh) in all), instead of read from [BH, HW, W + H] tensors
  * that would cost more memory traffic than their arithmetic. Built once per head-dim pair with
  * -DAA_D=<dkh> -DAA_DV=<dvh>: with the dims constant, each key's k_j, v_j and the gradient
- * contributions to them stay in SIMD registers, and AA_ROWS query rows are processed together,
- * so each load of a key or value and each update of its gradient serves AA_ROWS rows.
+ * contributions to them stay in SIMD registers, and R = 4 query rows are processed together,
+ * so each load of a key or value and each update of its gradient serves four rows.
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, one pass over the keys recomputes p_ij from lse_i and accumulates
  *             dV, dK, the bias gradients and dS (kept in scratch); short passes give dQ = dS K
  *             plus the tables' share, and the tables' gradients d rel_w, d rel_h.
- * The (HW)^2 logits never reach memory: a tile's scratch holds AA_ROWS rows of them.
+ * The (HW)^2 logits never reach memory: a tile's scratch holds R rows of them.
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
  * get bias -inf, so probability exactly 0):
