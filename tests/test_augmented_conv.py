@@ -177,6 +177,18 @@ def test_torch_compile_has_no_graph_breaks():
     assert layer.rel_h.grad is not None
 
 
+def test_torch_compile_with_dynamic_shapes_picks_the_kernel_per_grid_size():
+    """dkh 13: the tiled CPU kernel on a 6x6 grid, the generic one on 15x15 (cpu_kernel.tiled_fits);
+    with dynamic shapes that choice is a guard, not a graph break."""
+    layer = AugmentedConv2d(4, 32, 3, 1, dk=26, dv=4, num_heads=2, feat_size=(6, 6))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for size in (6, 15):
+        x = torch.randn(2, 4, size, size, requires_grad=True)
+        out = compiled(x)
+        torch.testing.assert_close(out, layer(x))
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("position,backend", [("none", "auto"), ("relative", "fused")])
 def test_sdpa_paths_use_a_fused_kernel_not_the_math_fallback(position, backend):
     """torch silently falls back to the (HW)^2 math kernel for unequal or strided head dims."""

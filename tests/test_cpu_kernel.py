@@ -82,7 +82,7 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
     results = []
     for tiled in (True, False):
         if not tiled:
-            monkeypatch.setattr(cpu_kernel, "use_tiled", lambda dtype, dkh, dvh, positions: False)
+            monkeypatch.setattr(cpu_kernel, "tiled_builds", lambda dtype, dkh, dvh: False)
         out = relative_attention_2d(*inputs, backend="cpu_kernel")
         results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
     for a, b in zip(*results):

@@ -285,17 +285,27 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 # rows padded to Wp, a multiple of 8, columns; the kernel gives those probability 0), then
 # padding to the kernel's row stride Ls; all padding zero. rel_w [2W-1, D], rel_h [2H-1, D].
 
+def tiled_fits(dkh: int, positions: int) -> bool:
+    """Whether the tiled kernel beats the generic one for this head dim on a grid of ``positions``.
+
+    It keeps 4 query rows x dkh products per key vector in registers; from dkh 16 on large grids
+    they spill, and the generic kernel is faster (``benchmarks/kernel_benchmark.py`` on the 2-core
+    AVX-512 VM, forward + backward, tiled vs generic: 28x28 dkh 3 1.4x, 14x14 dkh 17 1.4x,
+    7x7 dkh 24 2.0x, 32x32 dkh 12 1.0x, 16x16 dkh 16 0.87x, 32x32 dkh 20 0.68x). Plain
+    arithmetic, so torch.compile with dynamic shapes turns it into a guard."""
+    return dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS
+
+
+def tiled_builds(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
+    """Whether the tiled kernel can run these inputs: float32, and its build for (dkh, dvh)
+    succeeds here (the first call per pair compiles it)."""
+    return dtype == torch.float32 and _tiled_library(dkh, dvh) is not None
+
+
 def use_tiled(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
     """Whether ``backend="cpu_kernel"`` runs :func:`cpu_kernel_relative_attention` for these
-    inputs: float32, a grid and head dims where it beats the generic kernel, and the kernel for
-    (dkh, dvh) builds here (the first call per pair compiles it).
-
-    The tiled kernel keeps 4 query rows x dkh products per key vector in registers; from dkh 16
-    on large grids they spill, and the generic kernel is faster (``benchmarks/kernel_benchmark.py``
-    on the 2-core AVX-512 VM, forward + backward, tiled vs generic: 28x28 dkh 3 1.4x, 14x14
-    dkh 17 1.4x, 7x7 dkh 24 2.0x, 32x32 dkh 12 1.0x, 16x16 dkh 16 0.87x, 32x32 dkh 20 0.68x)."""
-    fits = dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS
-    return dtype == torch.float32 and fits and _tiled_library(dkh, dvh) is not None
+    inputs (:func:`tiled_fits` and :func:`tiled_builds`); otherwise the generic kernel runs."""
+    return tiled_fits(dkh, positions) and tiled_builds(dtype, dkh, dvh)
 
 
 def _padded_width(w: int) -> int:

@@ -49,9 +49,15 @@ def _cpu_kernel_available() -> bool:
     return cpu_kernel.available()
 
 
-@torch.compiler.assume_constant_result  # the same for the choice of the float32 kernel
+@torch.compiler.assume_constant_result  # the same for the per-head-dims float32 kernel's build
+def _tiled_kernel_builds(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
+    return cpu_kernel.tiled_builds(dtype, dkh, dvh)
+
+
 def _use_tiled_kernel(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
-    return cpu_kernel.use_tiled(dtype, dkh, dvh, positions)
+    """cpu_kernel.use_tiled, split so that compile sees a guard on the (possibly symbolic) grid
+    size and a constant for the build."""
+    return cpu_kernel.tiled_fits(dkh, positions) and _tiled_kernel_builds(dtype, dkh, dvh)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
