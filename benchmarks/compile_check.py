@@ -13,7 +13,6 @@ compiles them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ import timm
 import torch
 
 import aa_lightning  # noqa: F401  (registers the AA models)
+from report import write_report
 
 
 def check(name: str, batch: int, backend: str, device: torch.device) -> dict:
@@ -73,11 +73,7 @@ def main(argv=None) -> None:
                      f"| {r['fullgraph_fwd_bwd']} | {r.get('max_rel_diff_output', float('nan')):.1e} | {r.get('max_rel_diff_grad', float('nan')):.1e} |")
     table = "\n".join(lines)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "compile_check.json"), "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out_dir, "compile_check.md"), "w") as f:
-        f.write(f"{header}\n\n{table}\n")
+    write_report(args.out_dir, "compile_check", header, rows, table)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ Usage:  python benchmarks/kernel_benchmark.py --model aa_resnet50 --batch 8 --ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from datetime import date
 from typing import Callable
@@ -31,6 +29,7 @@ from torch import Tensor
 
 import aa_lightning  # noqa: F401  (registers the AA models)
 from aa_lightning.layers import AugmentedConv2d, cpu_kernel, factorized_bias_attention, relative_logit_tables
+from report import command_line, write_report
 
 Attention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -145,12 +144,7 @@ def main(argv=None) -> None:
     table = markdown(rows)
     print(table)
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        command = "python benchmarks/kernel_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
-            json.dump({"header": header, "command": command, "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
-            f.write(f"`{command}`\n\n{header}\n\n{table}\n")
+        write_report(args.out_dir, args.name, header, rows, table, command_line("kernel_benchmark.py", argv))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from datetime import date
 
 import torch
 
+from report import command_line, write_report
+
 CASES = ("reference", "fused", "chunked", "cpu_kernel", "floor")
 
 
@@ -224,15 +226,12 @@ def main(argv=None) -> None:
     errors = accuracy(args)
     print("worst relative error vs reference (output and all gradients, fp32, 14x14):", {k: f"{v:.2e}" for k, v in errors.items()})
     rows = run_all(args)
-    os.makedirs(args.out_dir, exist_ok=True)
     table = markdown(rows, args)
-    cmd = "python benchmarks/layer_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = f"`{cmd}`\n\n{header}\n\nWorst relative error vs reference (max-abs error / max-abs value, output and every gradient, fp32, 14x14): " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + "\n\n" + table
     print(table)
-    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
-        json.dump({"header": header, "command": cmd, "errors": errors, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
-        f.write(md + "\n")
+    worst = ("Worst relative error vs reference (max-abs error / max-abs value, output and every gradient, fp32, 14x14): "
+             + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    write_report(args.out_dir, args.name, header, rows, f"{worst}\n\n{table}", command_line("layer_benchmark.py", argv),
+                 errors=errors)
     plot(rows, os.path.join(args.out_dir, f"{args.name}.png"))
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from datetime import date
 
@@ -28,6 +27,7 @@ import timm
 import torch
 
 import aa_lightning  # noqa: F401  (registers the AA models)
+from report import command_line, write_report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,13 +166,8 @@ def main(argv=None) -> None:
     print(header)
     rows = measure(args)
     table = markdown(rows, args)
-    cmd = "python benchmarks/model_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
-        json.dump({"header": header, "command": cmd, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
-        f.write(f"`{cmd}`\n\n{header}\n\n{table}\n")
+    write_report(args.out_dir, args.name, header, rows, table, command_line("model_benchmark.py", argv))
 
 
 if __name__ == "__main__":
