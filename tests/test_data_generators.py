@@ -131,3 +131,11 @@ def test_killed_generation_leaves_no_half_set(tmp_path):
     assert not root.exists()
     generate_synthetic_coco(root, **COCO_ARGS)
     assert len(os.listdir(root / "train2017")) == 3 and (root / "synthetic_coco.json").is_file()
+
+
+def test_write_cifar100_never_overwrites(tmp_path):
+    real_cifar(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=rf"refusing to overwrite {tmp_path}/cifar-100-python/train, .*/meta"):
+        real_cifar(tmp_path)
+    assert tree(tmp_path) == before

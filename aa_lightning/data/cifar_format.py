@@ -15,6 +15,7 @@ blue values per image, rows in raster order), ``fine_labels``, ``coarse_labels``
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -109,9 +110,19 @@ class _Python2Pickler(pickle._Pickler):
 
 
 def _dump(obj: dict, path: Path) -> None:
+    """Pickle ``obj`` to ``path`` atomically (temporary file beside it, fsync, os.replace)."""
     buffer = io.BytesIO()
     _Python2Pickler(buffer, protocol=2).dump(obj)
-    path.write_bytes(buffer.getvalue())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_cifar100(
@@ -126,8 +137,14 @@ def write_cifar100(
 
     ``splits``: ``{"train": (images uint8 [N, 32, 32, 3], labels [N]), "test": (...)}``.
     ``coarse_of_fine``: the coarse label of each fine label (default: all 0).
+    Existing files are never overwritten: a ``train``, ``test`` or ``meta`` already in the folder
+    is a ``ValueError`` naming it (and nothing is written).
     """
     folder = Path(root) / BASE_FOLDER
+    existing = [str(folder / name) for name in (*splits, "meta") if (folder / name).exists()]
+    if existing:
+        raise ValueError(f"refusing to overwrite {', '.join(existing)}: write_cifar100 writes only new files; "
+                         "choose another folder or remove them yourself")
     folder.mkdir(parents=True, exist_ok=True)
     coarse_of_fine = list(coarse_of_fine) if coarse_of_fine is not None else [0] * len(fine_label_names)
     for split, (images, labels) in splits.items():
