@@ -37,6 +37,7 @@ from torch import Tensor, nn  # noqa: E402
 import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
 from aa_lightning.callbacks.attention_maps import default_layer  # noqa: E402
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize  # noqa: E402
+from aa_lightning.data.images import rgb_array  # noqa: E402
 from aa_lightning.layers import augmented_layers, capture_attention  # noqa: E402
 from aa_lightning.models import load_checkpoint  # noqa: E402
 
@@ -230,7 +231,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InspectError(f"image not found: {path}")
     try:
         with Image.open(path) as picture:
-            return np.asarray(picture.convert("RGB"))
+            return rgb_array(picture)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InspectError(f"cannot read image {path}: {err}") from None
 

@@ -59,8 +59,12 @@ def _load(path: Path) -> dict:
     return entry
 
 
-def read_cifar_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [N, 32, 32, 3] (HWC, RGB) and fine labels int64 [N] of ``root/cifar-100-python/<split>``."""
+def read_cifar_split(root: str | Path, split: str, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] (HWC, RGB) and fine labels int64 [N] of ``root/cifar-100-python/<split>``.
+
+    A label outside ``0..num_classes-1`` (given: the meta file's class count) is a ``ValueError``
+    naming the file, the label and the image index.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(root) / BASE_FOLDER / split
@@ -72,6 +76,11 @@ def read_cifar_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     labels = np.asarray(entry["fine_labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(f"{path}: data must be [N, 3072] with N labels, got {data.shape} and {labels.shape}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes if num_classes is not None else False))
+    if len(bad):
+        allowed = f"0..{num_classes - 1} (the {num_classes} classes of its meta file)" if num_classes else ">= 0"
+        raise ValueError(f"{path}: fine label {int(labels[bad[0]])} of image {int(bad[0])} is outside {allowed}; "
+                         f"{len(bad)} of {len(labels)} labels are")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
