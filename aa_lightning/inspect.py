@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -245,6 +246,35 @@ def preprocess(image: np.ndarray, classifier: TrainedClassifier) -> Tensor:
     return transform(image)
 
 
+# -- output files --------------------------------------------------------------------------------------
+def prepare_out_folder(out: Path) -> Path:
+    """Create the ``--out`` folder (and its parents) and check that a file can be written in it;
+    otherwise an :class:`InspectError` naming the folder and the reason."""
+    if out.exists() and not out.is_dir():
+        raise InspectError(f"--out {out}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InspectError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it (flush, fsync, os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 # -- the command ---------------------------------------------------------------------------------------
 def parse_queries(values: Sequence[str]) -> list[tuple[float, float]]:
     queries = []
@@ -304,6 +334,7 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     layer = args.layer or default_layer(classifier.model)
     if args.layer is not None and args.layer not in layers:
         raise InspectError(f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}")
+    out = prepare_out_folder(Path(args.out))
 
     batch = torch.stack([preprocess(p, classifier) for p in pictures])
     with torch.no_grad():
@@ -317,8 +348,6 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     top_p, top_i = probs.topk(min(args.top_k, classifier.num_classes), dim=-1)
     shown = denormalize(batch, classifier.mean, classifier.std)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stems = [Path(p).stem for p in args.images]
     records = []
     for b, image_path in enumerate(args.images):
@@ -333,10 +362,16 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
         figure = attention_figure(shown[b], None if maps is None else maps[b], pixels, header=header,
                                   tile_size=args.tile_size, upsample=args.upsample)
         figure_path = out / f"{stem}.png"
-        figure.save(figure_path)
+        try:
+            figure.save(figure_path)
+        except OSError as err:
+            raise InspectError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
         records.append({"image": str(image_path), "figure": str(figure_path), "layer": layer, "top_k": predictions})
         print(f"{image_path}: " + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in predictions[:3]) + f"  -> {figure_path}")
-    (out / "predictions.json").write_text(json.dumps(records, indent=1) + "\n")
+    try:
+        write_text_atomic(out / "predictions.json", json.dumps(records, indent=1) + "\n")
+    except OSError as err:
+        raise InspectError(f"--out {out}: cannot write predictions.json ({err.strerror or err})") from None
     return records
 
 
