@@ -139,3 +139,12 @@ def test_write_cifar100_never_overwrites(tmp_path):
     with pytest.raises(ValueError, match=rf"refusing to overwrite {tmp_path}/cifar-100-python/train, .*/meta"):
         real_cifar(tmp_path)
     assert tree(tmp_path) == before
+
+
+def test_a_symlinked_data_folder_is_written_where_it_points(tmp_path):
+    (tmp_path / "scratch" / "set").mkdir(parents=True)
+    (tmp_path / "data").symlink_to(tmp_path / "scratch" / "set")
+    assert write_synthetic_cifar(str(tmp_path / "data"), **CIFAR_ARGS)
+    assert (tmp_path / "data").is_symlink() and (tmp_path / "scratch" / "set" / "synthetic.json").is_file()
+    assert write_synthetic_cifar(str(tmp_path / "data"), **{**CIFAR_ARGS, "data_seed": 1})  # regenerated in place
+    assert (tmp_path / "data").is_symlink() and sorted(os.listdir(tmp_path / "scratch")) == ["set"]

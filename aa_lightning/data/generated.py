@@ -93,16 +93,18 @@ def write_generated_set(
         ValueError: ``root`` is a file, or a non-empty folder without this generator's stamp, or a
             stamped folder that also holds entries the generator did not write.
     """
-    root = Path(root)
+    given = Path(root)
+    # the real folder: a symlinked data folder is written where it points (the temporary sibling on its file system)
+    root = Path(os.path.realpath(given))
     stamp = root / stamp_name
     if root.exists() and not root.is_dir():
-        raise ValueError(f"cannot write {what} into {root}: it is a file, not a folder")
+        raise ValueError(f"cannot write {what} into {given}: it is a file, not a folder")
     existing = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     found = read_stamp(stamp) if existing else None
     if existing:
         if found is None or not is_own_stamp(found):
             raise ValueError(
-                f"refusing to write {what} into {root}: the folder is not empty ({_listing(existing)}) and has no "
+                f"refusing to write {what} into {given}: the folder is not empty ({_listing(existing)}) and has no "
                 f"{stamp_name} stamp of this generator, so its files may be someone's data; the generator writes only "
                 "into a missing or empty folder or one it generated itself. Choose another folder (or empty this one)"
             )
@@ -112,7 +114,7 @@ def write_generated_set(
         foreign = [name for name in existing if name not in own]
         if foreign:
             raise ValueError(
-                f"refusing to regenerate {what} in {root}: besides its own files the folder holds "
+                f"refusing to regenerate {what} in {given}: besides its own files the folder holds "
                 f"{_listing(foreign)}, which the generator did not write; move them elsewhere or choose another folder"
             )
     root.parent.mkdir(parents=True, exist_ok=True)
