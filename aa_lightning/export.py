@@ -220,7 +220,7 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
             "checkpoint": str(args.ckpt), "model_name": classifier.model_name, "max_abs_difference": differences,
             "files": written}, indent=1) + "\n")
     except OSError as err:
-        raise InspectError(f"--out {out}: cannot write the export ({err.strerror or err}: {err.filename or ''})") from None
+        raise InspectError(f"--out {out}: cannot write the export ({err.strerror or err}: {err.filename})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for name in written:
@@ -238,7 +238,8 @@ def _export_into(classifier: TrainedClassifier, args: argparse.Namespace, folder
     differences: dict[str, float] = {}
     if "safetensors" in args.formats:
         export_timm(classifier, folder)
-        print(f"exported model.safetensors and config.json (timm.create_model('local-dir:{args.out}', pretrained=True))")
+        print("exported model.safetensors and config.json "
+              f"(timm.create_model('local-dir:{args.out}', pretrained=True))")
         if not args.no_check:
             with torch.no_grad():
                 differences["safetensors"] = max_difference(reload_timm(folder)(images), expected)

@@ -23,8 +23,8 @@ def datamodule(root, **kwargs) -> COCODataModule:
 
 @pytest.mark.parametrize("annotations, why", [
     ([], r"'annotations' is empty for its 2 images"),
-    ([OUTSIDE, NEGATIVE], r"2 annotations: 2 with no area inside their image; e.g. annotation 2: bbox \[70, 5, 20, 10\] "
-                          r"in the 60x40 image 000000000001.jpg"),
+    ([OUTSIDE, NEGATIVE], r"2 annotations: 2 with no area inside their image; "
+                          r"e.g. annotation 2: bbox \[70, 5, 20, 10\] in the 60x40 image 000000000001.jpg"),
 ])
 def test_no_usable_training_box_names_the_file_and_why(tmp_path, annotations, why):
     write_coco_split(tmp_path, "train2017", IMAGES, annotations, CATEGORIES)
@@ -59,8 +59,9 @@ def test_invalid_boxes_are_counted_and_reported_once_per_split(tmp_path):
         dm.setup("fit")
     messages = sorted(str(w.message) for w in caught if "dropped" in str(w.message))
     assert len(messages) == 2, messages
-    assert "instances_train2017.json: dropped 2 of 3 boxes with no area inside their image (e.g. annotation 2" in messages[0]
-    assert "instances_val2017.json: dropped 1 of 2 boxes with no area inside their image (e.g. annotation 3" in messages[1]
+    dropped = "boxes with no area inside their image (e.g. annotation"
+    assert f"instances_train2017.json: dropped 2 of 3 {dropped} 2" in messages[0]
+    assert f"instances_val2017.json: dropped 1 of 2 {dropped} 3" in messages[1]
     assert len(dm.train_set) == 1 and dm.train_set.box_counts["invalid"] == 2
     _, target = dm.val_set[1]  # image 2's only box is invalid: no boxes, as before
     assert target["boxes"].shape == (0, 4)
@@ -73,5 +74,6 @@ def test_invalid_boxes_are_counted_and_reported_once_per_split(tmp_path):
     ("anchor_scales_per_octave", 0, "an int >= 1"),
 ])
 def test_non_positive_anchors_are_a_value_error(key, value, allowed):
-    with pytest.raises(ValueError, match=rf"model.init_args.{key}: expected {allowed}.*; got {value!r}".replace("[", r"\[")):
+    message = rf"model.init_args.{key}: expected {allowed}.*; got {value!r}".replace("[", r"\[")
+    with pytest.raises(ValueError, match=message):
         RetinaNetDetector(num_classes=2, **{key: value})

@@ -31,7 +31,7 @@ def test_unwritable_out_is_one_error_line(checkpoint, images, tmp_path, capsys, 
     assert blocker.read_text() == "not a folder"
 
 
-def test_export_into_another_checkpoints_export_replaces_only_its_files(checkpoint, images, tmp_path, capsys):  # noqa: F811
+def test_export_over_another_export_replaces_only_its_files(checkpoint, images, tmp_path, capsys):  # noqa: F811
     other = tmp_path / "other.ckpt"
     shutil.copyfile(checkpoint, other)
     out = tmp_path / "export"

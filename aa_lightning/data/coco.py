@@ -164,8 +164,9 @@ class COCODetection(Dataset):
                                  "wider and taller than 1 pixel inside the image")
         self.ids = ids
         if self.box_counts["invalid"]:
-            rank_zero_warn(f"{self.annotation_file}: dropped {self.box_counts['invalid']} of {self.box_counts['total']} "
-                           f"boxes with no area inside their image (e.g. {self.box_counts['example']})")
+            counts = self.box_counts
+            rank_zero_warn(f"{self.annotation_file}: dropped {counts['invalid']} of {counts['total']} "
+                           f"boxes with no area inside their image (e.g. {counts['example']})")
 
     def _count_boxes(self) -> dict[str, Any]:
         """Annotations: ``total``, ``crowd``, ``invalid`` (no area left once clipped to the image: dropped),

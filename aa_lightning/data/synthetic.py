@@ -44,7 +44,8 @@ def write_synthetic_cifar(data_dir: str, num_classes: int = 10, train_size: int 
         names = relation_class_names(num_classes)
         # coarse labels: does the plus lie in the upper (0) or lower (1) half-plane of the square?
         coarse = [0 if 0 <= c * 360 / num_classes < 180 else 1 for c in range(num_classes)]
-        write_cifar100(folder, splits, names, coarse, ("plus_above_square", "plus_below_square"), filename_prefix="relations")
+        write_cifar100(folder, splits, names, coarse, ("plus_above_square", "plus_below_square"),
+                       filename_prefix="relations")
 
     return write_generated_set(
         data_dir, STAMP, spec, [f"{BASE_FOLDER}/{name}" for name in ("train", "test", "meta")], write,

@@ -193,7 +193,7 @@ def generate_synthetic_coco(
 
     write_generated_set(
         root, _META_FILE, params,
-        [train_split, val_split, f"annotations/instances_{train_split}.json", f"annotations/instances_{val_split}.json"],
+        [train_split, val_split, *(f"annotations/instances_{split}.json" for split in (train_split, val_split))],
         write,
         is_own_stamp=lambda found: {"version", "num_train", "num_val", "train_split", "val_split"} <= set(found),
         what="the synthetic COCO set (SyntheticCOCODataModule)",
