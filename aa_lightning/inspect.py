@@ -275,6 +275,22 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def check_not_overwriting(out: Path, names: Sequence[str]) -> None:
+    """An :class:`InspectError` if a file about to be written in ``out`` exists and was not written by an
+    earlier inspect (its ``predictions.json`` lists the figures it wrote), e.g. one of the input images."""
+    listed: set[str] = set()
+    try:
+        records = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+        if isinstance(records, list) and all(isinstance(r, dict) and "figure" in r for r in records):
+            listed = {"predictions.json", *(Path(str(r["figure"])).name for r in records)}
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    foreign = [name for name in names if (out / name).exists() and name not in listed]
+    if foreign:
+        raise InspectError(f"--out {out}: would overwrite {', '.join(foreign)}, not written by an earlier inspect "
+                           "(not in its predictions.json); choose another --out folder")
+
+
 # -- the command ---------------------------------------------------------------------------------------
 def parse_queries(values: Sequence[str]) -> list[tuple[float, float]]:
     queries = []
@@ -335,6 +351,9 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.layer is not None and args.layer not in layers:
         raise InspectError(f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}")
     out = prepare_out_folder(Path(args.out))
+    stems = [Path(p).stem for p in args.images]
+    figure_names = [f"{stem}.png" if stems.count(stem) == 1 else f"{b:03d}_{stem}.png" for b, stem in enumerate(stems)]
+    check_not_overwriting(out, [*figure_names, "predictions.json"])
 
     batch = torch.stack([preprocess(p, classifier) for p in pictures])
     with torch.no_grad():
@@ -348,10 +367,8 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     top_p, top_i = probs.topk(min(args.top_k, classifier.num_classes), dim=-1)
     shown = denormalize(batch, classifier.mean, classifier.std)
 
-    stems = [Path(p).stem for p in args.images]
     records = []
     for b, image_path in enumerate(args.images):
-        stem = stems[b] if stems.count(stems[b]) == 1 else f"{b:03d}_{stems[b]}"
         predictions = [{"class": int(i), "name": classifier.class_name(int(i)), "probability": float(p)} for p, i in zip(top_p[b], top_i[b])]
         header = [f"{Path(image_path).name}  ({classifier.model_name}, {classifier.source.name})"]
         header += [f"{k + 1}. {p['name']}  {p['probability']:.3f}" for k, p in enumerate(predictions)]
@@ -361,9 +378,13 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
             header.append(f"attention of {layer}: {maps.shape[1]} heads on a {maps.shape[-2]}x{maps.shape[-1]} grid")
         figure = attention_figure(shown[b], None if maps is None else maps[b], pixels, header=header,
                                   tile_size=args.tile_size, upsample=args.upsample)
-        figure_path = out / f"{stem}.png"
+        figure_path = out / figure_names[b]
         try:
-            figure.save(figure_path)
+            tmp = figure_path.with_name(f".{figure_path.name}.tmp-{os.getpid()}")
+            figure.save(tmp, format="PNG")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, figure_path)
         except OSError as err:
             raise InspectError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
         records.append({"image": str(image_path), "figure": str(figure_path), "layer": layer, "top_k": predictions})

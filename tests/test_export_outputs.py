@@ -60,3 +60,20 @@ def test_export_never_overwrites_files_it_did_not_write(checkpoint, tmp_path, ca
         "aa_lightning.export (no export.json of it); choose an empty or new folder, or remove them yourself")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"their weights"
+
+
+def test_inspect_never_overwrites_files_it_did_not_write(checkpoint, images, tmp_path, capsys):  # noqa: F811
+    """--out the images' own folder: the figure <stem>.png would replace the input image <stem>.png."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = folder / "cat.png"
+    shutil.copyfile(images[0], photo)
+    before = photo.read_bytes()
+    assert inspect_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(folder)]) == 2
+    assert one_error_line(capsys).endswith(f"error: --out {folder}: would overwrite cat.png, not written by an earlier "
+                                           "inspect (not in its predictions.json); choose another --out folder")
+    assert photo.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["cat.png"]
+    out = tmp_path / "out"  # an earlier inspect's own figures are replaced
+    for _ in range(2):
+        assert inspect_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cat.png", "predictions.json"]
