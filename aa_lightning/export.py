@@ -27,7 +27,9 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -39,7 +41,14 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
-from aa_lightning.inspect import InspectError, TrainedClassifier, load_trained_classifier, run_command  # noqa: E402
+from aa_lightning.inspect import (  # noqa: E402
+    InspectError,
+    TrainedClassifier,
+    load_trained_classifier,
+    prepare_out_folder,
+    run_command,
+    write_text_atomic,
+)
 from aa_lightning.layers import AugmentedConv2d  # noqa: E402
 
 ONNX_BACKENDS = ("fused", "reference")
@@ -47,6 +56,8 @@ ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models g
 # pretrained_cfg fields that describe timm's released weights of the architecture, not these ones
 SOURCE_WEIGHT_FIELDS = ("tag", "origin_url", "paper_ids", "paper_name", "notes", "license", "hf_hub_id", "url")
 FORMATS = ("onnx", "safetensors")
+MANIFEST = "export.json"  # what was exported from which checkpoint, and the files written
+EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.safetensors", "config.json")  # every file an export may write
 
 
 @contextlib.contextmanager
@@ -159,16 +170,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _files_of_previous_export(out: Path) -> set[str]:
+    """The files an earlier export wrote into ``out`` (listed in its export.json).
+
+    Raises an :class:`InspectError` when ``out`` holds files of the export's names that no export
+    of this tool wrote (no export.json): they would be overwritten, or left beside the new files as
+    if they belonged to the new checkpoint."""
+    manifest = out / MANIFEST
+    present = sorted(name for name in EXPORT_FILES if (out / name).exists())
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        previous = None
+    if not isinstance(previous, dict) or "checkpoint" not in previous:
+        if present or manifest.exists():
+            found = ", ".join(present + ([MANIFEST] if manifest.exists() else []))
+            raise InspectError(f"--out {out} already holds {found}, not written by python -m aa_lightning.export "
+                               "(no export.json of it); choose an empty or new folder, or remove them yourself")
+        return set()
+    listed = previous.get("files")
+    # an export.json without "files" (older versions) covers the export files present beside it
+    return {name for name in (listed if isinstance(listed, list) else present) if name in EXPORT_FILES}
+
+
 def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
-    """Run the command; returns the max |logit difference| of each check."""
+    """Run the command; returns the max |logit difference| of each check.
+
+    The files are written and checked in a temporary folder inside ``--out``, then moved into
+    place; the files of an earlier export into the same folder (listed in its export.json) that this
+    export does not write again are removed, so the folder never mixes two checkpoints. Files that
+    no export wrote are never overwritten (an error instead)."""
     classifier = load_trained_classifier(args.ckpt, args.model)
     if args.image_size is not None:
         if args.image_size < 1:
             raise InspectError(f"--image-size must be >= 1, got {args.image_size}")
         classifier.resize_size = round(classifier.resize_size * args.image_size / classifier.image_size)
         classifier.image_size = args.image_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_folder(Path(args.out))
+    previous = _files_of_previous_export(out)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        differences = _export_into(classifier, args, staging)
+        written = sorted(p.name for p in staging.iterdir())
+        for name in sorted(previous - set(written)):  # the earlier export's, not rewritten: it would not match
+            (out / name).unlink(missing_ok=True)
+        for name in written:
+            os.replace(staging / name, out / name)
+        write_text_atomic(out / MANIFEST, json.dumps({
+            "checkpoint": str(args.ckpt), "model_name": classifier.model_name, "max_abs_difference": differences,
+            "files": written}, indent=1) + "\n")
+    except OSError as err:
+        raise InspectError(f"--out {out}: cannot write the export ({err.strerror or err}: {err.filename})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in written:
+        print(f"wrote {out / name}")
+    return differences
+
+
+def _export_into(classifier: TrainedClassifier, args: argparse.Namespace, folder: Path) -> dict[str, float]:
+    """Write the requested formats into ``folder`` and check them; the differences by format."""
     model = classifier.model.eval()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, classifier.image_size, classifier.image_size, generator=generator)
@@ -176,24 +237,25 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
         expected = model(images)
     differences: dict[str, float] = {}
     if "safetensors" in args.formats:
-        folder = export_timm(classifier, out)
-        print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'} (timm.create_model('local-dir:{folder}', pretrained=True))")
+        export_timm(classifier, folder)
+        print("exported model.safetensors and config.json "
+              f"(timm.create_model('local-dir:{args.out}', pretrained=True))")
         if not args.no_check:
             with torch.no_grad():
                 differences["safetensors"] = max_difference(reload_timm(folder)(images), expected)
             print(f"  check: timm reload reproduces the logits, max |difference| {differences['safetensors']:.2e}")
     if "onnx" in args.formats:
-        path = export_onnx(model, out / "model.onnx", classifier.image_size, backend=args.backend, opset=args.opset)
-        print(f"wrote {path} (images [B, 3, {classifier.image_size}, {classifier.image_size}] -> logits [B, {classifier.num_classes}], AA backend {args.backend!r})")
+        path = export_onnx(model, folder / "model.onnx", classifier.image_size, backend=args.backend, opset=args.opset)
+        print(f"exported {path.name} (images [B, 3, {classifier.image_size}, {classifier.image_size}] -> logits "
+              f"[B, {classifier.num_classes}], AA backend {args.backend!r})")
         if not args.no_check:
             logits, runtime = run_onnx(path, images)
             differences["onnx"] = max_difference(logits, expected)
             print(f"  check: {runtime} reproduces the logits, max |difference| {differences['onnx']:.2e}")
     failed = {k: v for k, v in differences.items() if not v <= args.atol}
     if failed:
-        raise InspectError(f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}")
-    (out / "export.json").write_text(json.dumps({"checkpoint": str(args.ckpt), "model_name": classifier.model_name,
-                                                  "max_abs_difference": differences}, indent=1) + "\n")
+        raise InspectError(f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}; "
+                           f"nothing was written to {args.out}")
     return differences
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -37,6 +38,7 @@ from torch import Tensor, nn  # noqa: E402
 import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
 from aa_lightning.callbacks.attention_maps import default_layer  # noqa: E402
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize  # noqa: E402
+from aa_lightning.data.images import rgb_array  # noqa: E402
 from aa_lightning.layers import augmented_layers, capture_attention  # noqa: E402
 from aa_lightning.models import load_checkpoint  # noqa: E402
 
@@ -230,7 +232,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InspectError(f"image not found: {path}")
     try:
         with Image.open(path) as picture:
-            return np.asarray(picture.convert("RGB"))
+            return rgb_array(picture)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InspectError(f"cannot read image {path}: {err}") from None
 
@@ -242,6 +244,51 @@ def preprocess(image: np.ndarray, classifier: TrainedClassifier) -> Tensor:
 
     transform = imagenet_eval_transform(classifier.image_size, classifier.resize_size, classifier.mean, classifier.std)
     return transform(image)
+
+
+# -- output files --------------------------------------------------------------------------------------
+def prepare_out_folder(out: Path) -> Path:
+    """Create the ``--out`` folder (and its parents) and check that a file can be written in it;
+    otherwise an :class:`InspectError` naming the folder and the reason."""
+    if out.exists() and not out.is_dir():
+        raise InspectError(f"--out {out}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InspectError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it (flush, fsync, os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_not_overwriting(out: Path, names: Sequence[str]) -> None:
+    """An :class:`InspectError` if a file about to be written in ``out`` exists and was not written by an
+    earlier inspect (its ``predictions.json`` lists the figures it wrote), e.g. one of the input images."""
+    listed: set[str] = set()
+    try:
+        records = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+        if isinstance(records, list) and all(isinstance(r, dict) and "figure" in r for r in records):
+            listed = {"predictions.json", *(Path(str(r["figure"])).name for r in records)}
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    foreign = [name for name in names if (out / name).exists() and name not in listed]
+    if foreign:
+        raise InspectError(f"--out {out}: would overwrite {', '.join(foreign)}, not written by an earlier inspect "
+                           "(not in its predictions.json); choose another --out folder")
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -303,6 +350,10 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     layer = args.layer or default_layer(classifier.model)
     if args.layer is not None and args.layer not in layers:
         raise InspectError(f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}")
+    out = prepare_out_folder(Path(args.out))
+    stems = [Path(p).stem for p in args.images]
+    figure_names = [f"{stem}.png" if stems.count(stem) == 1 else f"{b:03d}_{stem}.png" for b, stem in enumerate(stems)]
+    check_not_overwriting(out, [*figure_names, "predictions.json"])
 
     batch = torch.stack([preprocess(p, classifier) for p in pictures])
     with torch.no_grad():
@@ -316,12 +367,8 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     top_p, top_i = probs.topk(min(args.top_k, classifier.num_classes), dim=-1)
     shown = denormalize(batch, classifier.mean, classifier.std)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = [Path(p).stem for p in args.images]
     records = []
     for b, image_path in enumerate(args.images):
-        stem = stems[b] if stems.count(stems[b]) == 1 else f"{b:03d}_{stems[b]}"
         predictions = [{"class": int(i), "name": classifier.class_name(int(i)), "probability": float(p)} for p, i in zip(top_p[b], top_i[b])]
         header = [f"{Path(image_path).name}  ({classifier.model_name}, {classifier.source.name})"]
         header += [f"{k + 1}. {p['name']}  {p['probability']:.3f}" for k, p in enumerate(predictions)]
@@ -331,11 +378,21 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
             header.append(f"attention of {layer}: {maps.shape[1]} heads on a {maps.shape[-2]}x{maps.shape[-1]} grid")
         figure = attention_figure(shown[b], None if maps is None else maps[b], pixels, header=header,
                                   tile_size=args.tile_size, upsample=args.upsample)
-        figure_path = out / f"{stem}.png"
-        figure.save(figure_path)
+        figure_path = out / figure_names[b]
+        try:
+            tmp = figure_path.with_name(f".{figure_path.name}.tmp-{os.getpid()}")
+            figure.save(tmp, format="PNG")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, figure_path)
+        except OSError as err:
+            raise InspectError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
         records.append({"image": str(image_path), "figure": str(figure_path), "layer": layer, "top_k": predictions})
         print(f"{image_path}: " + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in predictions[:3]) + f"  -> {figure_path}")
-    (out / "predictions.json").write_text(json.dumps(records, indent=1) + "\n")
+    try:
+        write_text_atomic(out / "predictions.json", json.dumps(records, indent=1) + "\n")
+    except OSError as err:
+        raise InspectError(f"--out {out}: cannot write predictions.json ({err.strerror or err})") from None
     return records
 
 

@@ -139,3 +139,25 @@ def test_bad_settings_fail_naming_the_kwarg(kwargs, message):
     with pytest.raises(ValueError, match=message):
         meta("aa_resnet50", **kwargs)
 
+
+
+@pytest.mark.parametrize("name, heads, width", [
+    ("aa_resnet26", 256, 128),  # stage 2's 3x3 convs are 128 wide
+    ("aa_wrn28_10", 200, 160),  # group 1's convs are 160 wide
+    ("aa_mnasnet_100", 500, 480),  # the first augmented conv_pw (80 -> 480); later ones are wider
+])
+def test_heads_wider_than_a_layer_fail_naming_layer_width_and_heads(name, heads, width):
+    """aa_heads > Fout used to give that layer dv = 0 (a plain conv) and a model with fewer, or zero,
+    AA layers without a word (aa_dims(64, 0.2, 0.1, 100) == (100, 0))."""
+    with pytest.raises(ValueError, match=rf"AA layer on the .*conv \d+->{width} .*aa_heads={heads}: "
+                                         rf"num_heads = {heads} exceeds the layer's width Fout = {width}"):
+        meta(name, aa_heads=heads)
+
+
+def test_aa_dims_refuses_more_heads_than_channels():
+    from aa_lightning.layers import aa_dims
+
+    with pytest.raises(ValueError, match="num_heads = 100 exceeds the layer's width Fout = 64"):
+        aa_dims(64, 0.2, 0.1, 100)
+    assert aa_dims(64, 0.2, 0.1, 64) == (64, 64)  # one channel per head still exists
+    assert aa_dims(64, 0.2, 0.0, 100) == (0, 0)  # no attention asked for: a plain conv, no error

@@ -123,7 +123,7 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         self.num_classes = len(self.class_names)
         eval_transform = cifar_eval_transform(self.mean, self.std)
         if stage in (None, "fit", "validate"):
-            images, labels = read_cifar_split(self.data_dir, "train")
+            images, labels = read_cifar_split(self.data_dir, "train", self.num_classes)
             train_transform = cifar_train_transform(self.mean, self.std, self.hparams.pad, self.hparams.hflip, seed=self.hparams.seed)
             n_val = self.hparams.val_split
             if n_val >= len(labels):
@@ -134,7 +134,7 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
             if n_val > 0:
                 self.val_set = ArrayImageDataset(images[val_idx], labels[val_idx], eval_transform)
         if stage in (None, "test") or (self.hparams.val_split == 0 and stage in ("fit", "validate")):
-            images, labels = read_cifar_split(self.data_dir, "test")
+            images, labels = read_cifar_split(self.data_dir, "test", self.num_classes)
             self.test_set = ArrayImageDataset(images, labels, eval_transform)
             if self.hparams.val_split == 0:
                 self.val_set = self.test_set

@@ -15,6 +15,7 @@ blue values per image, rows in raster order), ``fine_labels``, ``coarse_labels``
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -58,8 +59,12 @@ def _load(path: Path) -> dict:
     return entry
 
 
-def read_cifar_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [N, 32, 32, 3] (HWC, RGB) and fine labels int64 [N] of ``root/cifar-100-python/<split>``."""
+def read_cifar_split(root: str | Path, split: str, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 32, 32, 3] (HWC, RGB) and fine labels int64 [N] of ``root/cifar-100-python/<split>``.
+
+    A label outside ``0..num_classes-1`` (given: the meta file's class count) is a ``ValueError``
+    naming the file, the label and the image index.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(root) / BASE_FOLDER / split
@@ -71,6 +76,11 @@ def read_cifar_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     labels = np.asarray(entry["fine_labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(f"{path}: data must be [N, 3072] with N labels, got {data.shape} and {labels.shape}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes if num_classes is not None else False))
+    if len(bad):
+        allowed = f"0..{num_classes - 1} (the {num_classes} classes of its meta file)" if num_classes else ">= 0"
+        raise ValueError(f"{path}: fine label {int(labels[bad[0]])} of image {int(bad[0])} is outside {allowed}; "
+                         f"{len(bad)} of {len(labels)} labels are")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
@@ -109,9 +119,19 @@ class _Python2Pickler(pickle._Pickler):
 
 
 def _dump(obj: dict, path: Path) -> None:
+    """Pickle ``obj`` to ``path`` atomically (temporary file beside it, fsync, os.replace)."""
     buffer = io.BytesIO()
     _Python2Pickler(buffer, protocol=2).dump(obj)
-    path.write_bytes(buffer.getvalue())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_cifar100(
@@ -126,8 +146,14 @@ def write_cifar100(
 
     ``splits``: ``{"train": (images uint8 [N, 32, 32, 3], labels [N]), "test": (...)}``.
     ``coarse_of_fine``: the coarse label of each fine label (default: all 0).
+    Existing files are never overwritten: a ``train``, ``test`` or ``meta`` already in the folder
+    is a ``ValueError`` naming it (and nothing is written).
     """
     folder = Path(root) / BASE_FOLDER
+    existing = [str(folder / name) for name in (*splits, "meta") if (folder / name).exists()]
+    if existing:
+        raise ValueError(f"refusing to overwrite {', '.join(existing)}: write_cifar100 writes only new files; "
+                         "choose another folder or remove them yourself")
     folder.mkdir(parents=True, exist_ok=True)
     coarse_of_fine = list(coarse_of_fine) if coarse_of_fine is not None else [0] * len(fine_label_names)
     for split, (images, labels) in splits.items():

@@ -12,7 +12,10 @@ Conventions (those of torchvision's detection reference and COCO's own evaluatio
 - Category ids (COCO's are 1..90 with gaps) map to contiguous labels ``0..K-1`` in sorted id order
   (:class:`CategoryMapping`); predictions map back with ``to_category_id``.
 - Training: crowd boxes (``iscrowd=1``) are dropped from the targets, boxes are clipped to the
-  image and those with no area dropped, and images without a usable box are removed.
+  image and those with no area dropped, and images without a usable box are removed. Boxes with
+  no area inside their image are counted and reported once per split (a warning naming the file);
+  a training split left without one usable image, or an evaluation split without one usable
+  (non-crowd, non-empty) box, is a ``ValueError`` naming the file and why.
 - Evaluation: every image is kept (also those without annotations) and crowd boxes are kept with
   ``iscrowd=1``, which COCO evaluation treats as regions where detections are ignored; ``area``
   is the annotation's own (segmentation) area, which decides small/medium/large as in COCO.
@@ -37,6 +40,7 @@ import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -151,9 +155,50 @@ class COCODetection(Dataset):
         self.transform = transform
         self.train = train
         ids = sorted(self.coco.imgs)
+        self.box_counts = self._count_boxes()
         if train:  # as torchvision's reference: drop images with no usable (non-crowd, non-empty) box
             ids = [i for i in ids if any(self._usable(a, i) for a in self.coco.imgToAnns[i])]
+            if not ids:
+                raise ValueError(f"{self.annotation_file}: no training image has a usable box "
+                                 f"({self.describe_boxes()}); training needs images with non-crowd boxes "
+                                 "wider and taller than 1 pixel inside the image")
         self.ids = ids
+        if self.box_counts["invalid"]:
+            counts = self.box_counts
+            rank_zero_warn(f"{self.annotation_file}: dropped {counts['invalid']} of {counts['total']} "
+                           f"boxes with no area inside their image (e.g. {counts['example']})")
+
+    def _count_boxes(self) -> dict[str, Any]:
+        """Annotations: ``total``, ``crowd``, ``invalid`` (no area left once clipped to the image: dropped),
+        ``thin`` (1 pixel wide or high at most), ``usable`` (the others), ``example`` (one invalid box)."""
+        counts: dict[str, Any] = {"total": 0, "crowd": 0, "invalid": 0, "thin": 0, "usable": 0, "example": None}
+        for ann in self.coco.dataset["annotations"]:
+            info = self.coco.imgs[ann["image_id"]]
+            _, _, w, h = _clipped_xywh(ann["bbox"], info["width"], info["height"])
+            counts["total"] += 1
+            if not (w > 0 and h > 0):
+                counts["invalid"] += 1
+                counts["example"] = counts["example"] or (
+                    f"annotation {ann.get('id', '?')}: bbox {ann['bbox']} in the {info['width']}x{info['height']} "
+                    f"image {info['file_name']}")
+            elif ann.get("iscrowd", 0):
+                counts["crowd"] += 1
+            elif w <= 1 or h <= 1:
+                counts["thin"] += 1
+            else:
+                counts["usable"] += 1
+        return counts
+
+    def describe_boxes(self) -> str:
+        """Why boxes are (not) usable, in words: for error messages."""
+        c = self.box_counts
+        if c["total"] == 0:
+            return f"'annotations' is empty for its {len(self.coco.imgs)} images"
+        parts = [f"{c[key]} {what}" for key, what in (
+            ("crowd", "crowd (iscrowd=1)"), ("invalid", "with no area inside their image"),
+            ("thin", "1 pixel wide or high or less"), ("usable", "usable")) if c[key]]
+        detail = f"; e.g. {c['example']}" if c["example"] else ""
+        return f"{c['total']} annotations: " + ", ".join(parts) + detail
 
     def _usable(self, ann: dict, image_id: int) -> bool:
         info = self.coco.imgs[image_id]
@@ -306,16 +351,29 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
             raise ValueError(f"{dataset.annotation_file} has category ids {dataset.categories.category_ids}, "
                              f"which differ from the other split's {self.categories.category_ids}")
 
+    @staticmethod
+    def _check_ground_truth(dataset: COCODetection, role: str, split: str) -> None:
+        """An evaluation split without one usable box would score mAP -1 (and pick 'best' checkpoints by it)."""
+        if dataset.box_counts["usable"] + dataset.box_counts["thin"] == 0:
+            raise ValueError(
+                f"data.{role}_split {split!r}: {dataset.annotation_file} has no usable ground truth "
+                f"({dataset.describe_boxes()}), so its mAP would be -1; evaluate on a split with non-crowd boxes")
+
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_set is None:
             self.train_set = self._dataset(self.train_split, train=True)
             self._categories = self._categories or self.train_set.categories
         if stage in ("fit", "validate", None) and self.val_set is None:
             self.val_set = self._dataset(self.val_split, train=False)
+            self._check_ground_truth(self.val_set, "val", self.val_split)
             self._categories = self._categories or self.val_set.categories
             self._check_same_categories(self.val_set)
         if stage in ("test", None) and self.test_set is None and self.test_split:
-            self.test_set = self._dataset(self.test_split, train=False)
+            if self.test_split == self.val_split and self.val_set is not None:
+                self.test_set = self.val_set  # the same file: read (and reported on) once
+            else:
+                self.test_set = self._dataset(self.test_split, train=False)
+                self._check_ground_truth(self.test_set, "test", self.test_split)
             self._categories = self._categories or self.test_set.categories
             self._check_same_categories(self.test_set)
 

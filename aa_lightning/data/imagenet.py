@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from .images import rgb_array
 from .loaders import SplitLoaders
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
 
@@ -29,7 +30,7 @@ class ImageDecodeError(RuntimeError):
 
 class RGBLoader:
     """``path -> uint8 [H, W, 3]`` RGB; with ``min_size`` the JPEG decoder may downscale (draft mode)
-    as long as both sides stay >= ``min_size``."""
+    as long as both sides stay >= ``min_size``. 16-bit greyscale is scaled, not clipped (:func:`.images.rgb_array`)."""
 
     def __init__(self, min_size: Optional[int] = None) -> None:
         self.min_size = min_size
@@ -39,7 +40,7 @@ class RGBLoader:
             with Image.open(path) as image:
                 if self.min_size and image.format == "JPEG":
                     image.draft("RGB", (self.min_size, self.min_size))
-                return np.asarray(image.convert("RGB"))
+                return rgb_array(image)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError ... for bad files
             raise ImageDecodeError(f"cannot decode image {path}: {err}") from err
 

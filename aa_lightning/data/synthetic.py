@@ -4,43 +4,54 @@
 from a square to a plus sign far apart in the image) into ``data_dir/cifar-100-python/`` the
 first time it is needed (a few seconds), records how it made them in
 ``data_dir/synthetic.json``, and from then on behaves exactly like :class:`CIFAR100DataModule`
-reading real CIFAR-100. Changing a generation argument regenerates the files.
+reading real CIFAR-100. Changing a generation argument regenerates the files. It writes only
+into a missing or empty ``data_dir`` or one it generated (the stamp): pointed at any other
+folder, e.g. real CIFAR-100, it stops with a ``ValueError`` instead of overwriting it.
 
 The classes are not mirror-symmetric (a horizontal flip turns "up-left" into "up-right"), so
 horizontal flips are off by default here; the pad-and-crop shift keeps the class.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .cifar import CIFAR100DataModule
-from .cifar_format import write_cifar100
+from .cifar_format import BASE_FOLDER, write_cifar100
+from .generated import write_generated_set
 from .synthetic_relations import relation_class_names, render_relation_images
 
 FORMAT_VERSION = 1
+STAMP = "synthetic.json"
 
 
 def write_synthetic_cifar(data_dir: str, num_classes: int = 10, train_size: int = 10000, test_size: int = 2000, data_seed: int = 0) -> bool:
-    """Render and write the data set unless ``data_dir`` already holds it; returns True if written."""
-    root = Path(data_dir)
-    stamp = root / "synthetic.json"
+    """Render and write the data set unless ``data_dir`` already holds it; returns True if written.
+
+    ``data_dir`` must be missing, empty or a folder this function generated (``synthetic.json``
+    stamp): any other folder is a ``ValueError``, so real data (e.g. CIFAR-100's own
+    ``cifar-100-python/``) is never overwritten. The set is written into a temporary sibling and
+    renamed into place (:func:`.generated.write_generated_set`).
+    """
     spec = {"generator": "relations", "version": FORMAT_VERSION, "num_classes": num_classes,
             "train_size": train_size, "test_size": test_size, "data_seed": data_seed}
-    files = [root / "cifar-100-python" / name for name in ("train", "test", "meta")]
-    if stamp.is_file() and all(f.is_file() for f in files) and json.loads(stamp.read_text()) == spec:
-        return False
-    splits = {
-        "train": render_relation_images(train_size, num_classes, seed=2 * data_seed),
-        "test": render_relation_images(test_size, num_classes, seed=2 * data_seed + 1),
-    }
-    names = relation_class_names(num_classes)
-    # coarse labels: does the plus lie in the upper (0) or lower (1) half-plane of the square?
-    coarse = [0 if 0 <= c * 360 / num_classes < 180 else 1 for c in range(num_classes)]
-    write_cifar100(root, splits, names, coarse, ("plus_above_square", "plus_below_square"), filename_prefix="relations")
-    stamp.write_text(json.dumps(spec, indent=1) + "\n")
-    return True
+
+    def write(folder: Path) -> None:
+        splits = {
+            "train": render_relation_images(train_size, num_classes, seed=2 * data_seed),
+            "test": render_relation_images(test_size, num_classes, seed=2 * data_seed + 1),
+        }
+        names = relation_class_names(num_classes)
+        # coarse labels: does the plus lie in the upper (0) or lower (1) half-plane of the square?
+        coarse = [0 if 0 <= c * 360 / num_classes < 180 else 1 for c in range(num_classes)]
+        write_cifar100(folder, splits, names, coarse, ("plus_above_square", "plus_below_square"),
+                       filename_prefix="relations")
+
+    return write_generated_set(
+        data_dir, STAMP, spec, [f"{BASE_FOLDER}/{name}" for name in ("train", "test", "meta")], write,
+        is_own_stamp=lambda found: found.get("generator") == "relations",
+        what="the built-in synthetic data set (SyntheticCIFARDataModule)",
+    )
 
 
 class SyntheticCIFARDataModule(CIFAR100DataModule):

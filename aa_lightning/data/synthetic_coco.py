@@ -6,6 +6,9 @@
     root/annotations/instances_val2017.json       root/val2017/...
     root/synthetic_coco.json                      (the generation parameters)
 
+and writes only into a missing or empty ``root`` or one it generated before (that stamp): a folder
+holding anything else (a real COCO set) is a ``ValueError``, never overwritten.
+
 Five classes with COCO-like non-contiguous ids: 1 circle, 3 square, 5 triangle, 7 cross, 9 bar
 (a 3:1 to 5:1 rectangle). Each image (``image_size`` +-20 % per side) holds 1 to
 ``max_objects`` shapes of random colour, size (``min_object_size`` to half the shorter side) and
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from .coco import COCODataModule
+from .generated import write_generated_set
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -166,7 +169,13 @@ def generate_synthetic_coco(
     train_split: str = "train2017",
     val_split: str = "val2017",
 ) -> Path:
-    """Write the synthetic set under ``root`` (skipped if already there with the same parameters)."""
+    """Write the synthetic set under ``root`` (skipped if already there with the same parameters).
+
+    ``root`` must be missing, empty or a folder this function generated (``synthetic_coco.json``
+    stamp); any other folder, e.g. a real COCO set, is a ``ValueError`` and is left untouched. The
+    set is written into a temporary sibling and renamed into place, so a killed generation never
+    leaves a half set under ``root``.
+    """
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be >= 1; got {num_train}, {num_val}")
     if image_size < 32 or not 4 <= min_object_size <= image_size // 3:
@@ -174,20 +183,23 @@ def generate_synthetic_coco(
                          f"got {image_size}, {min_object_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1; got {max_objects}")
-    root = Path(root)
     params = dict(version=_FORMAT_VERSION, num_train=num_train, num_val=num_val, image_size=image_size,
                   max_objects=max_objects, min_object_size=min_object_size, seed=seed,
                   train_split=train_split, val_split=val_split)
-    meta = root / _META_FILE
-    if meta.is_file() and json.loads(meta.read_text()) == params:
-        return root
-    for split in (train_split, val_split):  # stale or partial: start over
-        shutil.rmtree(root / split, ignore_errors=True)
-    meta.unlink(missing_ok=True)
-    _write_split(root, train_split, num_train, image_size, max_objects, min_object_size, seed, 0)
-    _write_split(root, val_split, num_val, image_size, max_objects, min_object_size, seed, 1)
-    meta.write_text(json.dumps(params, indent=1))  # written last: marks a complete set
-    return root
+
+    def write(folder: Path) -> None:
+        _write_split(folder, train_split, num_train, image_size, max_objects, min_object_size, seed, 0)
+        _write_split(folder, val_split, num_val, image_size, max_objects, min_object_size, seed, 1)
+
+    write_generated_set(
+        root, _META_FILE, params,
+        [train_split, val_split, *(f"annotations/instances_{split}.json" for split in (train_split, val_split))],
+        write,
+        is_own_stamp=lambda found: {"version", "num_train", "num_val", "train_split", "val_split"} <= set(found),
+        what="the synthetic COCO set (SyntheticCOCODataModule)",
+        stamped_entries=lambda found: [str(found.get("train_split")), str(found.get("val_split"))],
+    )
+    return Path(root)
 
 
 class SyntheticCOCODataModule(COCODataModule):

@@ -21,7 +21,8 @@ def aa_dims(out_channels: int, k: float, v: float, num_heads: int, min_dkh: int 
       - v = 1.0 gives dv = Fout exactly (the fully attentional layer; Fout must divide by Nh),
       - any v > 0 gives at least one value channel per head (dv >= Nh),
       - dk >= max(min_dkh, 1) * Nh (the paper keeps >= 20 key dims per head on the CIFAR WRN),
-      - v = 0 gives (0, 0): a plain convolution.
+      - v = 0 gives (0, 0): a plain convolution,
+      - v > 0 with Nh > Fout is a ValueError (the layer cannot have one channel per head).
     Example: Fout = 256, k = 0.2, v = 0.1, Nh = 8 -> dk = 48 (dkh 6), dv = 24 (dvh 3).
     """
     if out_channels < 1:
@@ -34,6 +35,11 @@ def aa_dims(out_channels: int, k: float, v: float, num_heads: int, min_dkh: int 
         raise ValueError(f"k (key depth ratio dk/Fout) must be > 0 when v > 0; got {k}")
     if v == 0.0:
         return 0, 0
+    if num_heads > out_channels:
+        raise ValueError(
+            f"num_heads = {num_heads} exceeds the layer's width Fout = {out_channels}: an AA layer needs at "
+            f"least one attention channel per head (dv >= Nh), so it cannot exist; use num_heads <= {out_channels}"
+        )
     if v == 1.0:
         if out_channels % num_heads:
             raise ValueError(

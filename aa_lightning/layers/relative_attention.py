@@ -222,6 +222,9 @@ def relative_attention_2d(
     softmax((q.k + S_H + S_W) / sqrt(dkh)) v over all HW keys. ``backend``: see the module doc.
     """
     _check_inputs(q, k, v, rel_h, rel_w)
+    if q.shape[0] == 0:  # an empty batch: an empty output from every backend, still in the autograd graph
+        tables = [t.sum() for t in (rel_h, rel_w) if t is not None]
+        return v + 0 * sum(tables, q.sum() + k.sum())
     backend = resolve_backend(backend, q.device)
     if backend == "reference":
         return relative_attention_reference(q, k, v, rel_h, rel_w)

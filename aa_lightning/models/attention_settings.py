@@ -85,18 +85,27 @@ class AttentionSettings:
         names = {field: kwarg for kwarg, field in KWARGS.items()}
         return {names[f.name]: getattr(self, f.name) for f in fields(self)}
 
-    def dims(self, out_channels: int) -> tuple[int, int]:
-        """(dk, dv) of an augmented conv with Fout = ``out_channels``."""
+    def dims(self, out_channels: int, layer: str = "") -> tuple[int, int]:
+        """(dk, dv) of an augmented conv with Fout = ``out_channels``; ``layer`` names it in errors."""
         try:
             return aa_dims(out_channels, self.k, self.v, self.heads, self.min_dkh)
         except ValueError as err:
-            raise ValueError(f"aa_k={self.k}, aa_v={self.v}, aa_heads={self.heads}: {err}") from None
+            where = f"{layer}: " if layer else ""
+            raise ValueError(f"{where}aa_k={self.k}, aa_v={self.v}, aa_heads={self.heads}: {err}") from None
 
-    def augment(self, conv: nn.Conv2d, feat_size: tuple[int, int]) -> nn.Module:
+    def augment(self, conv: nn.Conv2d, feat_size: tuple[int, int], name: Optional[str] = None) -> nn.Module:
         """An :class:`AugmentedConv2d` with ``conv``'s Fin, Fout, kernel, stride, dilation and
-        groups; ``feat_size`` = the (H, W) of ``conv``'s input. ``conv`` itself when dv = 0."""
-        dk, dv = self.dims(conv.out_channels)
+        groups; ``feat_size`` = the (H, W) of ``conv``'s input. ``conv`` itself when aa_v = 0 (no
+        attention asked for); a requested AA layer that cannot exist (aa_heads > Fout) is a
+        ValueError naming the layer (``name``, else its conv's shape), its width and the heads."""
+        layer = "AA layer " + (name or (
+            f"on the {conv.kernel_size[0]}x{conv.kernel_size[1]} conv {conv.in_channels}->{conv.out_channels} "
+            f"(stride {conv.stride[0]}, input {feat_size[0]}x{feat_size[1]})"))
+        dk, dv = self.dims(conv.out_channels, layer)
         if dv == 0:
+            if self.v > 0:  # aa_dims never gives this; a requested layer must not vanish silently
+                raise ValueError(f"{layer}: aa_v={self.v} with width {conv.out_channels} and aa_heads={self.heads} "
+                                 "leaves no attention channels")
             return conv
         return AugmentedConv2d(
             conv.in_channels,

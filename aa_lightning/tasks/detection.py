@@ -174,6 +174,12 @@ class RetinaNetDetector(pl.LightningModule):
             fail("out_indices", "three feature levels (C3, C4, C5), e.g. [2, 3, 4]")
         if len(args["anchor_sizes"]) != 5:
             fail("anchor_sizes", "five base sizes, one per level P3-P7")
+        if not all(isinstance(s, (int, float)) and s > 0 for s in args["anchor_sizes"]):
+            fail("anchor_sizes", "five positive base sizes in pixels (e.g. [32, 64, 128, 256, 512])")
+        if args["anchor_scales_per_octave"] < 1:
+            fail("anchor_scales_per_octave", "an int >= 1")
+        if not args["aspect_ratios"] or not all(isinstance(r, (int, float)) and r > 0 for r in args["aspect_ratios"]):
+            fail("aspect_ratios", "positive height/width ratios (e.g. [0.5, 1.0, 2.0])")
         if args["head_norm"] == "group" and args["fpn_channels"] % 32:
             fail("fpn_channels", "a multiple of 32 with head_norm 'group'")
         if args["fpn_channels"] < 1:

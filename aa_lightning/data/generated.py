@@ -1,0 +1,145 @@
+"""Writing a generated data set safely: never over data the generator did not write, never half a set.
+
+:func:`write_generated_set` is the one way the synthetic generators (:mod:`.synthetic`,
+:mod:`.synthetic_coco`) put files on disk:
+
+- the target folder must be missing, empty, or carry the generator's own stamp file (a JSON
+  object that the generator recognizes); anything else is a ``ValueError`` naming the folder
+  and what it holds. A stamped folder is regenerated (replaced whole) only when it holds
+  nothing but the generator's own top-level entries.
+- the set is written into a fresh temporary sibling ``.<name>.partial-<pid>-<hex>``, every file
+  fsync'ed, the stamp written last, and the folder renamed into place; a killed generation
+  leaves at most that hidden sibling (never a half set under the real name).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["write_generated_set", "read_stamp"]
+
+
+def read_stamp(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _sibling(root: Path, kind: str) -> Path:
+    return root.parent / f".{root.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (and ``folder`` itself)."""
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _listing(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+def write_generated_set(
+    root: str | os.PathLike,
+    stamp_name: str,
+    spec: dict[str, Any],
+    required: Sequence[str],
+    write: Callable[[Path], None],
+    is_own_stamp: Callable[[dict[str, Any]], bool],
+    what: str = "the synthetic data set",
+    stamped_entries: Callable[[dict[str, Any]], Sequence[str]] = lambda found: (),
+) -> bool:
+    """Make ``root`` hold the set described by ``spec``; returns False when it already does.
+
+    Args:
+        root: the data set folder.
+        stamp_name: the stamp file in ``root``; it holds ``spec`` as JSON and is written last.
+        spec: the generation parameters (the stamp's content).
+        required: paths relative to ``root`` that a complete set holds (their first components
+            are the generator's own top-level entries).
+        write: writes the set's files (not the stamp) into the folder it is given.
+        is_own_stamp: whether a stamp's JSON object was written by this generator.
+        what: how errors name the set.
+        stamped_entries: the top-level entries an older stamp says the generator wrote (when
+            they depend on the parameters, e.g. split folder names).
+
+    Raises:
+        ValueError: ``root`` is a file, or a non-empty folder without this generator's stamp, or a
+            stamped folder that also holds entries the generator did not write.
+    """
+    given = Path(root)
+    # the real folder: a symlinked data folder is written where it points (the temporary sibling on its file system)
+    root = Path(os.path.realpath(given))
+    stamp = root / stamp_name
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"cannot write {what} into {given}: it is a file, not a folder")
+    existing = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    found = read_stamp(stamp) if existing else None
+    if existing:
+        if found is None or not is_own_stamp(found):
+            raise ValueError(
+                f"refusing to write {what} into {given}: the folder is not empty ({_listing(existing)}) and has no "
+                f"{stamp_name} stamp of this generator, so its files may be someone's data; the generator writes only "
+                "into a missing or empty folder or one it generated itself. Choose another folder (or empty this one)"
+            )
+        if found == spec and all((root / path).exists() for path in required):
+            return False
+        own = {Path(path).parts[0] for path in required} | {stamp_name} | set(map(str, stamped_entries(found)))
+        foreign = [name for name in existing if name not in own]
+        if foreign:
+            raise ValueError(
+                f"refusing to regenerate {what} in {given}: besides its own files the folder holds "
+                f"{_listing(foreign)}, which the generator did not write; move them elsewhere or choose another folder"
+            )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    partial = _sibling(root, "partial")
+    partial.mkdir()
+    try:
+        write(partial)
+        tmp_stamp = partial / stamp_name
+        tmp_stamp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")  # last: marks a complete set
+        _fsync_tree(partial)
+        if existing:  # our own stale set: swap it out, then remove it
+            old = _sibling(root, "old")
+            os.rename(root, old)
+            os.rename(partial, root)
+            shutil.rmtree(old)
+        else:
+            try:
+                os.replace(partial, root)  # root missing, or empty (rename replaces an empty folder)
+            except OSError:
+                if read_stamp(stamp) == spec:  # another process generated the same set meanwhile
+                    shutil.rmtree(partial)
+                    return False
+                raise
+        _fsync_dir(root.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return True
