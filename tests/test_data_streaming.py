@@ -224,3 +224,61 @@ def test_converter_refuses_a_foreign_folder_and_reruns_safely(shards, tmp_path, 
         StreamingImageNetDataModule(data_dir=str(partial)).setup("fit")
     with pytest.raises(Exception, match="must be outside --src"):
         convert_imagenet(src, src / "shards", verbose=False)
+
+
+class _Killed(Exception):
+    """Stands for the process being killed mid-epoch."""
+
+
+class _Recorder:
+    """A LightningModule (built lazily: lightning imports are slow) that records the red value of every
+    training image and dies at step ``die_at`` as a killed run would."""
+
+    @staticmethod
+    def make(die_at: int = -1):
+        import lightning.pytorch as pl
+
+        class Recorder(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+                self.seen: list[int] = []
+
+            def training_step(self, batch, batch_idx):
+                if self.global_step == die_at:
+                    raise _Killed  # no checkpoint on the way out: the run resumes from the last periodic one
+                self.seen += _reds(batch[0])
+                return (self.weight * batch[0].mean()).sum()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        return Recorder()
+
+
+def test_a_killed_run_resumes_mid_epoch_from_its_checkpoint(shards, tmp_path):
+    """Lightning stores the StreamingDataLoader state in the checkpoint: kill after step 5 of 8 (checkpoint at
+    step 3) -> resume from that checkpoint -> the epoch's other 5 batches, no image twice, none missing."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, out, colours, _ = shards
+    train_reds = sorted(r for r, (p, _) in colours.items() if p.startswith("train/"))
+
+    def fit(model, ckpt_path=None):
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[checkpoint], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0)
+        trainer.fit(model, datamodule=StreamingImageNetDataModule(data_dir=str(out), **SMALL), ckpt_path=ckpt_path)
+
+    killed = _Recorder.make(die_at=5)
+    with pytest.raises(_Killed):
+        fit(killed)
+    assert len(killed.seen) == 15 and (tmp_path / "step=3.ckpt").is_file()
+    checkpoint = torch.load(tmp_path / "step=3.ckpt", weights_only=False)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the loader's position is saved
+    resumed = _Recorder.make()
+    fit(resumed, ckpt_path=str(tmp_path / "step=3.ckpt"))
+    assert len(resumed.seen) == 15
+    assert sorted(killed.seen[:9] + resumed.seen) == train_reds
