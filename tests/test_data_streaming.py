@@ -1,7 +1,8 @@
 """litdata shards of ImageNet-style class folders: the converter and StreamingImageNetDataModule.
 
-Every generated image is one flat colour whose red value is unique (10 + 6 * its index), so a
-sample is recognised after any crop, flip and normalisation by its mean red value.
+Every generated image has a flat red channel whose value is unique (10 + 6 * its index), so a
+sample is recognised after any crop, flip and normalisation by its mean red value; green and blue
+are gradients, so that different crops and resizes give different pixels.
 """
 import json
 import os
@@ -38,7 +39,11 @@ def _write_tree(root: Path) -> dict[int, tuple[str, int]]:
                 red = 10 + 6 * index
                 h, w = int(rng.integers(24, 40)), int(rng.integers(24, 40))
                 rel = f"{split}/{wnid}/{wnid}_{i}.JPEG"
-                Image.new("RGB", (w, h), (red, 40 * label, 128)).save(root / rel, quality=95)
+                pixels = np.empty((h, w, 3), np.uint8)  # red flat (the id), green / blue gradients (for the crops)
+                pixels[..., 0] = red
+                pixels[..., 1] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+                pixels[..., 2] = np.linspace(255, 0, h, dtype=np.uint8)[:, None]
+                Image.fromarray(pixels).save(root / rel, quality=95, subsampling=0)
                 colours[red] = (rel, label)
                 index += 1
     return colours
