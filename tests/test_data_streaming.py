@@ -287,3 +287,22 @@ def test_a_killed_run_resumes_mid_epoch_from_its_checkpoint(shards, tmp_path):
     fit(resumed, ckpt_path=str(tmp_path / "step=3.ckpt"))
     assert len(resumed.seen) == 15
     assert sorted(killed.seen[:9] + resumed.seen) == train_reds
+
+
+def test_the_streaming_recipe_is_the_folder_recipe_with_another_reader(capsys, monkeypatch):
+    import yaml
+
+    from aa_lightning.cli import AACLI
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+
+    def resolved(name: str) -> dict:
+        with pytest.raises(SystemExit):
+            AACLI(args=["--config", str(REPO / "configs" / name), "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    folder, streaming = resolved("imagenet_aa_resnet50.yaml"), resolved("imagenet_aa_resnet50_streaming.yaml")
+    assert streaming["model"] == folder["model"] and streaming["trainer"] == folder["trainer"]
+    assert streaming["data"]["class_path"] == "aa_lightning.data.StreamingImageNetDataModule"
+    shared = {k: v for k, v in folder["data"]["init_args"].items() if k not in ("data_dir", "persistent_workers")}
+    assert {k: streaming["data"]["init_args"][k] for k in shared} == shared  # same batch, sizes, augmentation
