@@ -306,3 +306,20 @@ def test_the_streaming_recipe_is_the_folder_recipe_with_another_reader(capsys, m
     assert streaming["data"]["class_path"] == "aa_lightning.data.StreamingImageNetDataModule"
     shared = {k: v for k, v in folder["data"]["init_args"].items() if k not in ("data_dir", "persistent_workers")}
     assert {k: streaming["data"]["init_args"][k] for k in shared} == shared  # same batch, sizes, augmentation
+
+
+def test_a_remote_data_dir_stays_a_uri_and_its_stamp_is_fetched_through_litdata(shards, monkeypatch):
+    import shutil
+
+    _, out, _, _ = shards
+    fetched = []
+
+    class Downloader:  # stands for litdata's S3 client
+        def download_file(self, remote: str, local: str) -> None:
+            fetched.append(remote)
+            shutil.copy(out / STAMP, local)
+
+    monkeypatch.setattr("litdata.streaming.downloader.get_downloader", lambda *args, **kwargs: Downloader())
+    dm = StreamingImageNetDataModule(data_dir="s3://bucket/imagenet_litdata/")
+    assert dm._uri("train") == "s3://bucket/imagenet_litdata/train"
+    assert dm._read_stamp()["classes"] == CLASSES and fetched == [f"s3://bucket/imagenet_litdata/{STAMP}"]

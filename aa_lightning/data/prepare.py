@@ -97,7 +97,9 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> bool:
     """Whether to convert into ``out``; raises for a foreign non-empty ``out`` or one inside / around ``src``."""
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
-        raise ConversionError(f"--out {out} must be outside --src {src} (the source is only read) and must not contain it")
+        raise ConversionError(
+            f"--out {out} must be outside --src {src} (the source is only read) and must not contain it"
+        )
     if not out.exists():
         return True
     if not out.is_dir():
@@ -143,7 +145,8 @@ def convert_imagenet(
         only_train = sorted(set(classes["train"]) - set(classes["val"]))[:5]
         only_val = sorted(set(classes["val"]) - set(classes["train"]))[:5]
         raise ConversionError(
-            f"{src}/train and {src}/val must have the same class folders; only in train: {only_train}, only in val: {only_val}"
+            f"{src}/train and {src}/val must have the same class folders; "
+            f"only in train: {only_train}, only in val: {only_val}"
         )
     for split in SPLITS:
         if not samples[split]:

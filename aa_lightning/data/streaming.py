@@ -41,7 +41,7 @@ def _litdata():
 
 def is_remote(uri: str) -> bool:
     """Whether ``uri`` names object storage (``scheme://...``) rather than a local folder."""
-    return "://" in uri and not uri.startswith("file://")
+    return "://" in uri
 
 
 class DecodeAndTransform:
@@ -61,7 +61,8 @@ class DecodeAndTransform:
             image = self.loader(io.BytesIO(sample["image"]))
         except ImageDecodeError as err:
             raise ImageDecodeError(
-                f"cannot decode image {sample['path']} (source path of a sample in the shards {self.shards}): {err.__cause__}"
+                f"cannot decode image {sample['path']} "
+                f"(source path of a sample in the shards {self.shards}): {err.__cause__}"
             ) from err.__cause__
         return self.transform(image), int(sample["label"])
 
@@ -102,7 +103,8 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             eval_size=eval_size, resize_size=resize_size, min_scale=min_scale, hflip=hflip, draft=draft,
             mean=mean, std=std, seed=seed, pin_memory=pin_memory, persistent_workers=False,
         )
-        self.data_dir = str(data_dir).rstrip("/")  # a URI stays a URI (Path would fold "s3://" to "s3:/")
+        # a URI stays a URI (Path would fold "s3://" to "s3:/"); file:// is a local folder
+        self.data_dir = str(data_dir).removeprefix("file://").rstrip("/")
         self.stamp: Optional[dict[str, Any]] = None
 
     def _uri(self, split: str) -> str:
@@ -122,7 +124,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
                 )
                 stamp = read_stamp(tmp)
         else:
-            stamp = read_stamp(self.data_dir.removeprefix("file://"))
+            stamp = read_stamp(self.data_dir)
         if stamp is None:
             raise FileNotFoundError(
                 f"{self.data_dir} is not a finished conversion: no valid {STAMP} in it. Write the shards with "
