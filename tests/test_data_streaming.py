@@ -323,3 +323,26 @@ def test_a_remote_data_dir_stays_a_uri_and_its_stamp_is_fetched_through_litdata(
     dm = StreamingImageNetDataModule(data_dir="s3://bucket/imagenet_litdata/")
     assert dm._uri("train") == "s3://bucket/imagenet_litdata/train"
     assert dm._read_stamp()["classes"] == CLASSES and fetched == [f"s3://bucket/imagenet_litdata/{STAMP}"]
+
+
+@pytest.mark.slow
+def test_the_streaming_recipe_trains_under_ddp_and_tests_every_image_once(shards, tmp_path):
+    """train.py with the streaming recipe (tiny overrides), 2 gloo processes: 24 images / (2 x 4) = 3 steps,
+    and the test summary counts the 15 validation images once."""
+    import re
+
+    from cli_helpers import run_cli
+
+    _, out, _, _ = shards
+    result = run_cli(
+        "--config", str(REPO / "configs" / "imagenet_aa_resnet50_streaming.yaml"), "--runs_dir", str(tmp_path / "runs"),
+        "--data.init_args.data_dir", str(out), "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--data.init_args.train_size", "32", "--data.init_args.eval_size", "32", "--data.init_args.resize_size", "36",
+        "--model.init_args.model_name", "test_resnet", "--model.init_args.num_classes", "3",
+        "--model.init_args.warmup_epochs", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1", cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"(\d+) optimizer steps", result.stdout).group(1) == "3"
+    assert re.search(r"test \(last checkpoint, (\d+) images\)", result.stdout).group(1) == "15"
