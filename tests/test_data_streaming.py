@@ -346,3 +346,16 @@ def test_the_streaming_recipe_trains_under_ddp_and_tests_every_image_once(shards
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"(\d+) optimizer steps", result.stdout).group(1) == "3"
     assert re.search(r"test \(last checkpoint, (\d+) images\)", result.stdout).group(1) == "15"
+
+
+def test_without_litdata_the_module_imports_and_setup_says_what_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "litdata", None)  # `import litdata` now raises ImportError
+    for name in ("aa_lightning.data.streaming", "aa_lightning.data.prepare"):
+        monkeypatch.delitem(sys.modules, name)
+    streaming = importlib.import_module("aa_lightning.data.streaming")
+    dm = streaming.StreamingImageNetDataModule(data_dir="data/imagenet_litdata")
+    with pytest.raises(ImportError, match=r"pip install 'aa-lightning\[streaming\]'"):
+        dm.setup("fit")
