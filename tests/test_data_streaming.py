@@ -359,3 +359,31 @@ def test_without_litdata_the_module_imports_and_setup_says_what_to_install(monke
     dm = streaming.StreamingImageNetDataModule(data_dir="data/imagenet_litdata")
     with pytest.raises(ImportError, match=r"pip install 'aa-lightning\[streaming\]'"):
         dm.setup("fit")
+
+
+def test_a_failed_conversion_leaves_nothing_and_overwrite_keeps_foreign_files(tmp_path, monkeypatch):
+    import litdata
+
+    src = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (src / split / "n0").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 0, 0)).save(src / split / "n0" / "a.JPEG")
+    real_optimize = litdata.optimize
+
+    def dies_after_train(**kwargs):
+        if kwargs["output_dir"].endswith("val"):
+            raise RuntimeError("killed")
+        real_optimize(**kwargs)
+
+    monkeypatch.setattr(litdata, "optimize", dies_after_train)
+    with pytest.raises(RuntimeError, match="killed"):
+        convert_imagenet(src, tmp_path / "shards", num_workers=1, verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet"]  # no --out, no temporary sibling
+    monkeypatch.setattr(litdata, "optimize", real_optimize)
+    first = convert_imagenet(src, tmp_path / "shards", num_workers=1, verbose=False)
+    assert convert_imagenet(src, tmp_path / "shards", num_workers=1, overwrite=True, verbose=False) == {
+        **first, "seconds": json.loads((tmp_path / "shards" / STAMP).read_text())["seconds"]}
+    (tmp_path / "shards" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match=r"did not write: \['notes.txt'\]"):
+        convert_imagenet(src, tmp_path / "shards", num_workers=1, overwrite=True, verbose=False)
+    assert (tmp_path / "shards" / "notes.txt").read_text() == "mine"

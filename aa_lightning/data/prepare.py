@@ -111,6 +111,9 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> bool:
             f"--out {out} is not empty and is not a conversion by this tool (no {STAMP} in it); "
             "refusing to write there. Pass an empty or new folder."
         )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*SPLITS, STAMP))
+    if overwrite and foreign:
+        raise ConversionError(f"--overwrite: {out} also holds files this tool did not write: {foreign[:5]}; move them first")
     return overwrite
 
 
