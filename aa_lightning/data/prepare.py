@@ -113,7 +113,9 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> bool:
         )
     foreign = sorted(p.name for p in out.iterdir() if p.name not in (*SPLITS, STAMP))
     if overwrite and foreign:
-        raise ConversionError(f"--overwrite: {out} also holds files this tool did not write: {foreign[:5]}; move them first")
+        raise ConversionError(
+            f"--overwrite: {out} also holds files this tool did not write: {foreign[:5]}; move them first"
+        )
     return overwrite
 
 
