@@ -1,0 +1,246 @@
+"""Converters from image folders to streamed shards.
+
+``python -m aa_lightning.data.prepare imagenet --src data/imagenet --out data/imagenet_litdata``
+
+writes ``--out/train`` and ``--out/val`` as litdata data sets (``litdata.optimize``): chunks of
+samples ``{"image": <the encoded file's bytes>, "label": int, "path": "<split>/<class>/<file>"}``
+(the JPEG bytes as they are, not decoded pixels; the path relative to ``--src`` names a file that
+cannot be decoded when training). Labels are the sorted class folders, exactly as the folder
+reader (torchvision's ``ImageFolder``) numbers them. ``--out/aa_lightning_shards.json`` (the
+stamp) records the classes, the sample counts and the source; it is written last.
+
+Safety: ``--src`` is only read. The shards are written into a temporary sibling of ``--out``
+(``.<name>.partial-*``) and renamed to ``--out`` when both splits are complete, so a killed
+conversion leaves nothing that passes for a finished one (the next run removes such leftovers).
+A non-empty ``--out`` without the stamp is refused; a finished one is left as it is unless
+``--overwrite`` is given. Shards for remote training (s3:// etc.) are converted locally and then
+copied, e.g. ``aws s3 sync data/imagenet_litdata s3://bucket/imagenet_litdata``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+STAMP = "aa_lightning_shards.json"
+PARTIAL_MARKER = ".aa_lightning_partial"
+FORMAT = "aa_lightning.imagenet.v1"
+SPLITS = ("train", "val")
+
+
+class ConversionError(RuntimeError):
+    """Bad ``--src`` / ``--out`` for a conversion."""
+
+
+def read_stamp(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The stamp of a finished conversion in ``folder`` (a local path), or None."""
+    path = Path(folder) / STAMP
+    if not path.is_file():
+        return None
+    stamp = json.loads(path.read_text())
+    return stamp if stamp.get("format") == FORMAT else None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file beside it (flush, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_split(src: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and ``(path relative to src, label)`` of ``src/split``, numbered as ``ImageFolder`` does."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    folder = src / split
+    if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+        raise ConversionError(
+            f"--src {src}: no class folders in {folder} (expected {folder}/<class, e.g. n01440764>/<image>.JPEG; "
+            "see data/README.md)"
+        )
+    classes, class_to_idx = find_classes(str(folder))
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    return classes, [(os.path.relpath(path, src), label) for path, label in samples]
+
+
+def _read_sample(item: tuple[str, int], src: str) -> dict[str, Any]:
+    """One optimize() step: the file's bytes, its label and its path relative to ``src`` (never decoded here)."""
+    relpath, label = item
+    with open(os.path.join(src, relpath), "rb") as f:
+        return {"image": f.read(), "label": label, "path": relpath}
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> bool:
+    """Whether to convert into ``out``; raises for a foreign non-empty ``out`` or one inside / around ``src``."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
+        raise ConversionError(
+            f"--out {out} must be outside --src {src} (the source is only read) and must not contain it"
+        )
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        raise ConversionError(f"--out {out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return True
+    if read_stamp(out) is None:
+        raise ConversionError(
+            f"--out {out} is not empty and is not a conversion by this tool (no {STAMP} in it); "
+            "refusing to write there. Pass an empty or new folder."
+        )
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*SPLITS, STAMP))
+    if overwrite and foreign:
+        raise ConversionError(
+            f"--overwrite: {out} also holds files this tool did not write: {foreign[:5]}; move them first"
+        )
+    return overwrite
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove temporary siblings of ``out`` that a killed conversion left (only those carrying our marker)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        if stale.is_dir() and (stale / PARTIAL_MARKER).is_file():
+            print(f"removing {stale}, left by an interrupted conversion", file=sys.stderr)
+            shutil.rmtree(stale)
+
+
+def convert_imagenet(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    num_workers: Optional[int] = None,
+    chunk_bytes: str = "64MB",
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Optional[dict[str, Any]]:
+    """Convert ``src/{train,val}/<class>/<image>`` into litdata shards in ``out``; returns the stamp written,
+    or None when ``out`` already holds a finished conversion (and ``overwrite`` is False)."""
+    src, out = Path(src), Path(out)
+    if "://" in str(out):
+        raise ConversionError(f"--out {out}: convert to a local folder, then copy it to the object store")
+    if not _check_out(src, out, overwrite):
+        print(f"{out} already holds a finished conversion ({STAMP}); nothing to do (--overwrite to redo it)")
+        return None
+    classes, samples = {}, {}
+    for split in SPLITS:
+        classes[split], samples[split] = list_split(src, split)
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))[:5]
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))[:5]
+        raise ConversionError(
+            f"{src}/train and {src}/val must have the same class folders; "
+            f"only in train: {only_train}, only in val: {only_val}"
+        )
+    for split in SPLITS:
+        if not samples[split]:
+            raise ConversionError(f"--src {src}: no images in {src / split}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    (tmp / PARTIAL_MARKER).write_text(f"an unfinished conversion of {src.resolve()} (pid {os.getpid()})\n")
+    workers = max(1, num_workers or os.cpu_count() or 1)
+    # litdata stages chunks in DATA_OPTIMIZER_*CACHE_FOLDER (default: a shared /tmp/chunks): keep them in tmp
+    cache_env = {"DATA_OPTIMIZER_CACHE_FOLDER": str(tmp / ".cache" / "chunks"),
+                 "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(tmp / ".cache" / "data")}
+    saved_env = {key: os.environ.get(key) for key in cache_env}
+    os.environ.update(cache_env)
+    try:
+        import litdata
+
+        start = time.perf_counter()
+        for split in SPLITS:
+            if verbose:
+                print(f"{split}: {len(samples[split])} images, {workers} workers -> {out / split}")
+            litdata.optimize(
+                fn=functools.partial(_read_sample, src=str(src.resolve())),
+                inputs=samples[split],
+                output_dir=str(tmp / split),
+                chunk_bytes=chunk_bytes,
+                num_workers=min(workers, len(samples[split])),
+                reorder_files=False,
+                # fork: the workers inherit the imported modules (spawn re-imports torch & co. in each one)
+                start_method="fork" if sys.platform == "linux" else None,
+                verbose=verbose,
+            )
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        stamp = {
+            "format": FORMAT,
+            "source": str(src.resolve()),
+            "classes": classes["train"],
+            "num_samples": {split: len(samples[split]) for split in SPLITS},
+            "chunk_bytes": chunk_bytes,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        write_json_atomic(tmp / STAMP, stamp)
+        (tmp / PARTIAL_MARKER).unlink()
+        _fsync_dir(tmp)
+        if out.exists() and any(out.iterdir()):  # --overwrite of our own finished conversion
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)  # out is absent or an empty folder
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if verbose:
+        print(f"wrote {out}: {stamp['num_samples']} images of {len(stamp['classes'])} classes in {stamp['seconds']} s")
+    return stamp
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: ``python -m aa_lightning.data.prepare imagenet --src ... --out ...``."""
+    parser = argparse.ArgumentParser(prog="python -m aa_lightning.data.prepare", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    imagenet = commands.add_parser("imagenet", help="ImageNet class folders -> litdata shards of the encoded JPEGs")
+    imagenet.add_argument("--src", required=True, help="folder with train/<class>/ and val/<class>/ (only read)")
+    imagenet.add_argument("--out", required=True, help="new or empty local folder for the shards")
+    imagenet.add_argument("--workers", type=int, default=None, help="parallel reader processes (default: all cores)")
+    imagenet.add_argument("--chunk-bytes", default="64MB", help="size of one shard file (default: 64MB)")
+    imagenet.add_argument("--overwrite", action="store_true", help="redo a finished conversion in --out")
+    imagenet.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        convert_imagenet(args.src, args.out, args.workers, args.chunk_bytes, args.overwrite, verbose=not args.quiet)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # run the package module's main so that the worker processes unpickle aa_lightning.data.prepare._read_sample
+    from aa_lightning.data.prepare import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,172 @@
+"""ImageNet from litdata shards (``python -m aa_lightning.data.prepare imagenet``), local or remote.
+
+:class:`StreamingImageNetDataModule` is the folder reader (:class:`~aa_lightning.data.ImageNetDataModule`:
+the same arguments, draft-mode JPEG decoding and albumentations pipelines) reading
+``data_dir/{train,val}`` through ``litdata.StreamingDataset`` / ``StreamingDataLoader``. ``data_dir`` is
+a local folder or a URI (``s3://``, ``gs://``, ``azure://`` ...; chunks are cached in ``cache_dir``).
+
+- DDP: litdata gives every rank a disjoint set of chunks (no sampler). Training drops the few
+  samples that would make the ranks' step counts differ; validation keeps them (``drop_last=False``),
+  so every validation image is evaluated exactly once over all ranks.
+- Resuming: ``StreamingDataLoader`` has ``state_dict`` / ``load_state_dict``, which Lightning stores in
+  every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores, so a run resumed from a
+  mid-epoch checkpoint continues the epoch without repeating or skipping samples (with the same number
+  of devices and workers). Workers are not persistent: they restart each epoch and pick up litdata's
+  epoch (its shuffle) from the loader.
+- A sample that cannot be decoded raises :class:`~aa_lightning.data.imagenet.ImageDecodeError` naming
+  its source path (stored by the converter).
+
+litdata is imported when the data are set up, so this module imports without it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+from .imagenet import ImageDecodeError, ImageNetDataModule, RGBLoader
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
+
+_INSTALL_HINT = "the streaming ImageNet reader needs litdata: pip install 'aa-lightning[streaming]' (or litdata)"
+
+
+def _litdata():
+    try:
+        import litdata
+    except ImportError as err:
+        raise ImportError(_INSTALL_HINT) from err
+    return litdata
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names object storage (``scheme://...``) rather than a local folder."""
+    return "://" in uri
+
+
+class DecodeAndTransform:
+    """litdata sample ``{"image": JPEG bytes, "label", "path"}`` -> ``(transform(RGB uint8 image), label)``.
+
+    Decodes as the folder reader does (:class:`RGBLoader`: draft mode down to ``min_size``); a sample
+    that cannot be decoded raises :class:`ImageDecodeError` naming its source path and the shards.
+    """
+
+    def __init__(self, transform: Callable, min_size: Optional[int], shards: str) -> None:
+        self.transform = transform
+        self.loader = RGBLoader(min_size)
+        self.shards = shards
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        try:
+            image = self.loader(io.BytesIO(sample["image"]))
+        except ImageDecodeError as err:
+            raise ImageDecodeError(
+                f"cannot decode image {sample['path']} "
+                f"(source path of a sample in the shards {self.shards}): {err.__cause__}"
+            ) from err.__cause__
+        return self.transform(image), int(sample["label"])
+
+
+class StreamingImageNetDataModule(ImageNetDataModule):
+    """ImageNet train/val loaders from litdata shards written by ``python -m aa_lightning.data.prepare imagenet``.
+
+    Args:
+        data_dir: folder or URI (``s3://bucket/imagenet_litdata``) holding ``train/``, ``val/`` and the
+            converter's stamp ``aa_lightning_shards.json``.
+        cache_dir: local folder for the chunks of a remote ``data_dir`` (default: litdata's).
+        max_cache_size: most disk space the cached chunks of one split may take, e.g. ``"100GB"``.
+        storage_options: passed to litdata's object-store client (credentials, endpoint, ...).
+        Other arguments: as :class:`~aa_lightning.data.ImageNetDataModule` (``seed`` also seeds the shuffle).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/imagenet_litdata",
+        batch_size: int = 128,
+        num_workers: int = 8,
+        train_size: int = 224,
+        eval_size: int = 224,
+        resize_size: int = 256,
+        min_scale: float = 0.08,
+        hflip: bool = True,
+        draft: bool = True,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        seed: int = 0,
+        pin_memory: Optional[bool] = None,
+        cache_dir: Optional[str] = None,
+        max_cache_size: str = "100GB",
+        storage_options: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, train_size=train_size,
+            eval_size=eval_size, resize_size=resize_size, min_scale=min_scale, hflip=hflip, draft=draft,
+            mean=mean, std=std, seed=seed, pin_memory=pin_memory, persistent_workers=False,
+        )
+        # a URI stays a URI (Path would fold "s3://" to "s3:/"); file:// is a local folder
+        self.data_dir = str(data_dir).removeprefix("file://").rstrip("/")
+        self.stamp: Optional[dict[str, Any]] = None
+
+    def _uri(self, split: str) -> str:
+        return f"{self.data_dir}/{split}"
+
+    def _read_stamp(self) -> dict[str, Any]:
+        """The converter's stamp (classes, sample counts), fetched first when ``data_dir`` is remote."""
+        from .prepare import STAMP, read_stamp  # here: `python -m aa_lightning.data.prepare` runs it as __main__
+
+        if is_remote(self.data_dir):
+            from litdata.streaming.downloader import get_downloader
+
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, STAMP)
+                get_downloader(self.data_dir, tmp, [], self.hparams.storage_options or {}).download_file(
+                    f"{self.data_dir}/{STAMP}", local
+                )
+                stamp = read_stamp(tmp)
+        else:
+            stamp = read_stamp(self.data_dir)
+        if stamp is None:
+            raise FileNotFoundError(
+                f"{self.data_dir} is not a finished conversion: no valid {STAMP} in it. Write the shards with "
+                f"`python -m aa_lightning.data.prepare imagenet --src data/imagenet --out {self.data_dir}`"
+            )
+        return stamp
+
+    def _dataset(self, split: str, transform: Callable, min_size: Optional[int], train: bool) -> Any:
+        hp = self.hparams
+        return _litdata().StreamingDataset(
+            self._uri(split),
+            cache_dir=hp.cache_dir,
+            max_cache_size=hp.max_cache_size,
+            storage_options=hp.storage_options or {},
+            shuffle=train,
+            drop_last=train,  # val: every image once over all ranks
+            seed=hp.seed,
+            transform=DecodeAndTransform(transform, min_size, self._uri(split)),
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        hp = self.hparams
+        _litdata()
+        self.stamp = self._read_stamp()
+        self.class_names = list(self.stamp["classes"])
+        self.num_classes = len(self.class_names)
+        eval_transform = imagenet_eval_transform(hp.eval_size, hp.resize_size, self.mean, self.std)
+        self.val_set = self._dataset("val", eval_transform, hp.resize_size if hp.draft else None, train=False)
+        self.test_set = self.val_set  # ILSVRC-2012's labelled val images are also the test set
+        if stage in (None, "fit"):
+            train_transform = imagenet_train_transform(
+                hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed
+            )
+            self.train_set = self._dataset("train", train_transform, hp.train_size if hp.draft else None, train=True)
+
+    def _loader(self, dataset: Any, train: bool) -> Any:
+        import torch
+
+        pin_memory = self.hparams.pin_memory
+        return _litdata().StreamingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        )
