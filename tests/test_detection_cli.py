@@ -149,9 +149,11 @@ def test_coco_recipes_follow_the_retinanet_1x_recipe(backbone, capsys, monkeypat
     init = config["model"]["init_args"]
     assert init["backbone"] == backbone and timm.is_model(backbone)
     assert config["model"]["class_path"] == "aa_lightning.tasks.RetinaNetDetector" and init["num_classes"] == 80
-    assert (init["optimizer"], init["base_lr"], init["reference_batch_size"], init["momentum"], init["weight_decay"]) == \
+    assert (init["optimizer"], init["base_lr"], init["reference_batch_size"], init["momentum"],
+            init["weight_decay"]) == \
         ("sgd", 0.01, 16, 0.9, 1e-4)
-    assert (init["schedule"], init["lr_milestone_steps"], init["lr_gamma"], init["warmup_steps"]) == ("step", [60000, 80000], 0.1, 500)
+    assert (init["schedule"], init["lr_milestone_steps"], init["lr_gamma"], init["warmup_steps"]) == \
+        ("step", [60000, 80000], 0.1, 500)
     assert init["fpn_channels"] == 256 and init["anchor_sizes"] == [32, 64, 128, 256, 512]
     assert (init["fg_iou_thresh"], init["bg_iou_thresh"]) == (0.5, 0.4)
     trainer, data = config["trainer"], config["data"]["init_args"]
