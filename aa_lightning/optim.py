@@ -90,7 +90,7 @@ def warmup_schedule(
     (``CosineAnnealingLR``), ``step``: ``gamma ** (number of milestones <= s)`` (``MultiStepLR``),
     or ``constant``: 1.
     """
-    after = warmup_steps if warmup_steps > 0 else 0
+    after = max(0, warmup_steps)
     if schedule == "cosine":
         peak = max(group["lr"] for group in optimizer.param_groups)
         main: lr_scheduler.LRScheduler = lr_scheduler.CosineAnnealingLR(
