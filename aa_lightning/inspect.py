@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from aa_lightning.callbacks.attention_maps import default_layer  # noqa: E402
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize  # noqa: E402
 from aa_lightning.data.images import rgb_array  # noqa: E402
 from aa_lightning.layers import augmented_layers, capture_attention  # noqa: E402
-from aa_lightning.models import load_checkpoint  # noqa: E402
+from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
 CIFAR_IMAGE_SIZE = 32
@@ -75,22 +74,15 @@ class TrainedClassifier:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
-def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a Lightning checkpoint, with errors that name the file."""
-    if not path.is_file():
-        raise InspectError(f"checkpoint not found: {path}")
+def read_lightning_checkpoint(path: Path) -> Checkpoint:
+    """:func:`~aa_lightning.models.weights.read_checkpoint` of a Lightning checkpoint; errors as InspectError."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        raise InspectError(
-            f"cannot read checkpoint {path}: not a PyTorch checkpoint, or one holding Python objects that a "
-            f"weights-only torch.load refuses to unpickle ({detail})"
-        ) from None
-    except Exception as err:  # not a torch file, truncated, ...
-        raise InspectError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise InspectError(f"{path} is not a Lightning checkpoint (no 'state_dict'); export folders from `python -m aa_lightning.export` also work")
+        checkpoint = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise InspectError(str(err)) from None
+    if "state_dict" not in checkpoint.contents:
+        raise InspectError(f"{path} is not a Lightning checkpoint (no 'state_dict'); "
+                           "export folders from `python -m aa_lightning.export` also work")
     return checkpoint
 
 
@@ -155,7 +147,8 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
         return load_exported_classifier(path, model_name)
     from aa_lightning.tasks.classification import build_timm_model
 
-    checkpoint = read_lightning_checkpoint(path)
+    source = read_lightning_checkpoint(path)
+    checkpoint = source.contents
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     task = hparams.get("_class_path")
     if task is not None and task != CLASSIFIER_CLASS_PATH and "model_name" not in hparams:
@@ -169,7 +162,7 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
     except ValueError as err:
         raise InspectError(f"checkpoint {path}: {err}") from None
     try:
-        load_checkpoint(model, path)  # the model zoo's checks: same model, same shapes, no code unpickled
+        load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes
     except ValueError as err:
         raise InspectError(str(err)) from None
 

@@ -1,93 +1,77 @@
 """Optimizers and learning-rate schedules shared by the classification and detection tasks.
 
-- ``param_groups``: no weight decay on normalization weights, biases and 1-D parameters
-  (the relative position tables of AugmentedConv2d are 2-D and *are* decayed, as in the paper's
-  TF code where every non-BN variable is).
-- ``scaled_lr``: the paper's linear scaling rule, lr = base_lr * B_global / 256.
-- ``warmup_schedule``: linear warm-up from 0, then cosine (to ``min_lr_ratio``) or step decay,
-  evaluated per optimizer step.
+Both tasks take the same settings (``optimizer``, ``base_lr``, ``reference_batch_size``,
+``momentum``, ``nesterov``, ``betas``, ``weight_decay``, ``schedule``, ``min_lr_ratio``,
+``lr_gamma``; warm-up and milestones in the task's unit) and build them with these helpers:
+
+- ``peak_lr``: the paper's linear scaling rule, lr = base_lr * B_global / reference_batch_size,
+  with B_global from :func:`global_batch_size`.
+- ``build_optimizer``: torch's SGD (momentum, optional Nesterov) or AdamW over timm's
+  ``param_groups_weight_decay`` (no weight decay on biases and 1-D tensors, i.e. norms; the
+  relative position tables of AugmentedConv2d are 2-D and *are* decayed, as in the paper's TF
+  code where every non-BN variable is).
+- ``warmup_schedule``: torch's ``LinearLR`` warm-up then ``CosineAnnealingLR`` (to
+  ``min_lr_ratio``), ``MultiStepLR`` or ``ConstantLR`` in a ``SequentialLR``, stepped per
+  optimizer step.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.optim import lr_scheduler
 
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["cosine", "step", "constant"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into a decayed group and a no-decay group (norms, biases, 1-D tensors)."""
-    decay, no_decay = [], []
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    no_decay_ids: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, norm_types):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in no_decay_ids or p.ndim <= 1 or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    """timm's ``param_groups_weight_decay`` (trainable parameters; biases and 1-D tensors undecayed),
+    decayed group first as this project's checkpoints store them."""
+    return param_groups_weight_decay(model, weight_decay)[::-1]
 
 
-def scaled_lr(base_lr: float, global_batch_size: int, reference_batch_size: int = 256) -> float:
-    """The paper's linear scaling rule: ``base_lr * global_batch_size / reference_batch_size``."""
-    return base_lr * global_batch_size / reference_batch_size
+def global_batch_size(trainer: Any) -> int:
+    """Images per optimizer step over all processes: batch per device x devices x nodes x accumulation.
+
+    The batch per device is the data module's ``batch_size``, else the training loader's.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    per_device = getattr(datamodule, "batch_size", None)
+    if per_device is None and trainer.train_dataloader is not None:
+        per_device = getattr(trainer.train_dataloader, "batch_size", None)
+    if per_device is None:
+        raise ValueError("model.reference_batch_size needs the batch size: use a data module with batch_size "
+                         "(or set reference_batch_size: null to use base_lr as is)")
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def peak_lr(base_lr: float, reference_batch_size: Optional[int], trainer: Any) -> tuple[float, Optional[int]]:
+    """``(base_lr * B_global / reference_batch_size, B_global)``; ``(base_lr, None)`` without a reference."""
+    if not reference_batch_size:
+        return base_lr, None
+    global_batch = global_batch_size(trainer)
+    return base_lr * global_batch / reference_batch_size, global_batch
 
 
 def build_optimizer(
-    params: Iterable[dict],
+    model: nn.Module,
     name: OptimizerName,
     lr: float,
+    weight_decay: float,
     momentum: float = 0.9,
     nesterov: bool = False,
     betas: Sequence[float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW over pre-built parameter groups."""
+    """SGD (momentum, optional Nesterov) or AdamW over :func:`param_groups` of ``model``."""
+    groups = param_groups(model, weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     raise ValueError(f"optimizer must be one of 'sgd', 'adamw'; got {name!r}")
-
-
-def warmup_factor(
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    schedule: ScheduleName = "cosine",
-    min_lr_ratio: float = 0.0,
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
-) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
-
-    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (linear from ~0 to 1).
-    Then ``cosine``: ``min + (1 - min) * 0.5 * (1 + cos(pi * t))`` with
-    ``t = (step - warmup_steps) / (total_steps - warmup_steps)`` clipped to [0, 1];
-    ``step``: ``gamma ** (number of milestones <= step)``; ``constant``: 1.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return gamma ** sum(1 for m in milestones if step >= m)
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        t = min(1.0, max(0.0, (step - warmup_steps) / span))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-    raise ValueError(f"schedule must be one of 'cosine', 'step', 'constant'; got {schedule!r}")
 
 
 def warmup_schedule(
@@ -98,10 +82,26 @@ def warmup_schedule(
     min_lr_ratio: float = 0.0,
     milestones: Sequence[int] = (),
     gamma: float = 0.1,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step ``LambdaLR`` applying :func:`warmup_factor` (use with ``interval: step``)."""
+) -> lr_scheduler.LRScheduler:
+    """Per-step schedule (use with ``interval: step``) of the multiplier of the peak lr at step ``s``:
 
-    def factor(step: int) -> float:
-        return warmup_factor(step, total_steps, warmup_steps, schedule, min_lr_ratio, milestones, gamma)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warm-up ``(s + 1) / warmup_steps`` for ``s < warmup_steps`` (``LinearLR``), then ``cosine``:
+    ``min + (1 - min) * 0.5 * (1 + cos(pi * (s - warmup_steps) / (total_steps - warmup_steps)))``
+    (``CosineAnnealingLR``), ``step``: ``gamma ** (number of milestones <= s)`` (``MultiStepLR``),
+    or ``constant``: 1.
+    """
+    after = max(0, warmup_steps)
+    if schedule == "cosine":
+        peak = max(group["lr"] for group in optimizer.param_groups)
+        main: lr_scheduler.LRScheduler = lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, total_steps - after), eta_min=min_lr_ratio * peak)
+    elif schedule == "step":  # milestones count from the end of the warm-up; those inside it apply at once
+        main = lr_scheduler.MultiStepLR(optimizer, [max(0, m - after) for m in milestones], gamma)
+    elif schedule == "constant":
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise ValueError(f"schedule must be one of 'cosine', 'step', 'constant'; got {schedule!r}")
+    if after == 0:
+        return main
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / after, end_factor=1.0, total_iters=max(1, after - 1))
+    return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[after])

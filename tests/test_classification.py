@@ -62,7 +62,7 @@ def test_lr_follows_scaled_warmup_then_cosine_at_every_step(tmp_path):
 
 def test_step_schedule_and_unscaled_lr(tmp_path):
     model = ImageClassifier(TINY, num_classes=4, base_lr=0.05, reference_batch_size=None, warmup_epochs=0,
-                            schedule="step", lr_milestones=[1, 2], lr_gamma=0.1, optimizer="adamw")
+                            schedule="step", lr_milestone_epochs=[1, 2], lr_gamma=0.1, optimizer="adamw")
     recorder = _RecordLR()
     _trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[recorder]).fit(model, datamodule=_Data())
     got = [lrs[0] for lrs in recorder.lrs]

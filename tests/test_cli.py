@@ -145,6 +145,7 @@ def test_missing_cifar_data_names_the_path(tmp_path):
         (["--trainer.max_epoch", "3"], "max_epoch"),  # no silent completion to max_epochs
         (["--trainer.max_epohcs", "3"], "max_epohcs"),
         (["--model.base_lr", "fast"], "base_lr"),
+        (["--model.lr_milestones", "[1]"], "lr_milestones"),  # renamed lr_milestone_epochs: no silent acceptance
         (["--data.batch_size", "many"], "batch_size"),
     ],
 )

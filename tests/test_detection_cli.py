@@ -25,8 +25,8 @@ def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) 
             "class_path": "aa_lightning.tasks.RetinaNetDetector",
             "init_args": {"num_classes": 5, "backbone": "test_resnet", "fpn_channels": 16, "freeze_at": 0,
                           "frozen_bn": False, "anchor_sizes": [8, 16, 32, 64, 128], "optimizer": "adamw",
-                          "lr": 1e-3, "lr_batch_size": None, "warmup_steps": 1, "schedule": "cosine",
-                          "milestones": [], "num_log_images": 2, "log_score_thresh": 0.0, **model_overrides},
+                          "base_lr": 1e-3, "reference_batch_size": None, "warmup_steps": 1, "schedule": "cosine",
+                          "lr_milestone_steps": [], "num_log_images": 2, "log_score_thresh": 0.0, **model_overrides},
         },
         "data": {
             "class_path": "aa_lightning.data.SyntheticCOCODataModule",
@@ -114,6 +114,18 @@ def test_backbone_initialized_from_a_classification_run(tmp_path):
     assert result.returncode != 0 and "'test_resnet'" in result.stderr and "'resnet18'" in result.stderr
 
 
+@pytest.mark.parametrize("old, value", [("lr", 0.01), ("lr_batch_size", 16), ("milestones", [3]), ("gamma", 0.5)])
+def test_old_optimizer_key_names_are_unknown_keys(old, value, tmp_path, capsys, monkeypatch):
+    """The settings took the classifier's names (base_lr, reference_batch_size, lr_milestone_steps, lr_gamma)."""
+    from aa_lightning.cli import AACLI
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(SystemExit) as info:
+        AACLI(args=["--config", str(detection_recipe(tmp_path, **{old: value})), "--print_config"])
+    assert info.value.code not in (None, 0)
+    assert f"Option '{old}' is not accepted" in capsys.readouterr().err
+
+
 CONFIGS = REPO / "configs"
 
 
@@ -137,9 +149,11 @@ def test_coco_recipes_follow_the_retinanet_1x_recipe(backbone, capsys, monkeypat
     init = config["model"]["init_args"]
     assert init["backbone"] == backbone and timm.is_model(backbone)
     assert config["model"]["class_path"] == "aa_lightning.tasks.RetinaNetDetector" and init["num_classes"] == 80
-    assert (init["optimizer"], init["lr"], init["lr_batch_size"], init["momentum"], init["weight_decay"]) == \
+    assert (init["optimizer"], init["base_lr"], init["reference_batch_size"], init["momentum"],
+            init["weight_decay"]) == \
         ("sgd", 0.01, 16, 0.9, 1e-4)
-    assert (init["schedule"], init["milestones"], init["gamma"], init["warmup_steps"]) == ("step", [60000, 80000], 0.1, 500)
+    assert (init["schedule"], init["lr_milestone_steps"], init["lr_gamma"], init["warmup_steps"]) == \
+        ("step", [60000, 80000], 0.1, 500)
     assert init["fpn_channels"] == 256 and init["anchor_sizes"] == [32, 64, 128, 256, 512]
     assert (init["fg_iou_thresh"], init["bg_iou_thresh"]) == (0.5, 0.4)
     trainer, data = config["trainer"], config["data"]["init_args"]

@@ -267,3 +267,11 @@ def test_channels_last_computes_the_same_network():
         heads_b = nhwc.model.head(list(features_b.values()))
     for key in heads_a:
         torch.testing.assert_close(heads_b[key], heads_a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_from_a_timm_ema_checkpoint(tmp_path):
+    """The detector reads checkpoints with the model zoo's reader: timm's EMA weights under DDP's prefix too."""
+    classifier = timm.create_model("resnet18", num_classes=10)
+    torch.save({"state_dict_ema": {f"module.{k}": v for k, v in classifier.state_dict().items()}}, tmp_path / "ema.pth")
+    detector = RetinaNetDetector(num_classes=2, backbone_checkpoint=str(tmp_path / "ema.pth"), **TINY)
+    assert torch.equal(detector.model.backbone.body.layer4[1].conv2.weight, classifier.layer4[1].conv2.weight)

@@ -118,3 +118,32 @@ def test_load_checkpoint_reads_without_unpickling_code(tmp_path):
         load_checkpoint(timm.create_model("aa_resnet26", **SMALL), path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(timm.create_model("aa_resnet26", **SMALL), tmp_path / "missing.ckpt")
+
+
+def test_one_reader_for_lightning_timm_ema_ddp_and_safetensors_files(tmp_path):
+    from aa_lightning.models.weights import read_checkpoint
+
+    source = timm.create_model("aa_resnet26", **SMALL)
+    state = source.state_dict()
+    files = {
+        "lightning.ckpt": {"state_dict": {**{f"model.{k}": v for k, v in state.items()},
+                                          "criterion.weight": torch.ones(5)},
+                           "hyper_parameters": {"model_name": "aa_resnet26", "model_kwargs": {"img_size": 32}}},
+        "timm_ema.pth": {"state_dict_ema": {f"module.{k}": v for k, v in state.items()}, "arch": "aa_resnet26"},
+        "torchvision.pth": {"model": state, "epoch": 3},
+        "plain.pt": state,
+    }
+    for name, contents in files.items():
+        torch.save(contents, tmp_path / name)
+    save_file(state, str(tmp_path / "weights.safetensors"))
+    for name, model_name in [("lightning.ckpt", "aa_resnet26"), ("timm_ema.pth", "aa_resnet26"),
+                             ("torchvision.pth", None), ("plain.pt", None), ("weights.safetensors", None)]:
+        checkpoint = read_checkpoint(tmp_path / name)
+        assert checkpoint.state_dict.keys() == state.keys(), name
+        assert all(torch.equal(checkpoint.state_dict[k], v) for k, v in state.items()), name
+        assert checkpoint.model_name == model_name, name
+        assert same_weights(load_checkpoint(timm.create_model("aa_resnet26", **SMALL), checkpoint), source), name
+    assert read_checkpoint(tmp_path / "lightning.ckpt").model_kwargs == {"img_size": 32}
+    torch.save({"state_dict": {"model.fc.weight": "not a tensor"}}, tmp_path / "strings.ckpt")
+    with pytest.raises(ValueError, match=r"strings.ckpt: holds no state dict"):
+        read_checkpoint(tmp_path / "strings.ckpt")

@@ -6,8 +6,9 @@
   (or a ``.pth`` state dict, or a ``.ckpt`` of this project) loads through timm with
   :func:`checkpoint_filter_fn`, which strips Lightning's ``model.`` prefix and resamples relative
   position tables trained at another ``img_size``.
-- :func:`load_checkpoint` loads a Lightning ``.ckpt`` / state dict / safetensors file into a
-  built model, checking that the checkpoint is of the same model.
+- :func:`read_checkpoint` reads a Lightning ``.ckpt`` / state dict / safetensors file (the one
+  reader of the project: the detection backbone and the inspect tool use it too);
+  :func:`load_checkpoint` loads it into a built model, checking that it is of the same model.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: no code is unpickled.
 """
@@ -15,16 +16,21 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from timm.models import resolve_pretrained_cfg
 from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..layers import resample_relative_table
 
 LIGHTNING_PREFIX = "model."
 RELATIVE_TABLES = ("rel_h", "rel_w")
+#: where a checkpoint keeps the weights: Lightning, timm / torchvision scripts, timm's EMA (first found wins)
+STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")
+#: hyper-parameter keys under which a checkpoint may name its timm model
+MODEL_NAME_KEYS = ("model_name", "backbone", "arch", "architecture", "model")
 
 
 class NoPretrainedWeightsError(RuntimeError):
@@ -49,15 +55,6 @@ def check_weight_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) 
     )
 
 
-def strip_lightning_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The timm model's keys of a LightningModule state dict (``model.`` prefix), else as is."""
-    if any(k.startswith(LIGHTNING_PREFIX) for k in state_dict):
-        return {k[len(LIGHTNING_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LIGHTNING_PREFIX)}
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # DDP-wrapped
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def resample_relative_tables(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Relative tables (``*.rel_h`` [2H-1, dkh], ``*.rel_w`` [2W-1, dkh]) resampled to ``model``'s
     table lengths when the checkpoint was built for another ``img_size`` (same dkh)."""
@@ -72,36 +69,93 @@ def resample_relative_tables(state_dict: dict[str, Tensor], model: nn.Module) ->
     return out
 
 
+def strip_lightning_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The timm model's keys of a LightningModule state dict (``model.`` prefix; other keys dropped), without
+    DDP's ``module.`` prefix (``consume_prefix_in_state_dict_if_present``)."""
+    state_dict = dict(state_dict)
+    if any(k.startswith(LIGHTNING_PREFIX) for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith(LIGHTNING_PREFIX)}
+        consume_prefix_in_state_dict_if_present(state_dict, LIGHTNING_PREFIX)
+    consume_prefix_in_state_dict_if_present(state_dict, "module.")
+    return state_dict
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """timm ``pretrained_filter_fn`` of the AA models and baselines."""
     return resample_relative_tables(strip_lightning_prefix(state_dict), model)
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], Optional[str], dict[str, Any]]:
-    """(state dict, recorded model name, recorded model kwargs) of a checkpoint file."""
+class Checkpoint(NamedTuple):
+    """A checkpoint file as :func:`read_checkpoint` reads it.
+
+    state_dict: the timm model's weights (prefixes stripped); model_name / model_kwargs: the model
+    the file records (``hyper_parameters``), if any; contents: the whole file (``{}`` for safetensors).
+    """
+
+    path: Path
+    state_dict: dict[str, Tensor]
+    model_name: Optional[str]
+    model_kwargs: dict[str, Any]
+    contents: dict[str, Any]
+
+
+def _find_model_name(hparams: Any) -> Optional[str]:
+    """The timm model a checkpoint's hyper-parameters name (top level first, then nested ``init_args``)."""
+    if isinstance(hparams, dict):
+        for key in MODEL_NAME_KEYS:
+            if isinstance(hparams.get(key), str):
+                return hparams[key]
+        for value in hparams.values():
+            found = _find_model_name(value)
+            if found:
+                return found
+    return None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a Lightning ``.ckpt`` (weights under ``state_dict``, keys prefixed ``model.``), a timm /
+    torch ``.pth`` (a state dict, or one under ``state_dict`` / ``model`` / ``state_dict_ema``) or a
+    ``.safetensors`` file, with ``torch.load(weights_only=True)`` / safetensors: no code is unpickled.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    contents: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), None, {}
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) (it pickles objects other than "
-            f"tensors and plain containers; re-save its state_dict or use safetensors): {err}"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint; got {type(checkpoint).__name__}")
-    hparams = checkpoint.get("hyper_parameters") or {}
-    name = hparams.get("model_name") if isinstance(hparams, dict) else None
-    model_kwargs = (hparams.get("model_kwargs") or {}) if isinstance(hparams, dict) else {}
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not checkpoint or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        state = load_file(str(path))
+    else:
+        try:
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            detail = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+            raise ValueError(
+                f"cannot read checkpoint {path}: not a PyTorch checkpoint, or one holding Python objects that "
+                f"torch.load(weights_only=True) refuses to unpickle (re-save its state_dict or use safetensors): "
+                f"{detail}"
+            ) from None
+        except Exception as err:  # not a torch file, truncated, ...
+            raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        if not isinstance(contents, dict):
+            raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint; got {type(contents).__name__}")
+        state = next((contents[k] for k in STATE_DICT_KEYS if isinstance(contents.get(k), dict)), contents)
+    state = strip_lightning_prefix(state)
+    if not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds no state dict (a dict of tensors)")
-    return checkpoint, name, dict(model_kwargs)
+    hparams = contents.get("hyper_parameters")
+    model_kwargs = (hparams.get("model_kwargs") or {}) if isinstance(hparams, dict) else {}
+    arch = contents.get("arch")  # timm's train.py records the model here, Lightning in hyper_parameters
+    name = _find_model_name(hparams) or (arch if isinstance(arch, str) else None)
+    return Checkpoint(path, state, name, dict(model_kwargs), contents)
+
+
+def check_model_name(checkpoint: Checkpoint, name: Optional[str], hint: str) -> None:
+    """Raise ``ValueError`` naming both models when ``checkpoint`` records another model than ``name``."""
+    if checkpoint.model_name and name and checkpoint.model_name != name:
+        raise ValueError(f"{checkpoint.path} is a checkpoint of '{checkpoint.model_name}', not of '{name}': {hint}")
 
 
 def model_name_of(model: nn.Module) -> Optional[str]:
@@ -110,47 +164,57 @@ def model_name_of(model: nn.Module) -> Optional[str]:
     return cfg.get("architecture")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+def fitted_state_dict(
+    model: nn.Module, checkpoint: Checkpoint, strict: bool = True, what: str = "model"
+) -> dict[str, Tensor]:
+    """``checkpoint``'s weights made to fit the built ``model``: relative tables resampled to its
+    ``img_size``, the classifier dropped when ``model`` has none (``num_classes=0``).
+
+    Shape mismatches (and, with ``strict``, missing or unexpected keys) raise ``ValueError``
+    naming the file, both models and the differing keys (``what``: the model's role in the message).
+    """
+    saved_name, saved_kwargs = checkpoint.model_name, checkpoint.model_kwargs
+    state_dict = resample_relative_tables(checkpoint.state_dict, model)
+    own = model.state_dict()
+    if getattr(model, "num_classes", None) == 0:  # headless model: drop the checkpoint's classifier
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        state_dict = {k: v for k, v in state_dict.items()
+                      if k in own or not any(k.startswith(c + ".") for c in classifier)}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if shapes or (strict and (missing or unexpected)):
+        described = (f"'{saved_name}'" + (f" with {saved_kwargs}" if saved_kwargs else "")
+                     if saved_name else "the checkpoint's model")
+        details = "; ".join(
+            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+            for label, items in (("missing keys", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+            if items
+        )
+        hint = (f"; build the model as timm.create_model('{saved_name}', **{saved_kwargs})"
+                if saved_name and saved_kwargs else "")
+        name = model_name_of(model) or type(model).__name__
+        raise ValueError(f"{checkpoint.path} ({described}) does not fit the {what} '{name}': {details}{hint}")
+    return state_dict
+
+
+def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint, strict: bool = True) -> nn.Module:
     """Load a checkpoint of this project into a built timm ``model``; returns ``model``.
 
-    ``path``: a Lightning ``.ckpt`` written by this project's training (weights under
-    ``state_dict`` with keys prefixed ``model.``; ``hyper_parameters['model_name']`` names the
-    network), a ``.pth`` / ``.pt`` state dict (optionally under ``state_dict`` / ``model``), or a
-    ``.safetensors`` file. Read with ``torch.load(weights_only=True)`` / safetensors.
+    ``path``: a file :func:`read_checkpoint` reads (a Lightning ``.ckpt`` written by this project's
+    training, whose ``hyper_parameters['model_name']`` names the network; a ``.pth`` / ``.pt``
+    state dict; a ``.safetensors`` file), or its :class:`Checkpoint`.
 
     Relative position tables trained at another ``img_size`` are resampled. A checkpoint of
     another model raises ``ValueError`` naming both models; any other mismatch (the same model
     built with other ``aa_*`` kwargs or ``num_classes``) names the differing keys. The classifier
     is skipped when ``model`` has none (``num_classes=0``). ``strict=False`` loads what fits.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state_dict, saved_name, saved_kwargs = _read(path)
-    state_dict = strip_lightning_prefix(state_dict)
-    name = model_name_of(model)
-    if saved_name and name and saved_name != name:
-        raise ValueError(
-            f"{path} is a checkpoint of '{saved_name}', not of '{name}': create "
-            f"timm.create_model('{saved_name}', **{saved_kwargs or {}}) to load it"
-        )
-    state_dict = resample_relative_tables(state_dict, model)
-    own = model.state_dict()
-    if getattr(model, "num_classes", None) == 0:  # headless model: drop the checkpoint's classifier
-        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        state_dict = {k: v for k, v in state_dict.items() if k in own or not any(k.startswith(c + ".") for c in classifier)}
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if shapes or (strict and (missing or unexpected)):
-        described = f"'{saved_name}'" + (f" with {saved_kwargs}" if saved_kwargs else "") if saved_name else "the checkpoint's model"
-        details = "; ".join(
-            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
-            if items
-        )
-        hint = f"; build the model as timm.create_model('{saved_name}', **{saved_kwargs})" if saved_name and saved_kwargs else ""
-        raise ValueError(f"{path} ({described}) does not fit the model '{name or type(model).__name__}': {details}{hint}")
-    model.load_state_dict(state_dict, strict=strict)
+    checkpoint = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    saved = checkpoint.model_name
+    check_model_name(checkpoint, model_name_of(model),
+                     f"create timm.create_model('{saved}', **{checkpoint.model_kwargs or {}}) to load it")
+    model.load_state_dict(fitted_state_dict(model, checkpoint, strict), strict=strict)
     return model

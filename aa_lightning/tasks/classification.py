@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..optim import build_optimizer, param_groups, scaled_lr, warmup_schedule
+from ..optim import build_optimizer, peak_lr, warmup_schedule
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -63,7 +63,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: L2 / decoupled decay of the weights (never of norms and biases).
         warmup_epochs: linear warm-up from 0 (fractions of an epoch are allowed).
         schedule: ``cosine`` (to ``min_lr_ratio`` x peak), ``step`` (x ``lr_gamma`` at each of
-            ``lr_milestones`` epochs) or ``constant`` after the warm-up.
+            ``lr_milestone_epochs``) or ``constant`` after the warm-up.
         label_smoothing: cross-entropy label smoothing.
     """
 
@@ -85,7 +85,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: float = 5.0,
         schedule: Literal["cosine", "step", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
-        lr_milestones: Sequence[float] = (),
+        lr_milestone_epochs: Sequence[float] = (),
         lr_gamma: float = 0.1,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -160,14 +160,6 @@ class ImageClassifier(pl.LightningModule):
         self.log("test/images", self.test_images, on_step=False, on_epoch=True)
 
     # -- optimization ------------------------------------------------------------------------
-    def global_batch_size(self) -> int:
-        """Images per optimizer step over all processes: batch x devices x nodes x accumulation."""
-        trainer = self.trainer
-        per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
-        if per_device is None:
-            per_device = trainer.train_dataloader.batch_size
-        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         total_steps = self.trainer.estimated_stepping_batches
@@ -178,22 +170,20 @@ class ImageClassifier(pl.LightningModule):
             self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total_steps
-        global_batch = self.global_batch_size()
-        peak_lr = scaled_lr(hp.base_lr, global_batch, hp.reference_batch_size) if hp.reference_batch_size else hp.base_lr
+        lr, global_batch = peak_lr(hp.base_lr, hp.reference_batch_size, self.trainer)
+        scaling = f" x global batch {global_batch} / {hp.reference_batch_size}" if global_batch else " (not scaled)"
         rank_zero_info(
-            f"learning rate: peak {peak_lr:.4g} = base_lr {hp.base_lr} x global batch {global_batch} / {hp.reference_batch_size or global_batch}; "
+            f"learning rate: peak {lr:.4g} = base_lr {hp.base_lr}{scaling}; "
             f"{hp.warmup_epochs} warm-up epochs, {hp.schedule} over {total_steps} steps ({steps_per_epoch} per epoch)"
         )
-        optimizer = build_optimizer(
-            param_groups(self.model, hp.weight_decay), hp.optimizer, peak_lr, hp.momentum, hp.nesterov, hp.betas
-        )
+        optimizer = build_optimizer(self.model, hp.optimizer, lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.betas)
         scheduler = warmup_schedule(
             optimizer,
             total_steps=total_steps,
             warmup_steps=round(hp.warmup_epochs * steps_per_epoch),
             schedule=hp.schedule,
             min_lr_ratio=hp.min_lr_ratio,
-            milestones=[round(m * steps_per_epoch) for m in hp.lr_milestones],
+            milestones=[round(m * steps_per_epoch) for m in hp.lr_milestone_epochs],
             gamma=hp.lr_gamma,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

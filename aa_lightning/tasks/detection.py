@@ -33,7 +33,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.utils import draw_bounding_boxes
 
-from ..optim import build_optimizer, param_groups, scaled_lr, warmup_schedule
+from ..optim import build_optimizer, peak_lr, warmup_schedule
 from .detection_backbone import TimmFPNBackbone
 from .detection_metrics import DistributedMeanAveragePrecision
 
@@ -82,11 +82,13 @@ class RetinaNetDetector(pl.LightningModule):
         anchor_sizes / anchor_scales_per_octave / aspect_ratios: anchors, one base size per level.
         score_thresh, nms_thresh, detections_per_img, fg_iou_thresh, bg_iou_thresh, topk_candidates:
             torchvision RetinaNet's post-processing and matching (Detectron's values by default).
-        optimizer, lr, lr_batch_size, momentum, weight_decay: ``lr`` is the rate for a global batch
-            of ``lr_batch_size`` images and is scaled linearly to the run's global batch
-            (``lr_batch_size: null`` uses ``lr`` as is).
-        warmup_steps, schedule, milestones, gamma, min_lr_ratio: per-step schedule of
-            :func:`aa_lightning.optim.warmup_schedule` (milestones in optimizer steps).
+        optimizer, base_lr, reference_batch_size, momentum, nesterov, betas, weight_decay: the
+            classifier's settings (:class:`~aa_lightning.tasks.ImageClassifier`): ``base_lr`` is the
+            rate for a global batch of ``reference_batch_size`` images, scaled linearly to the run's
+            global batch (``reference_batch_size: null`` uses ``base_lr`` as is).
+        warmup_steps, schedule, lr_milestone_steps, lr_gamma, min_lr_ratio: per-step schedule of
+            :func:`aa_lightning.optim.warmup_schedule`; warm-up and milestones in optimizer steps
+            (Detectron's unit; the classifier counts them in epochs).
         channels_last: NHWC memory format for the whole network (~1.6x faster on CPU here;
             also the fast path for mixed precision on recent GPUs).
         map_backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
@@ -120,14 +122,16 @@ class RetinaNetDetector(pl.LightningModule):
         bg_iou_thresh: float = 0.4,
         topk_candidates: int = 1000,
         optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.01,
-        lr_batch_size: int | None = 16,
+        base_lr: float = 0.01,
+        reference_batch_size: int | None = 16,
         momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 1e-4,
         warmup_steps: int = 500,
         schedule: Literal["step", "cosine", "constant"] = "step",
-        milestones: Sequence[int] = (60000, 80000),
-        gamma: float = 0.1,
+        lr_milestone_steps: Sequence[int] = (60000, 80000),
+        lr_gamma: float = 0.1,
         min_lr_ratio: float = 0.0,
         channels_last: bool = False,
         map_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
@@ -186,12 +190,12 @@ class RetinaNetDetector(pl.LightningModule):
             fail("fpn_channels", "an int >= 1")
         if not 0 < args["bg_iou_thresh"] <= args["fg_iou_thresh"] <= 1:
             fail("bg_iou_thresh", "0 < bg_iou_thresh <= fg_iou_thresh <= 1")
-        if args["lr"] <= 0:
-            fail("lr", "a positive float")
+        if args["base_lr"] <= 0:
+            fail("base_lr", "a positive float")
         if args["warmup_steps"] < 0:
             fail("warmup_steps", "an int >= 0")
-        if list(args["milestones"]) != sorted(args["milestones"]):
-            fail("milestones", "increasing optimizer steps")
+        if list(args["lr_milestone_steps"]) != sorted(args["lr_milestone_steps"]):
+            fail("lr_milestone_steps", "increasing optimizer steps")
 
     # -- data hand-over ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -305,17 +309,9 @@ class RetinaNetDetector(pl.LightningModule):
     # -- optimization -----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        lr = hp.lr
-        if hp.lr_batch_size:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            per_device = getattr(datamodule, "batch_size", None)
-            if per_device is None:
-                raise ValueError("model.init_args.lr_batch_size needs a data module with batch_size "
-                                 "(or set lr_batch_size: null to use lr as is)")
-            global_batch = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-            lr = scaled_lr(hp.lr, global_batch, hp.lr_batch_size)
-        optimizer = build_optimizer(param_groups(self, hp.weight_decay), hp.optimizer, lr, momentum=hp.momentum)
         total = int(self.trainer.estimated_stepping_batches)
+        lr, _ = peak_lr(hp.base_lr, hp.reference_batch_size, self.trainer)
+        optimizer = build_optimizer(self, hp.optimizer, lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.betas)
         scheduler = warmup_schedule(optimizer, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio,
-                                    hp.milestones, hp.gamma)
+                                    hp.lr_milestone_steps, hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,13 +10,13 @@ RetinaNet the paper's authors used) or on C5 (``"c5"``: Lin et al. 2017 / Detect
 
 Backbone initialization from a classification checkpoint of this project: a Lightning ``.ckpt``
 (state dict keys prefixed ``model.``), a plain state dict ``.pth``/``.pt`` or a ``.safetensors``
-file; read with ``torch.load(weights_only=True)`` / safetensors (no unpickling of code). The
-weights must fit the named backbone exactly (bar the classifier): anything else fails naming
-the checkpoint's model and the backbone.
+file, read by the model zoo's :func:`~aa_lightning.models.weights.read_checkpoint`
+(``torch.load(weights_only=True)`` / safetensors: no unpickling of code). The weights must fit
+the named backbone (bar the classifier; relative tables of another ``img_size`` are resampled):
+anything else fails naming the checkpoint's model and the backbone.
 """
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -27,76 +27,16 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-#: Hyper-parameter keys under which a classification checkpoint may name its timm model.
-_MODEL_NAME_KEYS = ("model_name", "backbone", "arch", "architecture", "model")
+from ..models.weights import check_model_name, fitted_state_dict, read_checkpoint
 
 
-def _find_model_name(hparams: Any) -> str | None:
-    if isinstance(hparams, dict):
-        for key in _MODEL_NAME_KEYS:
-            value = hparams.get(key)
-            if isinstance(value, str):
-                return value
-        for value in hparams.values():  # e.g. nested init_args
-            found = _find_model_name(value)
-            if found:
-                return found
-    return None
-
-
-def read_classification_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """``(state_dict of the timm model, name of the model if the checkpoint records it)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
-    model_name = None
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) (it pickles "
-                             f"objects other than tensors and plain containers): {e}") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint; got {type(state).__name__}")
-        if "state_dict" in state:  # Lightning checkpoint of this project's classifier
-            model_name = _find_model_name(state.get("hyper_parameters"))
-            state = state["state_dict"]
-    prefixed = [k for k in state if k.startswith("model.")]
-    if prefixed:
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    elif all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds no tensors under 'model.'-prefixed or plain keys")
-    return state, model_name
-
-
-def _weights_for(name: str, model_kwargs: dict, path: Path, state: dict[str, torch.Tensor],
-                 source_name: str | None) -> dict[str, torch.Tensor]:
-    """Check ``state`` against ``timm.create_model(name)`` (classifier excluded) key by key."""
-    described = f"'{source_name}'" if source_name else "an unnamed model"
-    if source_name and source_name != name:
-        raise ValueError(f"{path} is a checkpoint of {described}, but the backbone is '{name}' "
-                         "(set model.init_args.backbone to the checkpoint's model)")
+def backbone_weights(name: str, model_kwargs: dict, checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a classification checkpoint (:func:`~aa_lightning.models.weights.read_checkpoint`)
+    for the backbone ``name``: checked key by key against ``timm.create_model(name)`` without classifier."""
+    contents = read_checkpoint(checkpoint)
+    check_model_name(contents, name, "set model.init_args.backbone to the checkpoint's model")
     reference = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
-    classifier = reference.pretrained_cfg.get("classifier") or ()
-    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
-    expected = reference.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path} ({described}) does not fit the backbone '{name}': {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(mismatched)} shape "
-            f"mismatches {mismatched[:3]}")
-    return state
+    return fitted_state_dict(reference, contents, what="backbone")
 
 
 def create_feature_backbone(
@@ -117,8 +57,7 @@ def create_feature_backbone(
                          "registers the aa_* models; see timm.list_models())")
     kwargs: dict[str, Any] = dict(features_only=True, out_indices=tuple(out_indices), **model_kwargs)
     if checkpoint:
-        state, source_name = read_classification_checkpoint(checkpoint)
-        state = _weights_for(name, model_kwargs, Path(checkpoint), state, source_name)
+        state = backbone_weights(name, model_kwargs, checkpoint)
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
     elif pretrained:
         kwargs.update(pretrained=True)
