@@ -5,10 +5,11 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
 ``init_args``). It fits, then tests one checkpoint (``--test_ckpt_path best``, ``last``, a path, or
 ``null`` to skip), then prints a summary. Beyond the Trainer's own options it adds:
 
-- ``--ckpt_path``: resume; ``last`` finds the newest intact checkpoint of ``<runs_dir>/<run_name>/version_*/checkpoints/``
-  (``last.ckpt`` first; a file that does not load is skipped with a warning naming it) and continues logging into
-  that ``version_N`` (a path inside such a folder does the same). The checkpoint is loaded and checked against the
-  model (names and shapes of every tensor) before anything is written to the run folder.
+- ``--ckpt_path``: resume; ``last`` finds the newest intact checkpoint of
+  ``<runs_dir>/<run_name>/version_*/checkpoints/`` (``last.ckpt`` first; a file that does not load is
+  skipped with a warning naming it) and continues logging into that ``version_N`` (a path inside such a
+  folder does the same). The checkpoint is loaded and checked against the model (names and shapes of
+  every tensor) before anything is written to the run folder.
 - ``--checkpoint_every_n_steps``: ``last.ckpt`` is written every N optimizer steps and at every epoch end
   (:class:`~aa_lightning.callbacks.LastCheckpoint`), so a killed run resumes where it was (docs/training.md,
   "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
@@ -166,8 +167,8 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.n
                 continue
             raise CheckpointError(
                 f"--ckpt_path {path} was trained with model {key}={saved[key]!r}, but this run builds "
-                f"{key}={current[key]!r}; resume with the checkpoint's own config ({path.parent.parent / 'config.yaml'}) "
-                "or pass a matching checkpoint"
+                f"{key}={current[key]!r}; resume with the checkpoint's own config "
+                f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
             )
     theirs = checkpoint.get("state_dict") or {}
     ours = model.state_dict()
@@ -284,15 +285,19 @@ class AACLI(LightningCLI):
                             help="Logs go to <runs_dir>/<run_name>/version_N (default: the last --config file's name).")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of the TensorBoard runs.")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000,
-                            help="Write last.ckpt every N optimizer steps (and at every epoch end); 0: epoch ends only.")
+                            help="Write last.ckpt every N optimizer steps (and at every epoch end); "
+                                 "0: epoch ends only.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.save_top_k": 1,
+                             "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(TrainingImageGrid, "image_grid")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """The parser's own parse, then ``model_kwargs`` / ``backbone_kwargs`` merged over all their sources
         (:func:`merged_model_kwargs`); a ``--config`` file that is not valid YAML is named."""
-        raw = [str(a) for a in (sys.argv[1:] if args is None else args)] if isinstance(args, (list, tuple, type(None))) else []
+        raw = []
+        if isinstance(args, (list, tuple, type(None))):
+            raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
         try:
             merged = merged_model_kwargs(raw)
         except ValueError as err:
@@ -325,10 +330,10 @@ class AACLI(LightningCLI):
             if monitor is not None:
                 cfg.checkpoint.monitor, cfg.checkpoint.mode = monitor
         if cfg.checkpoint.get("save_last"):
-            rank_zero_warn("checkpoint.save_last is ignored: last.ckpt is written by LastCheckpoint at every save point "
-                           "(--checkpoint_every_n_steps and every epoch end)")
+            rank_zero_warn("checkpoint.save_last is ignored: last.ckpt is written by LastCheckpoint at every save "
+                           "point (--checkpoint_every_n_steps and every epoch end)")
             cfg.checkpoint.save_last = False
-        # resuming: find 'last' (the newest intact checkpoint), check the file loads, keep logging into its version folder
+        # resuming: find 'last' (the newest intact checkpoint), check the file loads, keep logging into its version
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":
             path, self.resume_version = find_last_checkpoint(cfg.runs_dir, cfg.run_name)

@@ -39,7 +39,8 @@ class ResumeSnapshot(pl.Callback):
         self.path = path
         self._done = False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self._done:
             return
         self._done = True

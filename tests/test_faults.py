@@ -46,7 +46,11 @@ def test_checkpoints_are_written_atomically_beside_the_target_whatever_tmpdir_is
 def test_ckpt_path_last_skips_a_broken_last_ckpt_and_a_bad_path_gets_one_line(tmp_path, capsys):
     """Item 2: 'last' falls back to the newest intact checkpoint with a warning naming the bad file; a bad file
     given by path is one CheckpointError line naming it."""
-    from aa_lightning.cli import CheckpointError, find_last_checkpoint, load_checkpoint_file
+    from aa_lightning.cli import (
+        CheckpointError,
+        find_last_checkpoint,
+        load_checkpoint_file,
+    )
 
     folder = tmp_path / "runs" / "r" / "version_0" / "checkpoints"
     folder.mkdir(parents=True)
@@ -128,7 +132,8 @@ def test_model_kwargs_overrides_merge_into_the_recipes_dict(tmp_path, monkeypatc
 
     quickstart = str(REPO / "configs" / "quickstart.yaml")
     recipe = yaml.safe_load(Path(quickstart).read_text())["model"]["init_args"]["model_kwargs"]
-    assert _model_kwargs("--config", quickstart, "--model.init_args.model_kwargs", "{aa_k: 0.3}") == {**recipe, "aa_k": 0.3}
+    override = _model_kwargs("--config", quickstart, "--model.init_args.model_kwargs", "{aa_k: 0.3}")
+    assert override == {**recipe, "aa_k": 0.3}
     assert _model_kwargs("--config", quickstart, "--model.model_kwargs={aa_heads: 4}") == {**recipe, "aa_heads": 4}
     ablations = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
     assert ablations
@@ -139,7 +144,8 @@ def test_model_kwargs_overrides_merge_into_the_recipes_dict(tmp_path, monkeypatc
         for base in (quickstart, str(REPO / "configs" / "imagenet_aa_resnet50.yaml")):
             base_kwargs = yaml.safe_load(Path(base).read_text())["model"]["init_args"]["model_kwargs"]
             assert _model_kwargs("--config", base, "--config", str(ablation)) == {**base_kwargs, **given}, ablation
-            assert _model_kwargs("--config", base, "--model.model_kwargs", one_line) == {**base_kwargs, **given}, ablation
+            one_line_kwargs = _model_kwargs("--config", base, "--model.model_kwargs", one_line)
+            assert one_line_kwargs == {**base_kwargs, **given}, ablation
     baseline = str(REPO / "configs" / "quickstart_baseline.yaml")
     assert _model_kwargs("--config", quickstart, "--config", baseline) == {"depth": 10, "widen_factor": 2}
     # the merged dict is what the model is built with

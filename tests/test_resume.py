@@ -4,7 +4,6 @@ run folder is touched, checkpoints are written atomically."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from cli_helpers import TRAIN, python_env, run_cli
 
 STEPS_PER_EPOCH = 5  # 40 training images / batch 8
@@ -145,7 +143,8 @@ def test_a_resume_starts_from_the_checkpoints_weights_optimizer_lr_and_best_scor
     assert_same_optimizer(snapshot["optimizer"], at_kill["optimizer_states"][0])
     assert snapshot["lr"] == [group["lr"] for group in at_kill["optimizer_states"][0]["param_groups"]]
     assert snapshot["scheduler"] == at_kill["lr_schedulers"][0]
-    saved_best = next(state for key, state in at_kill["callbacks"].items() if key.startswith("ModelCheckpoint{'monitor': 'val/top1'"))
+    saved_best = next(state for key, state in at_kill["callbacks"].items()
+                      if key.startswith("ModelCheckpoint{'monitor': 'val/top1'"))
     assert saved_best["best_model_score"] is not None
     assert torch.equal(snapshot["best_model_score"], saved_best["best_model_score"])
     assert snapshot["best_model_path"] == saved_best["best_model_path"]
@@ -158,8 +157,8 @@ def test_sigterm_and_sigint_save_a_resumable_checkpoint_and_exit_non_zero(tmp_pa
     report = tmp_path / "steps.jsonl"
     recipe = aa_recipe(tmp_path, callbacks=[probe(report)])
     process = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(recipe), "--checkpoint_every_n_steps", "0"],
-                               cwd=tmp_path, env=python_env(probes=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               cwd=tmp_path, env=python_env(probes=True), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (report.is_file() and len(report.read_text().splitlines()) >= 2) and process.poll() is None:
         assert time.monotonic() < deadline, "the run reported no training step"

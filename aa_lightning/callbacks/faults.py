@@ -93,7 +93,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 0) -> None:
         if every_n_train_steps < 0:
-            raise ValueError(f"checkpoint_every_n_steps must be >= 0 (0: at epoch ends only), got {every_n_train_steps}")
+            raise ValueError(
+                f"checkpoint_every_n_steps must be >= 0 (0: at epoch ends only), got {every_n_train_steps}"
+            )
         super().__init__(
             dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
             every_n_train_steps=every_n_train_steps or None, every_n_epochs=None if every_n_train_steps else 1,
@@ -176,7 +178,8 @@ class ExactResume(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None
