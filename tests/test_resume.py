@@ -150,7 +150,7 @@ def test_a_resume_starts_from_the_checkpoints_weights_optimizer_lr_and_best_scor
     assert snapshot["best_model_path"] == saved_best["best_model_path"]
 
 
-@pytest.mark.parametrize("signame, code", [("TERM", 143), ("INT", 130)])
+@pytest.mark.parametrize("signame, code", [("TERM", 143), pytest.param("INT", 130, marks=pytest.mark.slow)])
 def test_sigterm_and_sigint_save_a_resumable_checkpoint_and_exit_non_zero(tmp_path, reference, signame, code):
     """Item 5: the signal comes from outside while the run trains; the run saves last.ckpt at the step it
     reached, exits 128 + signal, and the resume ends bit-identical to the uninterrupted run."""
@@ -176,3 +176,16 @@ def test_sigterm_and_sigint_save_a_resumable_checkpoint_and_exit_non_zero(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_last = load(reference[0] / "checkpoints" / "last.ckpt")
     assert_same_tensors(load(last_path)["state_dict"], ref_last["state_dict"], "final weights")
+
+
+@pytest.mark.slow
+def test_two_workers_load_the_same_samples_with_the_same_augmentation(tmp_path, reference):
+    """Item 4: with worker processes, every step's samples and augmented pixels are those of num_workers 0."""
+    report = tmp_path / "steps.jsonl"
+    recipe = aa_recipe(tmp_path, callbacks=[probe(report)], num_workers=2)
+    result = run_cli("--config", str(recipe), "--trainer.max_epochs", "1", cwd=tmp_path, probes=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref_steps, got = steps(reference[1]), steps(report)
+    assert set(got) == set(range(1, STEPS_PER_EPOCH + 1))
+    for step in got:
+        assert got[step] == ref_steps[step], step
