@@ -18,6 +18,7 @@ biases the metrics), and the torchmetrics states are summed across processes at 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
@@ -26,6 +27,9 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+# torchdata 0.11 calls a deprecated torch API at every new iterator; nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated", category=UserWarning)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
