@@ -5,11 +5,21 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
 ``init_args``). It fits, then tests one checkpoint (``--test_ckpt_path best``, ``last``, a path, or
 ``null`` to skip), then prints a summary. Beyond the Trainer's own options it adds:
 
-- ``--ckpt_path``: resume; ``last`` finds the newest ``<runs_dir>/<run_name>/version_N/checkpoints/last.ckpt``
-  and continues logging into that ``version_N`` (a path inside such a folder does the same).
+- ``--ckpt_path``: resume; ``last`` finds the newest intact checkpoint of
+  ``<runs_dir>/<run_name>/version_*/checkpoints/`` (``last.ckpt`` first; a file that does not load is
+  skipped with a warning naming it) and continues logging into that ``version_N`` (a path inside such a
+  folder does the same). The checkpoint is loaded and checked against the model (names and shapes of
+  every tensor) before anything is written to the run folder.
+- ``--checkpoint_every_n_steps``: ``last.ckpt`` is written every N optimizer steps and at every epoch end
+  (:class:`~aa_lightning.callbacks.LastCheckpoint`), so a killed run resumes where it was (docs/training.md,
+  "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
+  143 / 130; a non-finite training loss stops the run naming the step and the last good checkpoint.
+- ``model_kwargs`` / ``backbone_kwargs`` given in several places (recipe, a second ``--config``, the command line)
+  are merged key by key, later sources winning; a source that names another ``model_name`` / ``backbone``
+  starts from the kwargs it gives itself.
 - ``--run_name`` / ``--runs_dir``: TensorBoard logs under ``<runs_dir>/<run_name>/version_N/``
   (default name: the last ``--config`` file's stem, else the model name).
-- ``--checkpoint.*``: the ModelCheckpoint (best and last); its ``monitor`` defaults to the task's
+- ``--checkpoint.*``: the best-checkpoint ModelCheckpoint; its ``monitor`` defaults to the task's
   metric (``checkpoint_monitor`` of the LightningModule class, e.g. ``val/top1``, max).
 - ``--image_grid.*``: the grid of augmented training images logged at the start.
 
@@ -21,10 +31,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
+
+import yaml
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
@@ -35,10 +48,21 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # n
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
 
 import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
-from aa_lightning.callbacks import RunSummary, TrainingImageGrid  # noqa: E402
+from aa_lightning.callbacks import (  # noqa: E402
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    ExactResume,
+    RunInterrupted,
+    RunSummary,
+    StopOnSignal,
+    TrainingImageGrid,
+)
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 
@@ -65,21 +89,169 @@ def _import_class(class_path: str) -> Optional[type]:
         return None
 
 
-def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int]:
-    """The newest ``<runs_dir>/<run_name>/version_N/checkpoints/last.ckpt`` and its N."""
+class CheckpointError(ValueError):
+    """A checkpoint to resume from is missing, unreadable or does not fit the model (one line, naming the file)."""
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """``torch.load`` of a Lightning checkpoint (memory-mapped, on the CPU), or a :class:`CheckpointError`
+    naming the file and what is wrong with it (empty, truncated, not a checkpoint)."""
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path: no checkpoint file at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"--ckpt_path: {path} is empty (0 bytes): not a checkpoint (a write that was killed?)")
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # an old, non-zip file
+    except Exception as err:  # EOFError, UnpicklingError, zip errors ... of a truncated or foreign file
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise CheckpointError(f"--ckpt_path: {path} ({size} bytes) is not a loadable checkpoint (truncated or "
+                              f"not a checkpoint): {reason}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"--ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' in it)")
+    return checkpoint
+
+
+def run_checkpoints(runs_dir: str, run_name: str) -> list[tuple[int, Path]]:
+    """Every ``<runs_dir>/<run_name>/version_N/checkpoints/*.ckpt`` as (N, path), the ones to try first first:
+    newest version first; in it ``last.ckpt`` first, then the others newest first."""
     root = Path(runs_dir) / run_name
     found = []
     for folder in root.glob("version_*"):
         match = _VERSION_DIR.match(folder.name)
-        if match and (folder / "checkpoints" / "last.ckpt").is_file():
-            found.append((int(match.group(1)), folder / "checkpoints" / "last.ckpt"))
-    if not found:
-        raise FileNotFoundError(
-            f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt found; "
+        if not match:
+            continue
+        for path in (folder / "checkpoints").glob("*.ckpt"):
+            if path.is_file():
+                found.append((int(match.group(1)), path.name == "last.ckpt", path.stat().st_mtime, path))
+    found.sort(key=lambda item: item[:3], reverse=True)
+    return [(version, path) for version, _, _, path in found]
+
+
+def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int]:
+    """The newest intact checkpoint of the run (see :func:`run_checkpoints`) and its version N; every
+    checkpoint tried that does not load gets a warning that names it."""
+    root = Path(runs_dir) / run_name
+    candidates = run_checkpoints(runs_dir, run_name)
+    if not candidates:
+        raise CheckpointError(
+            f"--ckpt_path last: no checkpoint under {root}/version_*/checkpoints/; "
             "pass --run_name of the run to resume (or a checkpoint path)"
         )
-    version, path = max(found)
-    return path, version
+    for version, path in candidates:
+        try:
+            load_checkpoint_file(path)
+        except CheckpointError as err:
+            rank_zero_warn(f"{err}; trying the next newest checkpoint of {root}")
+            continue
+        if path.name != "last.ckpt" or path != candidates[0][1]:
+            rank_zero_warn(f"--ckpt_path last: resuming from {path}, the newest intact checkpoint of {root}")
+        return path, version
+    raise CheckpointError(f"--ckpt_path last: none of the {len(candidates)} checkpoints under {root} loads "
+                          "(see the warnings above)")
+
+
+def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module, model_config: Any) -> None:
+    """A :class:`CheckpointError` naming both sides when ``checkpoint`` was trained with another model
+    (``model_name`` / ``backbone`` / ``num_classes``) or holds other tensors or shapes than ``model``."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    current = getattr(model, "hparams", {}) or {}
+    for key in ("model_name", "backbone", "num_classes", "model_kwargs", "backbone_kwargs"):
+        if key in saved and key in current and saved[key] != current[key]:
+            if key.endswith("_kwargs") and not saved[key] and not current[key]:
+                continue
+            raise CheckpointError(
+                f"--ckpt_path {path} was trained with model {key}={saved[key]!r}, but this run builds "
+                f"{key}={current[key]!r}; resume with the checkpoint's own config "
+                f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
+            )
+    theirs = checkpoint.get("state_dict") or {}
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"--ckpt_path {path} does not fit this run's model ({type(model).__name__}): "
+            f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[:3]}), "
+            f"{len(unexpected)} not in the model (e.g. {unexpected[:3]})"
+        )
+    for key, tensor in ours.items():
+        other = theirs[key]
+        if hasattr(other, "shape") and tuple(other.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"--ckpt_path {path}: {key} has shape {list(other.shape)} in the checkpoint but "
+                f"{list(tensor.shape)} in this run's model; resume with the checkpoint's own config "
+                f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
+            )
+
+
+_MERGED_KWARGS = {"model_kwargs": "model_name", "backbone_kwargs": "backbone"}
+
+
+def _model_section(config: Any, config_path: Path) -> dict[str, Any]:
+    """The ``init_args`` (or the flat keys) of a config file's ``model:`` section; a file reference is followed."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, str) and model.endswith((".yaml", ".yml")):
+        nested = (config_path.parent / model)
+        model = yaml.safe_load(nested.read_text()) if nested.is_file() else None
+    if not isinstance(model, dict):
+        return {}
+    init_args = model.get("init_args")
+    return {**model, **init_args} if isinstance(init_args, dict) else model
+
+
+def merged_model_kwargs(args: list[str]) -> dict[str, dict[str, Any]]:
+    """``model_kwargs`` / ``backbone_kwargs`` merged over every ``--config`` file and command-line value of ``args``,
+    in order, later keys winning; a source that sets another ``model_name`` / ``backbone`` starts from its own
+    kwargs (none: ``{}``). Only the keys some source gives are returned. Raises ``ValueError`` naming a config
+    file whose YAML does not parse."""
+    sources: list[dict[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = str(args[i])
+        key, _, value = arg.partition("=")
+        if not _ and i + 1 < len(args) and key.startswith("--"):
+            value = str(args[i + 1])
+            step = 2
+        else:
+            step = 1
+        if key == "--config":
+            path = Path(value)
+            if path.is_file():
+                try:
+                    sources.append(_model_section(yaml.safe_load(path.read_text()), path))
+                except yaml.YAMLError as err:
+                    raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
+            i += step
+            continue
+        for prefix in ("--model.init_args.", "--model."):
+            if key.startswith(prefix) and key[len(prefix):] in (*_MERGED_KWARGS, *_MERGED_KWARGS.values()):
+                try:
+                    sources.append({key[len(prefix):]: yaml.safe_load(value)})
+                except yaml.YAMLError:
+                    pass  # the parser reports it
+                i += step
+                break
+        else:
+            i += 1
+    merged: dict[str, dict[str, Any]] = {}
+    names: dict[str, Any] = {}
+    for source in sources:
+        for kwargs_key, name_key in _MERGED_KWARGS.items():
+            name = source.get(name_key)
+            if name is not None and names.get(kwargs_key) not in (None, name):
+                merged[kwargs_key] = {}  # another model: its own kwargs only
+            if name is not None:
+                names[kwargs_key] = name
+            given = source.get(kwargs_key)
+            if isinstance(given, dict):
+                merged[kwargs_key] = {**merged.get(kwargs_key, {}), **given}
+    return merged
 
 
 class AACLI(LightningCLI):
@@ -88,6 +260,7 @@ class AACLI(LightningCLI):
     def __init__(self, args: Any = None, start_time: Optional[float] = None) -> None:
         self.start_time = time.perf_counter() if start_time is None else start_time
         self.resume_version: Optional[int] = None
+        self.resume_checkpoint: Optional[dict[str, Any]] = None  # loaded (mmap) to check it before fitting
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -111,9 +284,31 @@ class AACLI(LightningCLI):
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="Logs go to <runs_dir>/<run_name>/version_N (default: the last --config file's name).")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of the TensorBoard runs.")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000,
+                            help="Write last.ckpt every N optimizer steps (and at every epoch end); "
+                                 "0: epoch ends only.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.save_top_k": 1,
+                             "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(TrainingImageGrid, "image_grid")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """The parser's own parse, then ``model_kwargs`` / ``backbone_kwargs`` merged over all their sources
+        (:func:`merged_model_kwargs`); a ``--config`` file that is not valid YAML is named."""
+        raw = []
+        if isinstance(args, (list, tuple, type(None))):
+            raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        try:
+            merged = merged_model_kwargs(raw)
+        except ValueError as err:
+            parser.error(str(err))
+        super().parse_arguments(parser, args)
+        init_args = self.config.get("model", Namespace()).get("init_args")
+        if init_args is None:
+            return
+        for key, value in merged.items():
+            if key in init_args:
+                init_args[key] = value
 
     # -- resolution of the run's defaults -------------------------------------------------------------
     def _run_name(self) -> str:
@@ -134,15 +329,19 @@ class AACLI(LightningCLI):
             monitor = getattr(task, "checkpoint_monitor", None)
             if monitor is not None:
                 cfg.checkpoint.monitor, cfg.checkpoint.mode = monitor
-        # resuming: find 'last', and keep logging into the run's version folder
+        if cfg.checkpoint.get("save_last"):
+            rank_zero_warn("checkpoint.save_last is ignored: last.ckpt is written by LastCheckpoint at every save "
+                           "point (--checkpoint_every_n_steps and every epoch end)")
+            cfg.checkpoint.save_last = False
+        # resuming: find 'last' (the newest intact checkpoint), check the file loads, keep logging into its version
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":
             path, self.resume_version = find_last_checkpoint(cfg.runs_dir, cfg.run_name)
             cfg.ckpt_path = str(path)
+            self.resume_checkpoint = load_checkpoint_file(path)
         elif ckpt_path:
             path = Path(ckpt_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path}")
+            self.resume_checkpoint = load_checkpoint_file(path)
             match = _VERSION_DIR.match(path.parent.parent.name)
             if path.parent.name == "checkpoints" and match and path.parent.parent.parent.resolve() == (Path(cfg.runs_dir) / cfg.run_name).resolve():
                 self.resume_version = int(match.group(1))
@@ -163,22 +362,38 @@ class AACLI(LightningCLI):
         self.run_summary = RunSummary()
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        kwargs["callbacks"] = callbacks + [self.run_summary]
+        kwargs["callbacks"] = callbacks + [self.run_summary, ExactResume(), NonFiniteLossGuard(), StopOnSignal()]
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        # last.ckpt after the best-checkpoint callback: at an epoch end it then holds that epoch's best score
+        self.last_checkpoint = LastCheckpoint(every_n_train_steps=self.config.checkpoint_every_n_steps)
+        return super()._instantiate_trainer(config, list(callbacks) + [self.last_checkpoint])
 
     # -- the job ---------------------------------------------------------------------------------------
     def fit_and_test(self) -> Optional[dict[str, float]]:
         """``trainer.fit`` (resuming from ``ckpt_path``), then ``trainer.test`` of ``test_ckpt_path``; prints the summary."""
         cfg = self.config
+        if self.resume_checkpoint is not None:  # before the logger or the config saver writes to the run folder
+            checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
+            check_checkpoint_fits(checkpoint, Path(cfg.ckpt_path), self.model, cfg.model)
+            del checkpoint
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=cfg.ckpt_path)
         results = None
         tested = cfg.test_ckpt_path
         ckpt = self.trainer.checkpoint_callback
-        checkpoints = {"best": ckpt.best_model_path, "last": ckpt.last_model_path} if ckpt is not None else {}
+        checkpoints = {"best": ckpt.best_model_path} if ckpt is not None else {}
+        checkpoints["last"] = self.last_checkpoint.path
         if tested and not self.trainer.interrupted:
             if tested == "best" and not checkpoints.get("best"):
                 rank_zero_warn("no best checkpoint (no monitored metric was logged): testing the last weights instead")
                 tested = None
+            elif tested == "last" and checkpoints.get("last"):
+                tested = checkpoints["last"]
             output = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested)
             results = output[0] if output else {}
         if self.trainer.is_global_zero:
@@ -194,8 +409,15 @@ def main(args: Any = None, start_time: Optional[float] = None) -> Optional[dict[
 
     ``start_time``: ``time.perf_counter()`` at process start, so the summary's wall time counts imports.
     """
-    cli = AACLI(args=args, start_time=start_time)
-    return cli.fit_and_test()
+    try:
+        cli = AACLI(args=args, start_time=start_time)
+        return cli.fit_and_test()
+    except RunInterrupted as err:  # SIGTERM / SIGINT: last.ckpt is saved; a scheduler sees the interruption
+        print(f"train.py: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    except (CheckpointError, NonFiniteLossError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

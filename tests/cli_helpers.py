@@ -10,15 +10,24 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 
 
-def run_python(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python *args`` on one thread, quiet about albumentations updates and deprecations."""
+def python_env(probes: bool = False) -> dict[str, str]:
+    """The environment of the subprocesses: one thread, quiet; ``probes``: tests/ on the PYTHONPATH, so that a
+    recipe can load the callbacks of ``tests/fault_probes.py``."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if probes:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")) if p)
+    return env
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_python(*args: str, cwd: Path, timeout: int = 300, probes: bool = False) -> subprocess.CompletedProcess:
+    """``python *args`` on one thread, quiet about albumentations updates and deprecations."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=python_env(probes), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300, probes: bool = False) -> subprocess.CompletedProcess:
     """``python train.py *args``."""
-    return run_python(str(TRAIN), *args, cwd=cwd, timeout=timeout)
+    return run_python(str(TRAIN), *args, cwd=cwd, timeout=timeout, probes=probes)
 
 
 def events(log_dir: Path):

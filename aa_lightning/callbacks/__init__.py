@@ -1,6 +1,17 @@
-"""Lightning callbacks: the training-image grid, attention-map overlays and the end-of-run summary."""
+"""Lightning callbacks: the training-image grid, attention-map overlays, the end-of-run summary, and the
+fault handling of long runs (last.ckpt, atomic checkpoints, exact resume, signals, non-finite losses)."""
 from .attention_maps import AttentionMapLogger
+from .faults import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    ExactResume,
+    RunInterrupted,
+    StopOnSignal,
+)
 from .image_grid import TrainingImageGrid
 from .run_summary import RunSummary
 
-__all__ = ["AttentionMapLogger", "RunSummary", "TrainingImageGrid"]
+__all__ = ["AtomicCheckpointIO", "AttentionMapLogger", "LastCheckpoint", "NonFiniteLossError", "NonFiniteLossGuard",
+           "ExactResume", "RunInterrupted", "RunSummary", "StopOnSignal", "TrainingImageGrid"]

@@ -54,10 +54,11 @@ def colormap_table(name: str) -> Tensor:
 
 
 def heat_tiles(maps: Tensor, size: int, upsample: Upsample = "nearest") -> Tensor:
-    """[N, H', W'] probability maps -> [N, size, size] in [0, 1], each divided by its maximum."""
+    """[N, H', W'] probability maps -> [N, size, size] in [0, 1], each divided by its maximum
+    (NaN and infinite values, e.g. of a diverged model, are drawn as 0)."""
     if upsample not in UPSAMPLE_MODES:
         raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}; got {upsample!r}")
-    maps = maps.detach().float().cpu()
+    maps = torch.nan_to_num(maps.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
     maps = maps / maps.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
     kwargs = {"align_corners": False} if upsample == "bilinear" else {}
     return F.interpolate(maps[:, None], size=(size, size), mode=upsample, **kwargs)[:, 0].clamp(0, 1)
@@ -66,11 +67,13 @@ def heat_tiles(maps: Tensor, size: int, upsample: Upsample = "nearest") -> Tenso
 def overlay(image: Tensor, heat: Tensor, colormap: str = "inferno", alpha: float = 0.6) -> Tensor:
     """image [3, S, S] in [0, 1], heat [N, S, S] in [0, 1] -> [N, 3, S, S] = (1 - alpha) image + alpha colormap(heat)."""
     table = colormap_table(colormap)
+    heat = torch.nan_to_num(heat.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(0, 1)
     colored = table[(heat * 255).round().long()].permute(0, 3, 1, 2)  # [N, 3, S, S]
     return (1 - alpha) * image[None] + alpha * colored
 
 
 def _to_pil(tile: Tensor) -> Image.Image:
+    tile = torch.nan_to_num(tile.float(), nan=0.0).clamp(0, 1)
     return Image.fromarray((tile.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 

@@ -387,6 +387,7 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             collate_fn=collate_detection,
             worker_init_fn=_reseed_worker_pipeline if train else None,
+            seed=self.hparams.seed,  # training samples' augmentation seeded by (seed, epoch, index): exact resume
         )
 
     def test_dataloader(self) -> DataLoader:

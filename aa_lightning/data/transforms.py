@@ -6,10 +6,11 @@
   resize the short side to 256 + center crop 224 + normalize (evaluation).
 
 albumentations 2.x draws from its own generator (``Compose(seed=...)``), not from numpy's or
-torch's global state, and a DataLoader copies that generator into every worker.
-:class:`AlbumentationsTransform` therefore re-seeds the pipeline once in each worker from
-``torch.initial_seed()`` (a DataLoader draws it from the main process's seeded torch generator
-for every new iterator): workers differ, epochs differ, and a run is reproducible from its seed.
+torch's global state. The training loaders (:func:`aa_lightning.data.loaders.make_loader`) re-seed
+it before every sample from (seed, epoch, index) through :meth:`AlbumentationsTransform.set_random_seed`,
+so a sample's augmentation is the same whichever worker loads it and after a resume. Used outside
+those loaders, the pipeline is re-seeded once in each DataLoader worker from ``torch.initial_seed()``
+(workers differ, epochs differ, reproducible from the seed).
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ class AlbumentationsTransform:
             self.pipeline.set_random_seed(torch.initial_seed() % 2**32)
             self._worker_seeded = True  # only in this worker's copy
         return self.pipeline(image=image)["image"]
+
+    def set_random_seed(self, seed: int) -> None:
+        """Re-seed the pipeline's generators (the loaders call it before every training sample)."""
+        self.pipeline.set_random_seed(seed)
+        self._worker_seeded = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline!r})"

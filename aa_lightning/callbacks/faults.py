@@ -1,0 +1,275 @@
+"""What keeps a long run safe: the last state on disk, atomic writes, exact resume, clean stops.
+
+- :class:`LastCheckpoint`: ``last.ckpt`` = the state at every save point (every N training steps
+  and every epoch end), whatever the monitored metric did; separate from the best-by-metric
+  ``ModelCheckpoint``.
+- :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside the target, flushed,
+  fsynced and renamed over it (``os.replace``), whatever ``$TMPDIR`` is.
+- :class:`ExactResume`: torch's / numpy's / Python's global random states saved in the checkpoint and
+  restored at the first training step after a resume (dropout and stochastic depth continue), and the
+  training loader's saved position restored even when the loader was built before the checkpoint was
+  read (``trainer.estimated_stepping_batches`` in ``configure_optimizers`` does that).
+- :class:`StopOnSignal`: SIGTERM / SIGINT finish the current step, save ``last.ckpt`` and stop the
+  run with :class:`RunInterrupted` (the CLI exits 143 / 130).
+- :class:`NonFiniteLossGuard`: a NaN / inf training loss stops the run with :class:`NonFiniteLossError`
+  naming the step, the value and the last good checkpoint (before any checkpoint of that step).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by a signal after saving a resumable checkpoint; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (the message names the step, the value and the last checkpoint)."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` into a temporary file beside ``path``, flush + fsync, then ``os.replace`` onto ``path``.
+
+    A reader (or a resume after a kill) sees the old file or the new one, never a partial one; a
+    failed write removes its temporary file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with local checkpoints written by :func:`atomic_torch_save`
+    (remote ``fsspec`` paths keep Lightning's own writer)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` every ``every_n_train_steps`` optimizer steps (0: only at epoch ends) and at
+    the end of every training epoch (after its validation), whatever any monitored metric did.
+
+    A step save that falls on an epoch's last batch is left to the epoch-end save, which follows
+    the epoch's validation (so the checkpoint also holds that epoch's best score).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 0) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(
+                f"checkpoint_every_n_steps must be >= 0 (0: at epoch ends only), got {every_n_train_steps}"
+            )
+        super().__init__(
+            dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
+            every_n_train_steps=every_n_train_steps or None, every_n_epochs=None if every_n_train_steps else 1,
+            save_on_train_epoch_end=True, enable_version_counter=False,
+        )
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(kind="last")  # independent of the step interval, which may change on resume
+
+    @property
+    def path(self) -> str:
+        """The file this callback writes (empty before the first save)."""
+        return self.best_model_path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # the epoch-end save follows
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save_now(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # saves at step intervals and at train epoch ends only
+
+    def save_now(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` now (unless this step is saved already or the trainer is not fitting)."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> Optional[LastCheckpoint]:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+
+
+def last_good_checkpoint(trainer: pl.Trainer) -> str:
+    """The newest checkpoint written by this run (``last.ckpt`` or the best one), or a sentence saying there is none."""
+    paths = [getattr(cb, "best_model_path", "") for cb in trainer.checkpoint_callbacks]
+    paths += [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
+    existing = [p for p in paths if p and os.path.isfile(p)]
+    return max(existing, key=os.path.getmtime) if existing else "none saved yet"
+
+
+class ExactResume(pl.Callback):
+    """Saves the global random states (torch CPU and CUDA, numpy, Python) in every checkpoint; after a
+    resume, restores them right before the first training step, so dropout / stochastic depth
+    draw what the uninterrupted run would have drawn.
+
+    Also hands the training loader its saved state (Lightning's ``_FitLoop`` loads it only when it
+    builds the loader after the checkpoint is read; a ``configure_optimizers`` that asks for
+    ``trainer.estimated_stepping_batches`` builds it before, and the saved position would be lost).
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.fabric.utilities.data import _set_sampler_epoch
+
+        fit_loop = trainer.fit_loop
+        if not getattr(fit_loop, "_combined_loader_states_to_load", None) or fit_loop._combined_loader is None:
+            return
+        for loader in fit_loop._combined_loader.flattened:  # the epoch first: the restored position is inside it
+            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+        fit_loop._load_combined_loader_states()
+        if fit_loop._data_fetcher is not None:
+            iter(fit_loop._data_fetcher)  # a new iterator, from the restored state
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, Any]] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # loadable with weights_only
+        state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        numpy_state = state["numpy"]
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM / SIGINT during training: finish the current step, write ``last.ckpt`` (a resumable,
+    mid-epoch state), then raise :class:`RunInterrupted` (exit 143 / 130 from the CLI).
+
+    The handlers are installed at the start of training and removed at its end; a second signal
+    while stopping gets the default behaviour (immediate exit). Under DDP the ranks agree on the
+    stop at every step (one all-reduce of a flag).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # second signal: do what the default would
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.received = None
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if not stop:
+            return
+        signum = self.received if self.received is not None else signal.SIGTERM
+        last = _last_checkpoint(trainer)
+        if last is not None:
+            last.save_now(trainer)
+            saved = last.path
+        else:
+            saved = "no checkpoint (no LastCheckpoint callback)"
+        name = signal.Signals(signum).name
+        raise RunInterrupted(
+            f"stopped by {name} after step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}); "
+            f"saved {saved}; resume with --ckpt_path last (same --run_name)", signum
+        )
+
+
+class NonFiniteLossGuard(pl.Callback):
+    """Stops the run at the first training step whose loss is NaN or infinite (on any DDP rank), before
+    any checkpoint of that step is written, with a message naming the step, the value and the last
+    good checkpoint."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        value = loss.detach().float()
+        finite = bool(torch.isfinite(value).all())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        shown = value.item() if value.numel() == 1 else value.tolist()
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {shown} (not finite) at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, batch {batch_idx}); the last good checkpoint is "
+            f"{last_good_checkpoint(trainer)}. Lower model.base_lr, check the data, or try trainer.gradient_clip_val."
+        )
