@@ -5,7 +5,10 @@ Importing the package registers the AA models (and their baselines) with timm, s
 """
 import os
 
+# Set once, here: every module of the package is imported after this file, and both must be set before
+# the library that reads them is first imported.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never phone home from albumentations
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
 
 from . import layers  # noqa: E402,F401
 from . import models  # noqa: E402,F401  (registers the timm models)

@@ -29,7 +29,6 @@ off with a warning, so a multi-GPU recipe still runs on a laptop.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -39,20 +38,18 @@ from typing import Any, Optional
 
 import yaml
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
 
-import torch  # noqa: E402
-from jsonargparse import Namespace  # noqa: E402
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
-import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
-from aa_lightning.callbacks import (  # noqa: E402
+import aa_lightning  # noqa: F401  (registers the AA models with timm)
+from aa_lightning.callbacks import (
     AtomicCheckpointIO,
     LastCheckpoint,
     NonFiniteLossError,

@@ -34,14 +34,12 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
+from torch import Tensor, nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
-from aa_lightning.inspect import (  # noqa: E402
+import aa_lightning  # noqa: F401  (registers the AA models with timm)
+from aa_lightning.inspect import (
     InspectError,
     TrainedClassifier,
     load_trained_classifier,
@@ -49,7 +47,7 @@ from aa_lightning.inspect import (  # noqa: E402
     run_command,
     write_text_atomic,
 )
-from aa_lightning.layers import AugmentedConv2d  # noqa: E402
+from aa_lightning.layers import AugmentedConv2d
 
 ONNX_BACKENDS = ("fused", "reference")
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models get a model.onnx.data file

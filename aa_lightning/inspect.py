@@ -27,19 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-import aa_lightning  # noqa: E402,F401  (registers the AA models with timm)
-from aa_lightning.callbacks.attention_maps import default_layer  # noqa: E402
-from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize  # noqa: E402
-from aa_lightning.data.images import rgb_array  # noqa: E402
-from aa_lightning.layers import augmented_layers, capture_attention  # noqa: E402
-from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint  # noqa: E402
+import aa_lightning  # noqa: F401  (registers the AA models with timm)
+from aa_lightning.callbacks.attention_maps import default_layer
+from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize
+from aa_lightning.data.images import rgb_array
+from aa_lightning.layers import augmented_layers, capture_attention
+from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
 CIFAR_IMAGE_SIZE = 32

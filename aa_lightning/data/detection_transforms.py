@@ -15,17 +15,14 @@ and come out in the same format, in the coordinates of the resized (and flipped)
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from typing import Any
 
-from typing import Any  # noqa: E402
-
-import albumentations as A  # noqa: E402
-from albumentations.augmentations.geometric.resize import MaxSizeTransform  # noqa: E402
-from albumentations.core.transforms_interface import BaseTransformInitSchema  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
+import albumentations as A
+from albumentations.augmentations.geometric.resize import MaxSizeTransform
+from albumentations.core.transforms_interface import BaseTransformInitSchema
+from albumentations.pytorch import ToTensorV2
 
 #: Per-box fields carried alongside ``bboxes`` through the pipeline (filtered together with them).
 BOX_FIELDS = ("labels", "ann_index")
