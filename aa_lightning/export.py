@@ -24,7 +24,6 @@ logits on random inputs; the command fails otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ from aa_lightning.inspect import (
     run_command,
     write_text_atomic,
 )
-from aa_lightning.layers import AugmentedConv2d
+from aa_lightning.layers import attention_backend
 
 ONNX_BACKENDS = ("fused", "reference")
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models get a model.onnx.data file
@@ -57,20 +56,6 @@ FORMATS = ("onnx", "safetensors")
 MANIFEST = "export.json"  # what was exported from which checkpoint, and the files written
 EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.safetensors", "config.json")  # every file an export may write
 
-
-@contextlib.contextmanager
-def attention_backend(model: nn.Module, backend: str) -> Iterator[int]:
-    """Set ``backend`` on every AugmentedConv2d of ``model`` inside the block (restored after);
-    yields the number of layers switched."""
-    layers = [m for m in model.modules() if isinstance(m, AugmentedConv2d)]
-    saved = [m.backend for m in layers]
-    for m in layers:
-        m.backend = backend
-    try:
-        yield len(layers)
-    finally:
-        for m, b in zip(layers, saved):
-            m.backend = b
 
 
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, backend: str = "fused", opset: int = 18) -> Path:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from aa_lightning.export import attention_backend, export_onnx, run_onnx
+from aa_lightning.export import export_onnx, run_onnx
+from aa_lightning.layers import attention_backend
 from aa_lightning.layers import AugmentedConv2d
 
 

@@ -8,6 +8,8 @@ import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from .attention_overlay import denormalize
+
 
 class TrainingImageGrid(pl.Callback):
     """At the first training batch of a fit, log ``num_images`` augmented inputs as ``train/images``.
@@ -31,12 +33,7 @@ class TrainingImageGrid(pl.Callback):
         images = batch[0] if isinstance(batch, (tuple, list)) else None
         if logger is None or not isinstance(images, torch.Tensor) or images.ndim != 4:
             return
-        images = images[: self.num_images].detach().float().cpu()
         mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
-        if mean is not None and std is not None and len(mean) == images.shape[1]:
-            images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-        else:
-            low = images.amin(dim=(1, 2, 3), keepdim=True)
-            images = (images - low) / (images.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
-        grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=self.nrow, padding=2)
+        images = denormalize(images[: self.num_images], mean, std)
+        grid = torchvision.utils.make_grid(images, nrow=self.nrow, padding=2)
         logger.experiment.add_image("train/images", grid, global_step=trainer.global_step)

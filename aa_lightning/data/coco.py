@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from .detection_transforms import detection_eval_transform, detection_train_transform
 from .loaders import SplitLoaders, make_loader
@@ -257,14 +257,6 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[
     return list(images), list(targets)
 
 
-def _reseed_worker_pipeline(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream (torch seeds workers per epoch)."""
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
-
-
 class COCODataModule(SplitLoaders, pl.LightningDataModule):
     """COCO 2017 (or any set in its layout) for RetinaNet.
 
@@ -386,7 +378,6 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
             trainer=self.trainer,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             collate_fn=collate_detection,
-            worker_init_fn=_reseed_worker_pipeline if train else None,
             seed=self.hparams.seed,  # training samples' augmentation seeded by (seed, epoch, index): exact resume
         )
 

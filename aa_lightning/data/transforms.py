@@ -23,8 +23,8 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import get_worker_info
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+from ..constants import CIFAR100_MEAN, CIFAR100_STD
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,6 +1,8 @@
 """AugmentedConv2d: AAConv(X) = Concat[Conv(X), MHA(X)] (Bello et al., ICCV 2019, Section 3.3)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -210,3 +212,18 @@ class AugmentedConv2d(nn.Module):
         if conv_out is None:
             return attn
         return torch.cat([conv_out, attn], dim=1)
+
+
+@contextlib.contextmanager
+def attention_backend(model: nn.Module, backend: str) -> Iterator[int]:
+    """Run every AugmentedConv2d of ``model`` with ``backend`` inside the block (restored after);
+    yields the number of layers switched."""
+    layers = [m for m in model.modules() if isinstance(m, AugmentedConv2d)]
+    saved = [m.backend for m in layers]
+    for m in layers:
+        m.backend = backend
+    try:
+        yield len(layers)
+    finally:
+        for m, b in zip(layers, saved):
+            m.backend = b

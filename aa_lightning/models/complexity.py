@@ -10,33 +10,19 @@ count does not depend on which fused kernel a backend would use.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers import AugmentedConv2d
+from ..layers import attention_backend
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (all, trainable or not)."""
     return sum(p.numel() for p in model.parameters())
 
-
-@contextlib.contextmanager
-def attention_backend(model: nn.Module, backend: str) -> Iterator[None]:
-    """Run every AugmentedConv2d of ``model`` with ``backend`` inside the block."""
-    layers = [m for m in model.modules() if isinstance(m, AugmentedConv2d)]
-    saved = [m.backend for m in layers]
-    for m in layers:
-        m.backend = backend
-    try:
-        yield
-    finally:
-        for m, b in zip(layers, saved):
-            m.backend = b
 
 
 def count_flops_by_op(model: nn.Module, input_size: Sequence[int], backend: str = "reference") -> dict[str, int]:

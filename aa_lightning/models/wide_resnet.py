@@ -22,11 +22,10 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ..constants import CIFAR100_MEAN, CIFAR100_STD
 from .attention_settings import AttentionSettings, grid, pop_img_size
 from .weights import check_weight_source, checkpoint_filter_fn
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 WRN_AA = AttentionSettings(k=0.2, v=0.1, heads=8, min_dkh=20)
 
 
