@@ -158,6 +158,18 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, max_o
         json.dump(dataset, f)
 
 
+def check_synthetic_coco_args(num_train: int, num_val: int, image_size: int, max_objects: int,
+                              min_object_size: int) -> None:
+    """``ValueError`` naming the parameter when the synthetic set cannot be drawn with these sizes."""
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"num_train and num_val must be >= 1; got {num_train}, {num_val}")
+    if image_size < 32 or not 4 <= min_object_size <= image_size // 3:
+        raise ValueError(f"need image_size >= 32 and 4 <= min_object_size <= image_size // 3; "
+                         f"got {image_size}, {min_object_size}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1; got {max_objects}")
+
+
 def generate_synthetic_coco(
     root: str | Path,
     num_train: int = 600,
@@ -176,13 +188,7 @@ def generate_synthetic_coco(
     set is written into a temporary sibling and renamed into place, so a killed generation never
     leaves a half set under ``root``.
     """
-    if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be >= 1; got {num_train}, {num_val}")
-    if image_size < 32 or not 4 <= min_object_size <= image_size // 3:
-        raise ValueError(f"need image_size >= 32 and 4 <= min_object_size <= image_size // 3; "
-                         f"got {image_size}, {min_object_size}")
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1; got {max_objects}")
+    check_synthetic_coco_args(num_train, num_val, image_size, max_objects, min_object_size)
     params = dict(version=_FORMAT_VERSION, num_train=num_train, num_val=num_val, image_size=image_size,
                   max_objects=max_objects, min_object_size=min_object_size, seed=seed,
                   train_split=train_split, val_split=val_split)
@@ -237,11 +243,10 @@ class SyntheticCOCODataModule(COCODataModule):
         self.generator_args = dict(num_train=num_train, num_val=num_val, image_size=image_size,
                                    max_objects=max_objects, min_object_size=min_object_size,
                                    seed=generator_seed)
-        # validate now (fail at start-up, not after the trainer is built)
-        if num_train < 1 or num_val < 1 or max_objects < 1 or image_size < 32 \
-                or not 4 <= min_object_size <= image_size // 3:
-            raise ValueError(f"data: bad synthetic set parameters {self.generator_args} (need num_train, "
-                             "num_val, max_objects >= 1, image_size >= 32, 4 <= min_object_size <= image_size // 3)")
+        try:  # validate now (fail at start-up, not after the trainer is built)
+            check_synthetic_coco_args(num_train, num_val, image_size, max_objects, min_object_size)
+        except ValueError as err:
+            raise ValueError(f"data: bad synthetic set parameters {self.generator_args}: {err}") from None
 
     def prepare_data(self) -> None:
         generate_synthetic_coco(self.root, **self.generator_args)

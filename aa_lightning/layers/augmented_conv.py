@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import get_padding, to_2tuple
 from torch import Tensor, nn
 
 from .position_encoding import add_sine_position_encoding, concat_coord_channels
@@ -37,10 +38,6 @@ torch.fx.wrap("relative_attention_2d")
 torch.fx.wrap("resample_relative_table")
 torch.fx.wrap("add_sine_position_encoding")
 torch.fx.wrap("concat_coord_channels")
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class AugmentedConv2d(nn.Module):
@@ -100,10 +97,10 @@ class AugmentedConv2d(nn.Module):
         self.dkh, self.dvh = self.dk // num_heads, self.dv // num_heads
         self.position = position
         self.backend = backend
-        self.feat_size = _pair(feat_size) if feat_size is not None else None
+        self.feat_size = tuple(int(n) for n in to_2tuple(feat_size)) if feat_size is not None else None
 
         conv_channels = out_channels - self.dv
-        padding = dilation * (kernel_size - 1) // 2
+        padding = get_padding(kernel_size, stride=1, dilation=dilation)  # 'same' at stride 1, as before at any stride
         self.conv = (
             nn.Conv2d(in_channels, conv_channels, kernel_size, stride, padding, dilation, groups, bias, **dd)
             if conv_channels > 0
