@@ -24,7 +24,8 @@ from . import triton_kernels
 from .relative_attention import relative_offsets_index
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_BLOCK_N = 64  # key positions per block when W is small (more whole grid rows per block)
+_BLOCK_N = 64  # keys per block
+_MAX_WP = 32  # columns per key block: W padded to a power of two, or 32-column chunks of wider rows
 
 
 def _next_pow2(n: int) -> int:
@@ -33,8 +34,8 @@ def _next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Static launch parameters for one (H, W, dkh, dvh): queries per program, the padded width
-    WP and grid rows R of a key block (BLOCK_N = R * WP keys), padded head dims, warps."""
+    """Static launch parameters for one (H, W, dkh, dvh): queries per program, the columns WP and
+    grid rows R of a key block (BLOCK_N = R * WP keys), padded head dims, warps."""
 
     block_m: int
     wp: int
@@ -47,20 +48,24 @@ class Blocks:
     def block_n(self) -> int:
         return self.rows * self.wp
 
+    def column_chunks(self, w: int) -> int:
+        return -(-w // self.wp)
+
 
 def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
-    """Block sizes chosen from static facts (registers, spills, shared memory of the compiled
-    kernels: ``benchmarks/triton_compile_report.py``); a GPU autotune may refine them later.
+    """Block sizes chosen from static facts (registers, spills and shared memory of the kernels
+    compiled for sm_80 / sm_90: ``benchmarks/triton_compile_report.py``); a GPU autotune may
+    refine them later.
 
-    A key block is whole grid rows: W padded to a power of two, then as many rows as fit in
-    64 keys (at least one row, at least 16 keys for ``tl.dot``). Head dims are padded to powers of
-    two >= 16. 64 queries per program, 32 where a key block or a head dim is wider than 64."""
-    wp = _next_pow2(w)
-    block_n = max(wp, min(_MAX_BLOCK_N, wp * _next_pow2(h)), 16)
+    A key block is R grid rows x WP columns: W padded to a power of two up to 32 columns (wider
+    rows are split into 32-column chunks; 64 spill registers in the dq pass), then as many rows as fill 64 keys (at least 16 keys, the
+    smallest ``tl.dot`` operand). Head dims are padded to powers of two >= 16. 8 warps (4 spill in
+    the dq pass); 64 queries per program, 32 from padded head dims of 64 (the q / dq tiles grow)."""
+    wp = min(_next_pow2(w), _MAX_WP)
+    block_n = max(wp, min(_BLOCK_N, wp * _next_pow2(h)), 16)
     dp, dvp = max(16, _next_pow2(dkh)), max(16, _next_pow2(dvh))
-    block_m = 64 if block_n <= 64 and max(dp, dvp) <= 64 else 32
-    block_m = max(16, min(block_m, _next_pow2(h * w)))
-    return Blocks(block_m, wp, block_n // wp, dp, dvp, num_warps=4 if block_n <= 64 else 8)
+    block_m = max(16, min(64 if max(dp, dvp) <= 32 else 32, _next_pow2(h * w)))
+    return Blocks(block_m, wp, block_n // wp, dp, dvp, num_warps=8)
 
 
 def kernel_constants(blocks: Blocks, dtype: torch.dtype) -> dict:
@@ -109,7 +114,7 @@ def triton_relative_attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """float32 (dq through the content logits, dk, dv, grad_bias_w [BH, H, W, W], grad_bias_h
-    [BH, H, W, H]): the gradients of the per-query relative logits q . rel_w (by key column) and
+    [BH, H, W, C, H] for the C column chunks of :func:`block_sizes`): the gradients of the per-query relative logits q . rel_w (by key column) and
     q . rel_h (by key row)."""
     _check(q, k, v, rel_h, rel_w)
     batch_heads, h, w, d = q.shape
@@ -119,12 +124,13 @@ def triton_relative_attention_backward_op(
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i
     f32 = dict(dtype=torch.float32, device=q.device)
     dq, dk, dv_ = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
-    grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, h, **f32)
     blocks = block_sizes(h, w, d, dv)
+    chunks = blocks.column_chunks(w)
+    grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, chunks, h, **f32)
     common = (h, w, d, dv, h * w)
     _launch(triton_kernels._bwd_dq, (triton_kernels.triton.cdiv(h * w, blocks.block_m), batch_heads), blocks, q.dtype,
             q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, grad_bw, grad_bh, *common)
-    _launch(triton_kernels._bwd_dkdv, (triton_kernels.triton.cdiv(h, blocks.rows), batch_heads), blocks, q.dtype,
+    _launch(triton_kernels._bwd_dkdv, (triton_kernels.triton.cdiv(h, blocks.rows) * chunks, batch_heads), blocks, q.dtype,
             q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv_, *common)
     return dq, dk, dv_, grad_bw, grad_bh
 
@@ -134,7 +140,7 @@ def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
     f32 = dict(dtype=torch.float32)
     b, h, w = q.shape[:3]
     return (q.new_empty(q.shape, **f32), q.new_empty(k.shape, **f32), q.new_empty(v.shape, **f32),
-            q.new_empty(b, h, w, w, **f32), q.new_empty(b, h, w, h, **f32))
+            q.new_empty(b, h, w, w, **f32), q.new_empty(b, h, w, block_sizes(h, w, q.shape[3], v.shape[3]).column_chunks(w), h, **f32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -147,6 +153,7 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
     q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
     dq, dk, dv, grad_bw, grad_bh = triton_relative_attention_backward_op(q, k, v, rel_h, rel_w, out, lse, grad_out)
     h, w, d = q.shape[1], q.shape[2], q.shape[3]
+    grad_bh = grad_bh.sum(3)
     index_w, index_h = relative_offsets_index(w, q.device), relative_offsets_index(h, q.device)
     q32 = q.float()
     dq = dq + torch.einsum("byxj,xjd->byxd", grad_bw, rel_w.float()[index_w])
