@@ -4,6 +4,7 @@ ops, so autograd gives independent gradients for q, k, v, rel_h and rel_w (tests
     l_ij = q_i . (k_j + r^W[jx - ix + W - 1] + r^H[jy - iy + H - 1]) / sqrt(dkh)
     out_i = sum_j softmax_j(l_i) v_j
 """
+
 import math
 
 import torch
@@ -19,8 +20,13 @@ def loop_relative_attention_autograd(q, k, v, rel_h, rel_w):
             values = v[b, n].reshape(height * width, -1)
             for iy in range(height):
                 for ix in range(width):
-                    rel = torch.stack([rel_w[jx - ix + width - 1] + rel_h[jy - iy + height - 1]
-                                       for jy in range(height) for jx in range(width)])
+                    rel = torch.stack(
+                        [
+                            rel_w[jx - ix + width - 1] + rel_h[jy - iy + height - 1]
+                            for jy in range(height)
+                            for jx in range(width)
+                        ]
+                    )
                     logits = (keys + rel) @ q[b, n, iy, ix] / math.sqrt(dkh)
                     weights = torch.exp(logits - logits.max().detach())
                     rows.append((weights / weights.sum()) @ values)

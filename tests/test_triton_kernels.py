@@ -5,6 +5,7 @@ No GPU needed. TRITON_INTERPRET=1 must be set before triton itself is imported (
 library is decorated then), so in a normal run this module re-runs itself in a subprocess with it
 set (:func:`test_interpreter_cases_in_a_subprocess`); the cases below run there.
 """
+
 import os
 import subprocess
 import sys
@@ -22,37 +23,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter_case = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
 
-def _interpreter_dot_takes_bfloat16() -> None:
-    """triton's interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
-    (triton 3.8); widen bfloat16 operands to float32 first, which is what the tensor cores compute
-    (exact bf16 products, float32 accumulation)."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        widened = []
-        for x in (a, b):
-            if x.dtype.scalar == interpreter.tl.bfloat16:
-                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None).view(np.float32)
-                x = interpreter.TensorHandle(data, interpreter.tl.float32)
-            widened.append(x)
-        return original(self, *widened, d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-
-if INTERPRETED:
-    _interpreter_dot_takes_bfloat16()
-
-
 def test_interpreter_cases_in_a_subprocess():
     if INTERPRETED:
         pytest.skip("already in the interpreter")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not in_a_subprocess"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
@@ -79,7 +58,9 @@ def loop_output_and_grads(inputs, weights):
 
 
 def triton_output_and_grads(inputs, weights, dtype):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs[:3]] + [t.detach().float().requires_grad_() for t in inputs[3:]]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs[:3]] + [
+        t.detach().float().requires_grad_() for t in inputs[3:]
+    ]
     out = relative_attention_2d(*leaves, backend="triton")
     grads = torch.autograd.grad((out.float() * weights.float()).sum(), leaves)
     return out, grads
@@ -107,7 +88,7 @@ def test_triton_matches_loop_reference_float32(interpreted, shape):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
     for name, got, expected in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want_grads):
         assert got.shape == expected.shape, name
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-5, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @interpreter_case

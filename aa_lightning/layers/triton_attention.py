@@ -12,6 +12,7 @@ backward), with fake implementations and autograd, so ``torch.compile`` sees one
 triton is imported lazily by :mod:`.relative_attention`; with ``TRITON_INTERPRET=1`` set before
 :mod:`.triton_kernels` is imported the same kernels run on CPU tensors (the tests do this).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,10 +27,36 @@ from .relative_attention import relative_offsets_index
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_N = 64  # keys per block
 _MAX_WP = 32  # columns per key block: W padded to a power of two, or 32-column chunks of wider rows
+_MAX_ROWS = 4  # grid rows per key block (more spill in the bias loops at W <= 8)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def _interpreter_dot_takes_bfloat16() -> None:
+    """triton's interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
+    (triton 3.8); widen bfloat16 operands to float32 first, which is what the tensor cores compute
+    (exact bf16 products, float32 accumulation)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        widened = []
+        for x in (a, b):
+            if x.dtype.scalar == interpreter.tl.bfloat16:
+                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None).view(np.float32)
+                x = interpreter.TensorHandle(data, interpreter.tl.float32)
+            widened.append(x)
+        return original(self, *widened, d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if not isinstance(triton_kernels._fwd, triton_kernels.triton.JITFunction):  # TRITON_INTERPRET=1
+    _interpreter_dot_takes_bfloat16()
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,10 @@ class Blocks:
     def column_chunks(self, w: int) -> int:
         return -(-w // self.wp)
 
+    def warps(self, kernel: str) -> int:
+        """Warps for ``kernel``: the dk/dv pass takes 4 (with 8 ptxas caps it at 128 registers and spills)."""
+        return 4 if kernel == "_bwd_dkdv" else self.num_warps
+
 
 def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
     """Block sizes chosen from static facts (registers, spills and shared memory of the kernels
@@ -58,38 +89,51 @@ def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
     refine them later.
 
     A key block is R grid rows x WP columns: W padded to a power of two up to 32 columns (wider
-    rows are split into 32-column chunks; 64 spill registers in the dq pass), then as many rows as fill 64 keys (at least 16 keys, the
-    smallest ``tl.dot`` operand). Head dims are padded to powers of two >= 16. 8 warps (4 spill in
-    the dq pass); 64 queries per program, 32 from padded head dims of 64 (the q / dq tiles grow)."""
+    rows are split into 32-column chunks; 64 spill registers in the dq pass), then as many rows as
+    fill 64 keys, at most 4 (at least 16 keys, the smallest ``tl.dot`` operand). Head dims are padded to powers of two >= 16. 8 warps (4 spill in
+    the dq pass), 4 for the dk/dv pass; 64 queries per program for padded head dims of 16, else 32 (the q / dq tiles grow;
+    at 32 the sm_80 dq pass spills with 64)."""
     wp = min(_next_pow2(w), _MAX_WP)
-    block_n = max(wp, min(_BLOCK_N, wp * _next_pow2(h)), 16)
+    block_n = max(wp, min(_BLOCK_N, wp * _next_pow2(h), wp * _MAX_ROWS), 16)
     dp, dvp = max(16, _next_pow2(dkh)), max(16, _next_pow2(dvh))
-    block_m = max(16, min(64 if max(dp, dvp) <= 32 else 32, _next_pow2(h * w)))
+    block_m = max(16, min(64 if max(dp, dvp) <= 16 else 32, _next_pow2(h * w)))
     return Blocks(block_m, wp, block_n // wp, dp, dvp, num_warps=8)
 
 
 def kernel_constants(blocks: Blocks, dtype: torch.dtype) -> dict:
     """The kernels' constexpr arguments for ``blocks`` and input ``dtype``."""
-    return dict(DP=blocks.dp, DVP=blocks.dvp, WP=blocks.wp, R=blocks.rows, BLOCK_M=blocks.block_m,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")  # exact float32 products, no TF32
+    return dict(
+        DP=blocks.dp,
+        DVP=blocks.dvp,
+        WP=blocks.wp,
+        R=blocks.rows,
+        BLOCK_M=blocks.block_m,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )  # exact float32 products, no TF32
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> None:
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"the Triton attention kernels take q, k, v of one dtype among {DTYPES}; "
-                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(
+            f"the Triton attention kernels take q, k, v of one dtype among {DTYPES}; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     interpreted = not isinstance(triton_kernels._fwd, triton_kernels.triton.JITFunction)
     if q.device.type != "cuda" and not interpreted:
-        raise ValueError(f"backend 'triton' runs on CUDA tensors; got {q.device.type} "
-                         "(TRITON_INTERPRET=1 runs the kernels on CPU for testing)")
+        raise ValueError(
+            f"backend 'triton' runs on CUDA tensors; got {q.device.type} "
+            "(TRITON_INTERPRET=1 runs the kernels on CPU for testing)"
+        )
 
 
-def _launch(kernel, grid: tuple[int, int], blocks: Blocks, dtype: torch.dtype, *args) -> None:
-    kernel[grid](*args, **kernel_constants(blocks, dtype), num_warps=blocks.num_warps)
+def _launch(kernel: str, grid: tuple[int, int], blocks: Blocks, dtype: torch.dtype, *args) -> None:
+    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, dtype), num_warps=blocks.warps(kernel))
 
 
 @torch.library.custom_op("aa_lightning::triton_relative_attention", mutates_args=())
-def triton_relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
+def triton_relative_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor
+) -> tuple[Tensor, Tensor]:
     """q, k: [BH, H, W, D] (q scaled); v: [BH, H, W, DV]; rel_h [2H-1, D]; rel_w [2W-1, D].
     Returns (out [BH, H, W, DV] in q's dtype, float32 log-sum-exp of each logits row [BH, H, W])."""
     _check(q, k, v, rel_h, rel_w)
@@ -100,7 +144,7 @@ def triton_relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor,
     lse = q.new_empty(batch_heads, h, w, dtype=torch.float32)
     blocks = block_sizes(h, w, d, dv)
     grid = (triton_kernels.triton.cdiv(h * w, blocks.block_m), batch_heads)
-    _launch(triton_kernels._fwd, grid, blocks, q.dtype, q, k, v, rel_h, rel_w, out, lse, h, w, d, dv, h * w)
+    _launch("_fwd", grid, blocks, q.dtype, q, k, v, rel_h, rel_w, out, lse, h, w, d, dv, h * w)
     return out, lse
 
 
@@ -128,10 +172,41 @@ def triton_relative_attention_backward_op(
     chunks = blocks.column_chunks(w)
     grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, chunks, h, **f32)
     common = (h, w, d, dv, h * w)
-    _launch(triton_kernels._bwd_dq, (triton_kernels.triton.cdiv(h * w, blocks.block_m), batch_heads), blocks, q.dtype,
-            q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, grad_bw, grad_bh, *common)
-    _launch(triton_kernels._bwd_dkdv, (triton_kernels.triton.cdiv(h, blocks.rows) * chunks, batch_heads), blocks, q.dtype,
-            q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv_, *common)
+    _launch(
+        "_bwd_dq",
+        (triton_kernels.triton.cdiv(h * w, blocks.block_m), batch_heads),
+        blocks,
+        q.dtype,
+        q,
+        k,
+        v,
+        rel_h,
+        rel_w,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        grad_bw,
+        grad_bh,
+        *common,
+    )
+    _launch(
+        "_bwd_dkdv",
+        (triton_kernels.triton.cdiv(h, blocks.rows) * chunks, batch_heads),
+        blocks,
+        q.dtype,
+        q,
+        k,
+        v,
+        rel_h,
+        rel_w,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv_,
+        *common,
+    )
     return dq, dk, dv_, grad_bw, grad_bh
 
 
@@ -139,8 +214,13 @@ def triton_relative_attention_backward_op(
 def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
     f32 = dict(dtype=torch.float32)
     b, h, w = q.shape[:3]
-    return (q.new_empty(q.shape, **f32), q.new_empty(k.shape, **f32), q.new_empty(v.shape, **f32),
-            q.new_empty(b, h, w, w, **f32), q.new_empty(b, h, w, block_sizes(h, w, q.shape[3], v.shape[3]).column_chunks(w), h, **f32))
+    return (
+        q.new_empty(q.shape, **f32),
+        q.new_empty(k.shape, **f32),
+        q.new_empty(v.shape, **f32),
+        q.new_empty(b, h, w, w, **f32),
+        q.new_empty(b, h, w, block_sizes(h, w, q.shape[3], v.shape[3]).column_chunks(w), h, **f32),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -159,9 +239,11 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
     dq = dq + torch.einsum("byxj,xjd->byxd", grad_bw, rel_w.float()[index_w])
     dq = dq + torch.einsum("byxj,yjd->byxd", grad_bh, rel_h.float()[index_h])
     grad_rel_w = q32.new_zeros(2 * w - 1, d).index_add_(
-        0, index_w.reshape(-1), torch.einsum("byxj,byxd->xjd", grad_bw, q32).reshape(-1, d))
+        0, index_w.reshape(-1), torch.einsum("byxj,byxd->xjd", grad_bw, q32).reshape(-1, d)
+    )
     grad_rel_h = q32.new_zeros(2 * h - 1, d).index_add_(
-        0, index_h.reshape(-1), torch.einsum("byxj,byxd->yjd", grad_bh, q32).reshape(-1, d))
+        0, index_h.reshape(-1), torch.einsum("byxj,byxd->yjd", grad_bh, q32).reshape(-1, d)
+    )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_rel_h.to(rel_h.dtype), grad_rel_w.to(rel_w.dtype)
 
 

@@ -6,6 +6,7 @@ which rejects what the hardware rejects; ``ptxas -v`` on the kernel's PTX report
 spill bytes, the compiled kernel's metadata its shared memory. Used by
 ``tests/test_triton_compile.py`` and ``benchmarks/triton_compile_report.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,22 @@ KERNELS = ("_fwd", "_bwd_dq", "_bwd_dkdv")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _PTR_ARGS = {  # pointer arguments: "x" = the input dtype, else fixed
     "_fwd": dict(Q="x", K="x", V="x", REL_H="fp32", REL_W="fp32", OUT="x", LSE="fp32"),
-    "_bwd_dq": dict(Q="x", K="x", V="x", REL_H="fp32", REL_W="fp32", DO="x", LSE="fp32", DELTA="fp32",
-                    DQ="fp32", GRAD_BW="fp32", GRAD_BH="fp32"),
-    "_bwd_dkdv": dict(Q="x", K="x", V="x", REL_H="fp32", REL_W="fp32", DO="x", LSE="fp32", DELTA="fp32",
-                      DK="fp32", DV_OUT="fp32"),
+    "_bwd_dq": dict(
+        Q="x",
+        K="x",
+        V="x",
+        REL_H="fp32",
+        REL_W="fp32",
+        DO="x",
+        LSE="fp32",
+        DELTA="fp32",
+        DQ="fp32",
+        GRAD_BW="fp32",
+        GRAD_BH="fp32",
+    ),
+    "_bwd_dkdv": dict(
+        Q="x", K="x", V="x", REL_H="fp32", REL_W="fp32", DO="x", LSE="fp32", DELTA="fp32", DK="fp32", DV_OUT="fp32"
+    ),
 }
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -39,9 +52,12 @@ def zoo_attention_shapes() -> list[dict]:
     from .augmented_conv import AugmentedConv2d
 
     rows: dict[tuple[int, int, int, int], list[str]] = {}
-    for name, kwargs, label in [("aa_resnet50", {}, "aa_resnet50@224"), ("aa_resnet101", {}, "aa_resnet101@224"),
-                                ("aa_wrn28_10", {}, "aa_wrn28_10@32"),
-                                ("aa_resnet50", dict(img_size=(800, 1344)), "detection aa_resnet50/101@800x1333")]:
+    for name, kwargs, label in [
+        ("aa_resnet50", {}, "aa_resnet50@224"),
+        ("aa_resnet101", {}, "aa_resnet101@224"),
+        ("aa_wrn28_10", {}, "aa_wrn28_10@32"),
+        ("aa_resnet50", dict(img_size=(800, 1344)), "detection aa_resnet50/101@800x1333"),
+    ]:
         with torch.device("meta"):
             model = timm.create_model(name, **kwargs)
         for layer in model.modules():
@@ -59,13 +75,24 @@ def _ptxas() -> Path:
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes of the single kernel in ``ptx`` (``ptxas -v``)."""
-    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    """Registers and spill bytes of the single kernel in ``ptx``: ``ptxas -v`` with the options
+    triton's own ptxas call uses (so the numbers are those of the cubin triton builds)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         Path(src).write_text(ptx)
-        result = subprocess.run([str(_ptxas()), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True)
+        command = [
+            str(_ptxas()),
+            "-lineinfo",
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={sm_arch_from_capability(arch)}",
+            src,
+            "-o",
+            os.path.join(tmp, "kernel.cubin"),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
     log = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     stores, loads = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
@@ -90,9 +117,26 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
     signature = {arg: "*" + (name if kind == "x" else kind) for arg, kind in _PTR_ARGS[kernel].items()}
     signature.update({arg: "i32" for arg in ("H", "W", "D", "DV", "L")})
     signature.update({arg: "constexpr" for arg in constants})
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=blocks.num_warps))
-    return dict(kernel=kernel, arch=f"sm_{arch}", dtype=name, h=h, w=w, dkh=dkh, dvh=dvh,
-                block_m=blocks.block_m, block_n=blocks.block_n, rows=blocks.rows, dp=blocks.dp, dvp=blocks.dvp,
-                num_warps=blocks.num_warps, shared=compiled.metadata.shared, shared_limit=SHARED_LIMIT[arch],
-                **_ptxas_usage(compiled.asm["ptx"], arch))
+    compiled = triton.compile(
+        ASTSource(fn, signature, constants),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=blocks.warps(kernel)),
+    )
+    return dict(
+        kernel=kernel,
+        arch=f"sm_{arch}",
+        dtype=name,
+        h=h,
+        w=w,
+        dkh=dkh,
+        dvh=dvh,
+        block_m=blocks.block_m,
+        block_n=blocks.block_n,
+        rows=blocks.rows,
+        dp=blocks.dp,
+        dvp=blocks.dvp,
+        num_warps=blocks.warps(kernel),
+        shared=compiled.metadata.shared,
+        shared_limit=SHARED_LIMIT[arch],
+        **_ptxas_usage(compiled.asm["ptx"], arch),
+    )

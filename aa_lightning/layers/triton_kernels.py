@@ -23,6 +23,7 @@ relative-logit gradients ``grad_bias_w`` [L, W] = sum over key rows and ``grad_b
 Whether these are compiled or interpreted is decided when this module is imported
 (``TRITON_INTERPRET=1`` runs them on CPU tensors, for the tests).
 """
+
 from __future__ import annotations
 
 import triton
@@ -78,9 +79,26 @@ def _key_block(row0, col0, H, W, WP: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _fwd(Q, K, V, REL_H, REL_W, OUT, LSE, H, W, D, DV, L,
-         DP: tl.constexpr, DVP: tl.constexpr, WP: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-         PRECISION: tl.constexpr):
+def _fwd(
+    Q,
+    K,
+    V,
+    REL_H,
+    REL_W,
+    OUT,
+    LSE,
+    H,
+    W,
+    D,
+    DV,
+    L,
+    DP: tl.constexpr,
+    DVP: tl.constexpr,
+    WP: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     bh = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = Q + bh * L * D, K + bh * L * D, V + bh * L * DV
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,8 +114,9 @@ def _fwd(Q, K, V, REL_H, REL_W, OUT, LSE, H, W, D, DV, L,
         bias_w = _over_rows(_bias_w(q_base, REL_W, offs_m, mask_m, ix, col0, W, D, WP, BLOCK_M), R, WP, BLOCK_M)
         for row0 in range(0, H, R):
             key, key_mask = _key_block(row0, col0, H, W, WP, R)
-            k = tl.load(k_base + key[:, None] * D + offs_d[None, :], mask=key_mask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
+            k = tl.load(
+                k_base + key[:, None] * D + offs_d[None, :], mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0
+            )
             bias_h = _bias_h(q32, REL_H, mask_m, iy, row0, H, D, offs_d, R, BLOCK_M)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) + bias_w + _over_columns(bias_h, R, WP, BLOCK_M)
             s = tl.where(key_mask[None, :], s, float("-inf"))
@@ -105,20 +124,47 @@ def _fwd(Q, K, V, REL_H, REL_W, OUT, LSE, H, W, D, DV, L,
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + key[:, None] * DV + offs_dv[None, :],
-                        mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            v = tl.load(
+                v_base + key[:, None] * DV + offs_dv[None, :],
+                mask=key_mask[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OUT + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        OUT + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_dv[None, :] < DV),
+    )
     tl.store(LSE + bh * L + offs_m, m_i + tl.log(l_i), mask=mask_m)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, REL_H, REL_W, DO, LSE, DELTA, DQ, GRAD_BW, GRAD_BH, H, W, D, DV, L,
-            DP: tl.constexpr, DVP: tl.constexpr, WP: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-            PRECISION: tl.constexpr):
+def _bwd_dq(
+    Q,
+    K,
+    V,
+    REL_H,
+    REL_W,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    GRAD_BW,
+    GRAD_BH,
+    H,
+    W,
+    D,
+    DV,
+    L,
+    DP: tl.constexpr,
+    DVP: tl.constexpr,
+    WP: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     bh = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = Q + bh * L * D, K + bh * L * D, V + bh * L * DV
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -127,8 +173,11 @@ def _bwd_dq(Q, K, V, REL_H, REL_W, DO, LSE, DELTA, DQ, GRAD_BW, GRAD_BH, H, W, D
     offs_d, offs_dv = tl.arange(0, DP), tl.arange(0, DVP)
     q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
     q32 = q.to(tl.float32)
-    do = tl.load(DO + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                 mask=mask_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    do = tl.load(
+        DO + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
+        mask=mask_m[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     lse = tl.load(LSE + bh * L + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + bh * L + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
@@ -139,10 +188,14 @@ def _bwd_dq(Q, K, V, REL_H, REL_W, DO, LSE, DELTA, DQ, GRAD_BW, GRAD_BH, H, W, D
         grad_bw = tl.zeros((BLOCK_M, WP), dtype=tl.float32)
         for row0 in range(0, H, R):
             key, key_mask = _key_block(row0, col0, H, W, WP, R)
-            k = tl.load(k_base + key[:, None] * D + offs_d[None, :], mask=key_mask[:, None] & (offs_d[None, :] < D),
-                        other=0.0)
-            v = tl.load(v_base + key[:, None] * DV + offs_dv[None, :],
-                        mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = tl.load(
+                k_base + key[:, None] * D + offs_d[None, :], mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0
+            )
+            v = tl.load(
+                v_base + key[:, None] * DV + offs_dv[None, :],
+                mask=key_mask[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
             bias_h = _bias_h(q32, REL_H, mask_m, iy, row0, H, D, offs_d, R, BLOCK_M)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) + bias_w + _over_columns(bias_h, R, WP, BLOCK_M)
             p = tl.where(key_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
@@ -152,18 +205,42 @@ def _bwd_dq(Q, K, V, REL_H, REL_W, DO, LSE, DELTA, DQ, GRAD_BW, GRAD_BH, H, W, D
             ds3 = tl.reshape(ds, (BLOCK_M, R, WP))
             grad_bw += tl.sum(ds3, 1)
             # row sums over this column chunk: GRAD_BH [BH, L, chunks, H], summed over chunks in torch
-            tl.store(GRAD_BH + ((bh * L + offs_m[:, None]) * chunks + col0 // WP) * H + (row0 + rows)[None, :],
-                     tl.sum(ds3, 2), mask=mask_m[:, None] & (row0 + rows < H)[None, :])
+            tl.store(
+                GRAD_BH + ((bh * L + offs_m[:, None]) * chunks + col0 // WP) * H + (row0 + rows)[None, :],
+                tl.sum(ds3, 2),
+                mask=mask_m[:, None] & (row0 + rows < H)[None, :],
+            )
         jx = col0 + tl.arange(0, WP)
-        tl.store(GRAD_BW + bh * L * W + offs_m[:, None] * W + jx[None, :], grad_bw,
-                 mask=mask_m[:, None] & (jx < W)[None, :])
+        tl.store(
+            GRAD_BW + bh * L * W + offs_m[:, None] * W + jx[None, :], grad_bw, mask=mask_m[:, None] & (jx < W)[None, :]
+        )
     tl.store(DQ + bh * L * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, REL_H, REL_W, DO, LSE, DELTA, DK, DV_OUT, H, W, D, DV, L,
-              DP: tl.constexpr, DVP: tl.constexpr, WP: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _bwd_dkdv(
+    Q,
+    K,
+    V,
+    REL_H,
+    REL_W,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV_OUT,
+    H,
+    W,
+    D,
+    DV,
+    L,
+    DP: tl.constexpr,
+    DVP: tl.constexpr,
+    WP: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     bh = tl.program_id(1).to(tl.int64)
     q_base = Q + bh * L * D
     chunks = tl.cdiv(W, WP)
@@ -180,9 +257,14 @@ def _bwd_dkdv(Q, K, V, REL_H, REL_W, DO, LSE, DELTA, DK, DV_OUT, H, W, D, DV, L,
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < L
         iy, ix = offs_m // W, offs_m % W
-        q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                     mask=mask_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        q = tl.load(
+            q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0
+        )
+        do = tl.load(
+            DO + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
+            mask=mask_m[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         lse = tl.load(LSE + bh * L + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + bh * L + offs_m, mask=mask_m, other=0.0)
         bias_w = _bias_w(q_base, REL_W, offs_m, mask_m, ix, col0, W, D, WP, BLOCK_M)
