@@ -43,14 +43,14 @@ def _interpreter_dot_takes_bfloat16() -> None:
 
     original = interpreter.InterpreterBuilder.create_dot
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def create_dot(self, a, b, *args):
         widened = []
         for x in (a, b):
             if x.dtype.scalar == interpreter.tl.bfloat16:
-                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None).view(np.float32)
-                x = interpreter.TensorHandle(data, interpreter.tl.float32)
+                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None)
+                x = interpreter.TensorHandle(data.view(np.float32), interpreter.tl.float32)
             widened.append(x)
-        return original(self, *widened, d, input_precision, max_num_imprecise_acc)
+        return original(self, *widened, *args)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
 
