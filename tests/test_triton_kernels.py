@@ -154,3 +154,21 @@ def test_triton_is_one_op_under_torch_compile(interpreted):
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
     assert sum("triton_relative_attention" in t for t in targets) == 1, targets
     torch._dynamo.reset()
+
+
+def test_triton_op_traces_as_one_node_on_fake_tensors():
+    """Without a GPU or the interpreter: make_fx traces the backend through the op's fake
+    implementation (the kernels never run), forward and backward, one op node each."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def forward_backward(*t):
+        out = relative_attention_2d(*t, backend="triton")
+        return torch.autograd.grad(out.sum(), t)
+
+    inputs = make_inputs(2, 2, 3, 5, 4, 3, dtype=torch.float32, requires_grad=True)
+    graph = make_fx(forward_backward, tracing_mode="fake")(*inputs)
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert sum(t.startswith("aa_lightning.triton_relative_attention.") for t in targets) == 1, targets
+    assert sum(t.startswith("aa_lightning.triton_relative_attention_backward.") for t in targets) == 1, targets
+    grads = [node for node in graph.graph.nodes if node.op == "output"][0].args[0]
+    assert [tuple(g.meta["val"].shape) for g in grads] == [tuple(t.shape) for t in inputs]

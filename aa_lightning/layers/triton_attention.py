@@ -78,9 +78,10 @@ class Blocks:
     def column_chunks(self, w: int) -> int:
         return -(-w // self.wp)
 
-    def warps(self, kernel: str) -> int:
-        """Warps for ``kernel``: the dk/dv pass takes 4 (with 8 ptxas caps it at 128 registers and spills)."""
-        return 4 if kernel == "_bwd_dkdv" else self.num_warps
+    def warps(self, kernel: str, dtype: torch.dtype) -> int:
+        """Warps for ``kernel``: 4 for the dk/dv pass on 16-bit inputs (with 8, ptxas caps it at 128
+        registers and spills), else 8 (float32's exact products spill far more with 4)."""
+        return 4 if kernel == "_bwd_dkdv" and dtype != torch.float32 else self.num_warps
 
 
 def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
@@ -90,9 +91,10 @@ def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
 
     A key block is R grid rows x WP columns: W padded to a power of two up to 32 columns (wider
     rows are split into 32-column chunks; 64 spill registers in the dq pass), then as many rows as
-    fill 64 keys, at most 4 (at least 16 keys, the smallest ``tl.dot`` operand). Head dims are padded to powers of two >= 16. 8 warps (4 spill in
-    the dq pass), 4 for the dk/dv pass; 64 queries per program for padded head dims of 16, else 32 (the q / dq tiles grow;
-    at 32 the sm_80 dq pass spills with 64)."""
+    fill 64 keys, at most 4 (at least 16 keys, the smallest ``tl.dot`` operand). Head dims are
+    padded to powers of two >= 16. 8 warps (4 spill in the dq pass), 4 for the 16-bit dk/dv pass;
+    64 queries per program for padded head dims of 16, else 32 (the q / dq tiles grow; at 32 the
+    sm_80 dq pass spills with 64)."""
     wp = min(_next_pow2(w), _MAX_WP)
     block_n = max(wp, min(_BLOCK_N, wp * _next_pow2(h), wp * _MAX_ROWS), 16)
     dp, dvp = max(16, _next_pow2(dkh)), max(16, _next_pow2(dvh))
@@ -127,7 +129,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Non
 
 
 def _launch(kernel: str, grid: tuple[int, int], blocks: Blocks, dtype: torch.dtype, *args) -> None:
-    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, dtype), num_warps=blocks.warps(kernel))
+    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, dtype), num_warps=blocks.warps(kernel, dtype))
 
 
 @torch.library.custom_op("aa_lightning::triton_relative_attention", mutates_args=())

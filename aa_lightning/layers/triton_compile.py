@@ -120,7 +120,7 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
     compiled = triton.compile(
         ASTSource(fn, signature, constants),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=blocks.warps(kernel)),
+        options=dict(num_warps=blocks.warps(kernel, dtype)),
     )
     return dict(
         kernel=kernel,
@@ -135,7 +135,7 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
         rows=blocks.rows,
         dp=blocks.dp,
         dvp=blocks.dvp,
-        num_warps=blocks.warps(kernel),
+        num_warps=blocks.warps(kernel, dtype),
         shared=compiled.metadata.shared,
         shared_limit=SHARED_LIMIT[arch],
         **_ptxas_usage(compiled.asm["ptx"], arch),
