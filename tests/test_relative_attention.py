@@ -166,7 +166,8 @@ def test_triton_backend_scales_q_and_reshapes_for_the_kernel(monkeypatch):
         calls.append((q, k, v, rel_h, rel_w))
         return torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
 
-    fake = types.SimpleNamespace(DTYPES=(torch.float32, torch.bfloat16, torch.float16), triton_relative_attention=fake_kernel)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    fake = types.SimpleNamespace(DTYPES=dtypes, triton_relative_attention=fake_kernel)
     monkeypatch.setitem(sys.modules, "aa_lightning.layers.triton_attention", fake)
     import aa_lightning.layers as layers
 

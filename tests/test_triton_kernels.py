@@ -88,7 +88,8 @@ def test_triton_matches_loop_reference_float32(interpreted, shape):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
     for name, got, expected in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want_grads):
         assert got.shape == expected.shape, name
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+        message = lambda m, name=name: f"grad {name}: {m}"  # noqa: E731
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-5, msg=message)
 
 
 @interpreter_case

@@ -129,7 +129,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Non
 
 
 def _launch(kernel: str, grid: tuple[int, int], blocks: Blocks, dtype: torch.dtype, *args) -> None:
-    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, dtype), num_warps=blocks.warps(kernel, dtype))
+    warps = blocks.warps(kernel, dtype)
+    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, dtype), num_warps=warps)
 
 
 @torch.library.custom_op("aa_lightning::triton_relative_attention", mutates_args=())
@@ -160,8 +161,8 @@ def triton_relative_attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """float32 (dq through the content logits, dk, dv, grad_bias_w [BH, H, W, W], grad_bias_h
-    [BH, H, W, C, H] for the C column chunks of :func:`block_sizes`): the gradients of the per-query relative logits q . rel_w (by key column) and
-    q . rel_h (by key row)."""
+    [BH, H, W, C, H] for the C column chunks of :func:`block_sizes`): the gradients of the per-query
+    relative logits q . rel_w (by key column) and q . rel_h (by key row)."""
     _check(q, k, v, rel_h, rel_w)
     batch_heads, h, w, d = q.shape
     dv = v.shape[3]
@@ -173,42 +174,10 @@ def triton_relative_attention_backward_op(
     blocks = block_sizes(h, w, d, dv)
     chunks = blocks.column_chunks(w)
     grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, chunks, h, **f32)
-    common = (h, w, d, dv, h * w)
-    _launch(
-        "_bwd_dq",
-        (triton_kernels.triton.cdiv(h * w, blocks.block_m), batch_heads),
-        blocks,
-        q.dtype,
-        q,
-        k,
-        v,
-        rel_h,
-        rel_w,
-        grad_out,
-        lse,
-        delta,
-        dq,
-        grad_bw,
-        grad_bh,
-        *common,
-    )
-    _launch(
-        "_bwd_dkdv",
-        (triton_kernels.triton.cdiv(h, blocks.rows) * chunks, batch_heads),
-        blocks,
-        q.dtype,
-        q,
-        k,
-        v,
-        rel_h,
-        rel_w,
-        grad_out,
-        lse,
-        delta,
-        dk,
-        dv_,
-        *common,
-    )
+    inputs, sizes = (q, k, v, rel_h, rel_w, grad_out, lse, delta), (h, w, d, dv, h * w)
+    query_blocks, key_blocks = triton_kernels.triton.cdiv(h * w, blocks.block_m), triton_kernels.triton.cdiv(h, blocks.rows)
+    _launch("_bwd_dq", (query_blocks, batch_heads), blocks, q.dtype, *inputs, dq, grad_bw, grad_bh, *sizes)
+    _launch("_bwd_dkdv", (key_blocks * chunks, batch_heads), blocks, q.dtype, *inputs, dk, dv_, *sizes)
     return dq, dk, dv_, grad_bw, grad_bh
 
 
