@@ -146,7 +146,7 @@ def triton_relative_attention_op(
     out = q.new_empty(batch_heads, h, w, dv)
     lse = q.new_empty(batch_heads, h, w, dtype=torch.float32)
     blocks = block_sizes(h, w, d, dv)
-    grid = (triton_kernels.triton.cdiv(h * w, blocks.block_m), batch_heads)
+    grid = (-(-h * w // blocks.block_m), batch_heads)
     _launch("_fwd", grid, blocks, q.dtype, q, k, v, rel_h, rel_w, out, lse, h, w, d, dv, h * w)
     return out, lse
 
@@ -175,7 +175,7 @@ def triton_relative_attention_backward_op(
     chunks = blocks.column_chunks(w)
     grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, chunks, h, **f32)
     inputs, sizes = (q, k, v, rel_h, rel_w, grad_out, lse, delta), (h, w, d, dv, h * w)
-    query_blocks, key_blocks = triton_kernels.triton.cdiv(h * w, blocks.block_m), triton_kernels.triton.cdiv(h, blocks.rows)
+    query_blocks, key_blocks = -(-h * w // blocks.block_m), -(-h // blocks.rows)
     _launch("_bwd_dq", (query_blocks, batch_heads), blocks, q.dtype, *inputs, dq, grad_bw, grad_bh, *sizes)
     _launch("_bwd_dkdv", (key_blocks * chunks, batch_heads), blocks, q.dtype, *inputs, dk, dv_, *sizes)
     return dq, dk, dv_, grad_bw, grad_bh
