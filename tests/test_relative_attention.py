@@ -137,7 +137,7 @@ def test_auto_dispatch_on_cuda_is_triton_with_chunked_fallback(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(ra, "_triton_available", lambda: True)
     assert resolve_backend("auto", cuda) == "triton"
-    assert resolve_backend("auto", torch.device("mps")) == "chunked"
+    assert resolve_backend("auto", torch.device("mps")) == "fused"
     monkeypatch.setattr(ra, "_triton_available", lambda: False)
     assert resolve_backend("auto", cuda) == "chunked"
     with pytest.raises(ValueError, match="'triton' needs the triton package"):

@@ -26,7 +26,7 @@ same function; they differ in speed and memory:
   ops on any device, so it exports to ONNX (:mod:`aa_lightning.export`); it costs dkh + H + W
   multiply-adds per logit, and above head dim 256 SDPA falls back to its (HW)^2 math path.
 - ``"auto"``: ``cpu_kernel`` on CPU (``chunked`` where it cannot be compiled); ``triton`` on CUDA
-  (``chunked`` where triton is not installed); ``chunked`` on other devices.
+  (``chunked`` where triton is not installed); ``fused`` on other devices (MPS, XPU).
 
 Content-only attention (no tables) always goes through ``scaled_dot_product_attention``.
 """
@@ -83,7 +83,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if _triton_available() else "chunked"
     if device.type != "cpu":
-        return "chunked"
+        return "fused"
     return "cpu_kernel" if _cpu_kernel_available() else "chunked"
 
 
