@@ -161,8 +161,8 @@ def triton_relative_attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """float32 (dq through the content logits, dk, dv, grad_bias_w [BH, H, W, W], grad_bias_h
-    [BH, H, W, C, H] for the C column chunks of :func:`block_sizes`): the gradients of the per-query
-    relative logits q . rel_w (by key column) and q . rel_h (by key row)."""
+    [BH, H, W, H]): the gradients of the per-query relative logits q . rel_w (by key column) and
+    q . rel_h (by key row)."""
     _check(q, k, v, rel_h, rel_w)
     batch_heads, h, w, d = q.shape
     dv = v.shape[3]
@@ -173,7 +173,7 @@ def triton_relative_attention_backward_op(
     dq, dk, dv_ = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
     blocks = block_sizes(h, w, d, dv)
     chunks = blocks.column_chunks(w)
-    grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, chunks, h, **f32)
+    grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, h, **f32)
     inputs, sizes = (q, k, v, rel_h, rel_w, grad_out, lse, delta), (h, w, d, dv, h * w)
     query_blocks, key_blocks = -(-h * w // blocks.block_m), -(-h // blocks.rows)
     _launch("_bwd_dq", (query_blocks, batch_heads), blocks, q.dtype, *inputs, dq, grad_bw, grad_bh, *sizes)
@@ -190,7 +190,7 @@ def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
         q.new_empty(k.shape, **f32),
         q.new_empty(v.shape, **f32),
         q.new_empty(b, h, w, w, **f32),
-        q.new_empty(b, h, w, block_sizes(h, w, q.shape[3], v.shape[3]).column_chunks(w), h, **f32),
+        q.new_empty(b, h, w, h, **f32),
     )
 
 
@@ -204,7 +204,6 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
     q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
     dq, dk, dv, grad_bw, grad_bh = triton_relative_attention_backward_op(q, k, v, rel_h, rel_w, out, lse, grad_out)
     h, w, d = q.shape[1], q.shape[2], q.shape[3]
-    grad_bh = grad_bh.sum(3)
     index_w, index_h = relative_offsets_index(w, q.device), relative_offsets_index(h, q.device)
     q32 = q.float()
     dq = dq + torch.einsum("byxj,xjd->byxd", grad_bw, rel_w.float()[index_w])

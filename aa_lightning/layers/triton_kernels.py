@@ -14,8 +14,8 @@ tensor:
 
 Forward keeps an online softmax and saves each row's log-sum-exp. Backward recomputes the
 probabilities in two passes without atomics: :func:`_bwd_dq` per query block (dq and the
-relative-logit gradients ``grad_bias_w`` [L, W] = sum over key rows and ``grad_bias_h`` [L, chunks, H]
-= sum over each column chunk's key columns, from which torch finishes the gradients of q, rel_h and rel_w), and
+relative-logit gradients ``grad_bias_w`` [L, W] = sum over key rows and ``grad_bias_h`` [L, H] = sum
+over key columns, from which torch finishes the gradients of q, rel_h and rel_w), and
 :func:`_bwd_dkdv` per key block. Head dims are padded (masked loads) to DP / DVP, powers of two
 >= 16, the smallest that ``tl.dot`` takes. Accumulation is float32; float32 inputs use exact
 ("ieee") dot products.
@@ -182,8 +182,9 @@ def _bwd_dq(
     delta = tl.load(DELTA + bh * L + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
     rows = tl.arange(0, R)
-    chunks = tl.cdiv(W, WP)
     for col0 in range(0, W, WP):
+        # the previous chunk's GRAD_BH stores (by whichever threads own them) before this chunk's loads
+        tl.debug_barrier()
         bias_w = _over_rows(_bias_w(q_base, REL_W, offs_m, mask_m, ix, col0, W, D, WP, BLOCK_M), R, WP, BLOCK_M)
         grad_bw = tl.zeros((BLOCK_M, WP), dtype=tl.float32)
         for row0 in range(0, H, R):
@@ -204,12 +205,11 @@ def _bwd_dq(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
             ds3 = tl.reshape(ds, (BLOCK_M, R, WP))
             grad_bw += tl.sum(ds3, 1)
-            # row sums over this column chunk: GRAD_BH [BH, L, chunks, H], summed over chunks in torch
-            tl.store(
-                GRAD_BH + ((bh * L + offs_m[:, None]) * chunks + col0 // WP) * H + (row0 + rows)[None, :],
-                tl.sum(ds3, 2),
-                mask=mask_m[:, None] & (row0 + rows < H)[None, :],
-            )
+            # row sums: GRAD_BH [BH, L, H] accumulates the column chunks (this program owns its queries' rows)
+            grad_bh = GRAD_BH + (bh * L + offs_m[:, None]) * H + (row0 + rows)[None, :]
+            bh_mask = mask_m[:, None] & (row0 + rows < H)[None, :]
+            previous = tl.load(grad_bh, mask=bh_mask & (col0 > 0), other=0.0)
+            tl.store(grad_bh, previous + tl.sum(ds3, 2), mask=bh_mask)
         jx = col0 + tl.arange(0, WP)
         tl.store(
             GRAD_BW + bh * L * W + offs_m[:, None] * W + jx[None, :], grad_bw, mask=mask_m[:, None] & (jx < W)[None, :]
