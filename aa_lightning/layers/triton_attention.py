@@ -102,16 +102,17 @@ def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
     return Blocks(block_m, wp, block_n // wp, dp, dvp, num_warps=8)
 
 
-def kernel_constants(blocks: Blocks, dtype: torch.dtype) -> dict:
-    """The kernels' constexpr arguments for ``blocks`` and input ``dtype``."""
+def kernel_constants(blocks: Blocks, w: int, dtype: torch.dtype) -> dict:
+    """The kernels' constexpr arguments for ``blocks``, grid width ``w`` and input ``dtype``."""
     return dict(
         DP=blocks.dp,
         DVP=blocks.dvp,
         WP=blocks.wp,
         R=blocks.rows,
         BLOCK_M=blocks.block_m,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
-    )  # exact float32 products, no TF32
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",  # exact float32 products, no TF32
+        CHUNKED=blocks.column_chunks(w) > 1,
+    )
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> None:
@@ -130,7 +131,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Non
 
 def _launch(kernel: str, grid: tuple[int, int], blocks: Blocks, dtype: torch.dtype, *args) -> None:
     warps = blocks.warps(kernel, dtype)
-    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, dtype), num_warps=warps)
+    w = args[-4]  # the kernels end with (H, W, D, DV, L)
+    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, w, dtype), num_warps=warps)
 
 
 @torch.library.custom_op("aa_lightning::triton_relative_attention", mutates_args=())

@@ -112,7 +112,7 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
     if not isinstance(fn, triton.JITFunction):
         raise RuntimeError("compiling needs the kernels imported without TRITON_INTERPRET=1")
     blocks = triton_attention.block_sizes(h, w, dkh, dvh)
-    constants = triton_attention.kernel_constants(blocks, dtype)
+    constants = triton_attention.kernel_constants(blocks, w, dtype)
     name = _DTYPE_NAMES[dtype]
     signature = {arg: "*" + (name if kind == "x" else kind) for arg, kind in _PTR_ARGS[kernel].items()}
     signature.update({arg: "i32" for arg in ("H", "W", "D", "DV", "L")})

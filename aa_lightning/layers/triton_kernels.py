@@ -98,6 +98,7 @@ def _fwd(
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = Q + bh * L * D, K + bh * L * D, V + bh * L * DV
@@ -164,6 +165,7 @@ def _bwd_dq(
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = Q + bh * L * D, K + bh * L * D, V + bh * L * DV
@@ -183,8 +185,8 @@ def _bwd_dq(
     dq = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
     rows = tl.arange(0, R)
     for col0 in range(0, W, WP):
-        # the previous chunk's GRAD_BH stores (by whichever threads own them) before this chunk's loads
-        tl.debug_barrier()
+        if CHUNKED:  # the previous chunk's GRAD_BH stores (by whichever threads own them) before these loads
+            tl.debug_barrier()
         bias_w = _over_rows(_bias_w(q_base, REL_W, offs_m, mask_m, ix, col0, W, D, WP, BLOCK_M), R, WP, BLOCK_M)
         grad_bw = tl.zeros((BLOCK_M, WP), dtype=tl.float32)
         for row0 in range(0, H, R):
@@ -208,8 +210,10 @@ def _bwd_dq(
             # row sums: GRAD_BH [BH, L, H] accumulates the column chunks (this program owns its queries' rows)
             grad_bh = GRAD_BH + (bh * L + offs_m[:, None]) * H + (row0 + rows)[None, :]
             bh_mask = mask_m[:, None] & (row0 + rows < H)[None, :]
-            previous = tl.load(grad_bh, mask=bh_mask & (col0 > 0), other=0.0)
-            tl.store(grad_bh, previous + tl.sum(ds3, 2), mask=bh_mask)
+            if CHUNKED:  # W > WP: add to the earlier chunks' sums (a constexpr: costs registers)
+                tl.store(grad_bh, tl.load(grad_bh, mask=bh_mask & (col0 > 0), other=0.0) + tl.sum(ds3, 2), mask=bh_mask)
+            else:
+                tl.store(grad_bh, tl.sum(ds3, 2), mask=bh_mask)
         jx = col0 + tl.arange(0, WP)
         tl.store(
             GRAD_BW + bh * L * W + offs_m[:, None] * W + jx[None, :], grad_bw, mask=mask_m[:, None] & (jx < W)[None, :]
@@ -240,6 +244,7 @@ def _bwd_dkdv(
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
     q_base = Q + bh * L * D
