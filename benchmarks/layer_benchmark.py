@@ -34,7 +34,7 @@ CASES = ("reference", "fused", "chunked", "cpu_kernel", "floor")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[14, 28, 56])
-    p.add_argument("--backends", nargs="+", default=list(CASES), choices=CASES + ("flex",))
+    p.add_argument("--backends", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)

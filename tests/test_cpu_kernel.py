@@ -20,9 +20,9 @@ needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compi
 
 
 @needs_kernel
-def test_auto_uses_the_kernel_on_cpu_and_fused_elsewhere():
+def test_auto_uses_the_kernel_on_cpu_and_not_elsewhere():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu_kernel"
-    assert resolve_backend("auto", torch.device("cuda")) == "fused"
+    assert resolve_backend("auto", torch.device("cuda")) in ("triton", "chunked")  # test_relative_attention.py
     with pytest.raises(ValueError, match="'cpu_kernel' runs on CPU tensors only"):
         resolve_backend("cpu_kernel", torch.device("cuda"))
 

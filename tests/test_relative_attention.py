@@ -1,8 +1,10 @@
 """relative_attention_2d: every backend against an independent float64 loop of the equation."""
+import os
+
 import pytest
 import torch
 
-from aa_lightning.layers import rel_to_abs, relative_attention_2d
+from aa_lightning.layers import rel_to_abs, relative_attention_2d, resolve_backend
 from attention_loop_reference import loop_relative_attention
 
 EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused"]
@@ -129,7 +131,58 @@ def test_input_errors():
         relative_attention_2d(q[0], k[0], v[0])
 
 
-def test_flex_backend_refuses_cpu_training_clearly():
-    inputs = make_inputs(1, 1, 2, 2, 2, 2, dtype=torch.float32, requires_grad=True)
-    with pytest.raises(RuntimeError, match="no backward on CPU"):
-        relative_attention_2d(*inputs, backend="flex")
+def test_auto_dispatch_on_cuda_is_triton_with_chunked_fallback(monkeypatch):
+    import aa_lightning.layers.relative_attention as ra
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(ra, "_triton_available", lambda: True)
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("auto", torch.device("mps")) == "fused"
+    monkeypatch.setattr(ra, "_triton_available", lambda: False)
+    assert resolve_backend("auto", cuda) == "chunked"
+    with pytest.raises(ValueError, match="'triton' needs the triton package"):
+        resolve_backend("triton", cuda)
+
+
+def test_triton_available_is_importability(monkeypatch):
+    import importlib.util
+
+    import aa_lightning.layers.relative_attention as ra
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert ra._triton_available() is False
+    monkeypatch.undo()
+    assert ra._triton_available() is (importlib.util.find_spec("triton") is not None)
+
+
+def test_triton_backend_scales_q_and_reshapes_for_the_kernel(monkeypatch):
+    """The dispatch path up to the kernel call, on CPU: the kernel sees [B*Nh, H, W, d] with q scaled."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_kernel(q, k, v, rel_h, rel_w):
+        calls.append((q, k, v, rel_h, rel_w))
+        return torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    fake = types.SimpleNamespace(DTYPES=dtypes, triton_relative_attention=fake_kernel)
+    monkeypatch.setitem(sys.modules, "aa_lightning.layers.triton_attention", fake)
+    import aa_lightning.layers as layers
+
+    monkeypatch.setattr(layers, "triton_attention", fake, raising=False)
+    q, k, v, rel_h, rel_w = make_inputs(2, 3, 4, 5, 6, 2, dtype=torch.float32)
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, backend="triton")
+    assert out.shape == (2, 3, 4, 5, 2)
+    (kq, kk, kv, kh, kw), = calls
+    torch.testing.assert_close(kq, q.reshape(6, 4, 5, 6) * 6**-0.5)
+    assert kk.shape == (6, 4, 5, 6) and kv.shape == (6, 4, 5, 2) and kh is rel_h and kw is rel_w
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs the kernels on CPU")
+def test_triton_backend_refuses_cpu_tensors_clearly():
+    pytest.importorskip("triton")
+    inputs = make_inputs(1, 1, 2, 2, 2, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors; got cpu"):
+        relative_attention_2d(*inputs, backend="triton")

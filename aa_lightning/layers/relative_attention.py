@@ -15,21 +15,24 @@ same function; they differ in speed and memory:
   to memory, a recomputing backward from the saved log-sum-exp; in float32 the tables are
   computed inside the kernel, built per head-dim pair. CPU only; computes in float32 (float64
   for float64 inputs). The CPU default when a C compiler is available.
+- ``"triton"``: the same factorization in FlashAttention-2-style Triton kernels
+  (:mod:`.triton_attention`): the relative logits computed per block of queries inside the
+  kernel, online softmax, a recomputing backward; nothing of size (HW)^2 in memory. CUDA;
+  float32 / bfloat16 / float16 (other dtypes compute in float32). The CUDA default.
 - ``"fused"``: the relative terms fold into an augmented dot product
   ``q'_i = [q_i, q_i . r^W[x - ix + W - 1] (x < W), q_i . r^H[y - iy + H - 1] (y < H)]``,
   ``k'_j = [k_j, onehot_W(jx), onehot_H(jy)]`` so ``q'_i . k'_j = q_i . k_j + S_W + S_H``, run by
-  torch's fused ``scaled_dot_product_attention`` kernels (flash / memory-efficient). v is
-  zero-padded to the augmented width because the fused kernels need equal head dims. The CUDA
-  default.
-- ``"flex"``: FlexAttention with the relative terms as a ``score_mod`` (compiled; CUDA for
-  training — torch's CPU FlexAttention has no backward).
-- ``"auto"``: ``cpu_kernel`` on CPU (``chunked`` where it cannot be compiled), ``fused`` elsewhere.
+  torch's ``scaled_dot_product_attention`` (v zero-padded to the augmented width). Plain torch
+  ops on any device, so it exports to ONNX (:mod:`aa_lightning.export`); it costs dkh + H + W
+  multiply-adds per logit, and above head dim 256 SDPA falls back to its (HW)^2 math path.
+- ``"auto"``: ``cpu_kernel`` on CPU (``chunked`` where it cannot be compiled); ``triton`` on CUDA
+  (``chunked`` where triton is not installed); ``fused`` on other devices (MPS, XPU).
 
 Content-only attention (no tables) always goes through ``scaled_dot_product_attention``.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 from typing import Literal
 
 import torch
@@ -40,8 +43,8 @@ from . import cpu_kernel
 from .chunked_attention import factorized_bias_attention
 from .relative_attention_reference import relative_attention_reference
 
-Backend = Literal["auto", "reference", "chunked", "cpu_kernel", "fused", "flex"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "cpu_kernel", "fused", "flex")
+Backend = Literal["auto", "reference", "chunked", "cpu_kernel", "triton", "fused"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "cpu_kernel", "triton", "fused")
 
 
 @torch.compiler.assume_constant_result  # compile/export: decided once at trace time, no graph break
@@ -52,6 +55,12 @@ def _cpu_kernel_available() -> bool:
 @torch.compiler.assume_constant_result  # the same for the per-head-dims float32 kernel's build
 def _tiled_kernel_builds(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
     return cpu_kernel.tiled_builds(dtype, dkh, dvh)
+
+
+@torch.compiler.assume_constant_result  # decided once at trace time
+def _triton_available() -> bool:
+    """Whether triton can be imported (it comes with torch's Linux CUDA wheels)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _use_tiled_kernel(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
@@ -66,8 +75,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "cpu_kernel" and device.type != "cpu":
         raise ValueError(f"backend 'cpu_kernel' runs on CPU tensors only; got {device.type} (use 'auto' or 'fused')")
+    if backend == "triton" and not _triton_available():
+        raise ValueError("backend 'triton' needs the triton package (it comes with torch's Linux CUDA wheels); "
+                         "use 'auto' or 'chunked'")
     if backend != "auto":
         return backend
+    if device.type == "cuda":
+        return "triton" if _triton_available() else "chunked"
     if device.type != "cpu":
         return "fused"
     return "cpu_kernel" if _cpu_kernel_available() else "chunked"
@@ -161,32 +175,17 @@ def _factorized_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     return out.to(out_dtype).reshape(b, nh, h, w, -1)
 
 
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """The triton backend: computes in the autocast dtype (else q's), float32 for other dtypes."""
+    from . import triton_attention  # imports triton: only when this backend runs
 
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
     b, nh, h, w, dkh = q.shape
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
-        raise RuntimeError(
-            "backend='flex' has no backward on CPU (torch's FlexAttention limitation); "
-            "use backend='auto' (cpu_kernel or chunked on CPU) for training"
-        )
-    q = q * dkh**-0.5
-    s_w, s_h = relative_logit_tables(q, rel_h, rel_w)
-    s_w = s_w.reshape(b, nh, h * w, w)
-    s_h = s_h.reshape(b, nh, h * w, h)
-
-    def score_mod(score, bi, hi, q_idx, kv_idx):
-        return score + s_w[bi, hi, q_idx, kv_idx % w] + s_h[bi, hi, q_idx, kv_idx // w]
-
-    dim = max(16, -(-max(dkh, v.shape[-1]) // 16) * 16)  # kernels want head dims >= 16
-    flat = lambda t: _pad_last(t.reshape(b, nh, h * w, t.shape[-1]), dim)  # noqa: E731
-    out = _compiled_flex_attention()(flat(q), flat(k), flat(v), score_mod=score_mod, scale=1.0)
-    return out[..., : v.shape[-1]].reshape(b, nh, h, w, -1)
+    out_dtype = _autocast_dtype(q.device.type) or q.dtype
+    dtype = out_dtype if out_dtype in triton_attention.DTYPES else torch.float32
+    with torch.autocast(q.device.type, enabled=False):
+        grid = lambda t: t.to(dtype).reshape(b * nh, h, w, t.shape[-1])  # noqa: E731
+        out = triton_attention.triton_relative_attention(grid(q) * dkh**-0.5, grid(k), grid(v), rel_h, rel_w)
+    return out.to(out_dtype).reshape(b, nh, h, w, -1)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None) -> None:
@@ -232,9 +231,9 @@ def relative_attention_2d(
         return _content_attention(q, k, v)
     if backend in ("chunked", "cpu_kernel"):
         return _factorized_attention(q, k, v, rel_h, rel_w, kernel=backend == "cpu_kernel")
-    if backend == "fused":
-        return _fused_attention(q, k, v, rel_h, rel_w)
-    return _flex_attention(q, k, v, rel_h, rel_w)
+    if backend == "triton":
+        return _triton_attention(q, k, v, rel_h, rel_w)
+    return _fused_attention(q, k, v, rel_h, rel_w)
 
 
 def attention_probabilities(

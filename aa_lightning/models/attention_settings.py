@@ -9,7 +9,7 @@
 - ``aa_heads`` = Nh; ``aa_min_dkh``: at least this many key dims per head (the paper keeps 20 on
   the CIFAR WRN).
 - ``aa_position``: ``relative`` | ``none`` | ``sine`` | ``coord`` (paper Section 4.5).
-- ``aa_backend``: attention backend (``auto`` | ``reference`` | ``chunked`` | ``cpu_kernel`` | ``fused`` | ``flex``).
+- ``aa_backend``: attention backend (``auto`` | ``reference`` | ``chunked`` | ``cpu_kernel`` | ``triton`` | ``fused``).
 - ``aa_rel_init_std``: std of the relative tables' normal init (default dkh**-0.5).
 - ``img_size``: the input (H, W) the relative tables are sized for (default: the model's
   pretrained cfg ``input_size``); other runtime sizes resample the tables in the layer.

@@ -1,0 +1,231 @@
+"""``backend="triton"``: 2-D relative attention as FlashAttention-2-style Triton kernels (CUDA).
+
+The kernels (:mod:`.triton_kernels`) compute the relative logits per block of queries from
+``q . rel_w`` and ``q . rel_h`` and add them by key column and key row, so nothing of size (HW)^2
+is ever materialized; forward saves the log-sum-exp, backward recomputes the probabilities in a
+dq pass and a dk/dv pass (no atomics, so the result is deterministic). The dq pass also returns
+the gradients of the per-query relative logits summed over key rows ([L, W]) and key columns
+([L, H]); the last, cheap step of the chain rule to q, rel_h and rel_w runs in torch.
+
+Both kernels are wrapped as torch custom ops (``aa_lightning::triton_relative_attention`` and its
+backward), with fake implementations and autograd, so ``torch.compile`` sees one opaque node.
+triton is imported lazily by :mod:`.relative_attention`; with ``TRITON_INTERPRET=1`` set before
+:mod:`.triton_kernels` is imported the same kernels run on CPU tensors (the tests do this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import triton_kernels
+from .relative_attention import relative_offsets_index
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK_N = 64  # keys per block
+_MAX_WP = 32  # columns per key block: W padded to a power of two, or 32-column chunks of wider rows
+_MAX_ROWS = 4  # grid rows per key block (more spill in the bias loops at W <= 8)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _interpreter_dot_takes_bfloat16() -> None:
+    """triton's interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
+    (triton 3.8); widen bfloat16 operands to float32 first, which is what the tensor cores compute
+    (exact bf16 products, float32 accumulation)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, *args):
+        widened = []
+        for x in (a, b):
+            if x.dtype.scalar == interpreter.tl.bfloat16:
+                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None)
+                x = interpreter.TensorHandle(data.view(np.float32), interpreter.tl.float32)
+            widened.append(x)
+        return original(self, *widened, *args)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if not isinstance(triton_kernels._fwd, triton_kernels.triton.JITFunction):  # TRITON_INTERPRET=1
+    _interpreter_dot_takes_bfloat16()
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Static launch parameters for one (H, W, dkh, dvh): queries per program, the columns WP and
+    grid rows R of a key block (BLOCK_N = R * WP keys), padded head dims, warps."""
+
+    block_m: int
+    wp: int
+    rows: int
+    dp: int
+    dvp: int
+    num_warps: int
+
+    @property
+    def block_n(self) -> int:
+        return self.rows * self.wp
+
+    def column_chunks(self, w: int) -> int:
+        return -(-w // self.wp)
+
+    def warps(self, kernel: str, dtype: torch.dtype) -> int:
+        """Warps for ``kernel``: 4 for the dk/dv pass on 16-bit inputs (with 8, ptxas caps it at 128
+        registers and spills), else 8 (float32's exact products spill far more with 4)."""
+        return 4 if kernel == "_bwd_dkdv" and dtype != torch.float32 else self.num_warps
+
+
+def block_sizes(h: int, w: int, dkh: int, dvh: int) -> Blocks:
+    """Block sizes chosen from static facts (registers, spills and shared memory of the kernels
+    compiled for sm_80 / sm_90: ``benchmarks/triton_compile_report.py``); a GPU autotune may
+    refine them later.
+
+    A key block is R grid rows x WP columns: W padded to a power of two up to 32 columns (wider
+    rows are split into 32-column chunks; 64 spill registers in the dq pass), then as many rows as
+    fill 64 keys, at most 4 (at least 16 keys, the smallest ``tl.dot`` operand). Head dims are
+    padded to powers of two >= 16. 8 warps (4 spill in the dq pass), 4 for the 16-bit dk/dv pass;
+    64 queries per program for padded head dims of 16, else 32 (the q / dq tiles grow; at 32 the
+    sm_80 dq pass spills with 64)."""
+    wp = min(_next_pow2(w), _MAX_WP)
+    block_n = max(wp, min(_BLOCK_N, wp * _next_pow2(h), wp * _MAX_ROWS), 16)
+    dp, dvp = max(16, _next_pow2(dkh)), max(16, _next_pow2(dvh))
+    block_m = max(16, min(64 if max(dp, dvp) <= 16 else 32, _next_pow2(h * w)))
+    return Blocks(block_m, wp, block_n // wp, dp, dvp, num_warps=8)
+
+
+def kernel_constants(blocks: Blocks, w: int, dtype: torch.dtype) -> dict:
+    """The kernels' constexpr arguments for ``blocks``, grid width ``w`` and input ``dtype``."""
+    return dict(
+        DP=blocks.dp,
+        DVP=blocks.dvp,
+        WP=blocks.wp,
+        R=blocks.rows,
+        BLOCK_M=blocks.block_m,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",  # exact float32 products, no TF32
+        CHUNKED=blocks.column_chunks(w) > 1,
+    )
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> None:
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"the Triton attention kernels take q, k, v of one dtype among {DTYPES}; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    interpreted = not isinstance(triton_kernels._fwd, triton_kernels.triton.JITFunction)
+    if q.device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"backend 'triton' runs on CUDA tensors; got {q.device.type} "
+            "(TRITON_INTERPRET=1 runs the kernels on CPU for testing)"
+        )
+
+
+def _launch(kernel: str, grid: tuple[int, int], blocks: Blocks, dtype: torch.dtype, *args) -> None:
+    warps = blocks.warps(kernel, dtype)
+    w = args[-4]  # the kernels end with (H, W, D, DV, L)
+    getattr(triton_kernels, kernel)[grid](*args, **kernel_constants(blocks, w, dtype), num_warps=warps)
+
+
+@torch.library.custom_op("aa_lightning::triton_relative_attention", mutates_args=())
+def triton_relative_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor
+) -> tuple[Tensor, Tensor]:
+    """q, k: [BH, H, W, D] (q scaled); v: [BH, H, W, DV]; rel_h [2H-1, D]; rel_w [2W-1, D].
+    Returns (out [BH, H, W, DV] in q's dtype, float32 log-sum-exp of each logits row [BH, H, W])."""
+    _check(q, k, v, rel_h, rel_w)
+    batch_heads, h, w, d = q.shape
+    dv = v.shape[3]
+    q, k, v, rel_h, rel_w = (t.contiguous() for t in (q, k, v, rel_h, rel_w))
+    out = q.new_empty(batch_heads, h, w, dv)
+    lse = q.new_empty(batch_heads, h, w, dtype=torch.float32)
+    blocks = block_sizes(h, w, d, dv)
+    grid = (-(-h * w // blocks.block_m), batch_heads)
+    _launch("_fwd", grid, blocks, q.dtype, q, k, v, rel_h, rel_w, out, lse, h, w, d, dv, h * w)
+    return out, lse
+
+
+@triton_relative_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
+    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("aa_lightning::triton_relative_attention_backward", mutates_args=())
+def triton_relative_attention_backward_op(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """float32 (dq through the content logits, dk, dv, grad_bias_w [BH, H, W, W], grad_bias_h
+    [BH, H, W, H]): the gradients of the per-query relative logits q . rel_w (by key column) and
+    q . rel_h (by key row)."""
+    _check(q, k, v, rel_h, rel_w)
+    batch_heads, h, w, d = q.shape
+    dv = v.shape[3]
+    q, k, v, rel_h, rel_w, lse = (t.contiguous() for t in (q, k, v, rel_h, rel_w, lse))
+    grad_out = grad_out.to(q.dtype).contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # D_i = dO_i . O_i
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq, dk, dv_ = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32), torch.empty(v.shape, **f32)
+    blocks = block_sizes(h, w, d, dv)
+    chunks = blocks.column_chunks(w)
+    grad_bw, grad_bh = torch.empty(batch_heads, h, w, w, **f32), torch.empty(batch_heads, h, w, h, **f32)
+    inputs, sizes = (q, k, v, rel_h, rel_w, grad_out, lse, delta), (h, w, d, dv, h * w)
+    query_blocks, key_blocks = -(-h * w // blocks.block_m), -(-h // blocks.rows)
+    _launch("_bwd_dq", (query_blocks, batch_heads), blocks, q.dtype, *inputs, dq, grad_bw, grad_bh, *sizes)
+    _launch("_bwd_dkdv", (key_blocks * chunks, batch_heads), blocks, q.dtype, *inputs, dk, dv_, *sizes)
+    return dq, dk, dv_, grad_bw, grad_bh
+
+
+@triton_relative_attention_backward_op.register_fake
+def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
+    f32 = dict(dtype=torch.float32)
+    b, h, w = q.shape[:3]
+    return (
+        q.new_empty(q.shape, **f32),
+        q.new_empty(k.shape, **f32),
+        q.new_empty(v.shape, **f32),
+        q.new_empty(b, h, w, w, **f32),
+        q.new_empty(b, h, w, h, **f32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+    """The kernels' gradients, then the chain rule through bias_w[i, jx] = q_i . rel_w[jx - ix + W - 1]
+    and bias_h[i, jy] = q_i . rel_h[jy - iy + H - 1] in O(HW (H + W) d) torch ops."""
+    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+    dq, dk, dv, grad_bw, grad_bh = triton_relative_attention_backward_op(q, k, v, rel_h, rel_w, out, lse, grad_out)
+    h, w, d = q.shape[1], q.shape[2], q.shape[3]
+    index_w, index_h = relative_offsets_index(w, q.device), relative_offsets_index(h, q.device)
+    q32 = q.float()
+    dq = dq + torch.einsum("byxj,xjd->byxd", grad_bw, rel_w.float()[index_w])
+    dq = dq + torch.einsum("byxj,yjd->byxd", grad_bh, rel_h.float()[index_h])
+    grad_rel_w = q32.new_zeros(2 * w - 1, d).index_add_(
+        0, index_w.reshape(-1), torch.einsum("byxj,byxd->xjd", grad_bw, q32).reshape(-1, d)
+    )
+    grad_rel_h = q32.new_zeros(2 * h - 1, d).index_add_(
+        0, index_h.reshape(-1), torch.einsum("byxj,byxd->yjd", grad_bh, q32).reshape(-1, d)
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_rel_h.to(rel_h.dtype), grad_rel_w.to(rel_w.dtype)
+
+
+triton_relative_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """softmax_j(q_i . (k_j + rel_w[jx - ix + W - 1] + rel_h[jy - iy + H - 1])) v_j with the Triton kernels.
+
+    q, k: [BH, H, W, dkh] (q already scaled); v: [BH, H, W, dvh], one dtype of :data:`DTYPES`;
+    rel_h: [2H-1, dkh]; rel_w: [2W-1, dkh] (any float dtype). Returns [BH, H, W, dvh] in q's dtype.
+    """
+    return triton_relative_attention_op(q, k, v, rel_h, rel_w)[0]
