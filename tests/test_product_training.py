@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import yaml
-
 from cli_helpers import events, run_cli
 
 # depth 10 / width 1 AA-WRN (77k parameters): attention in the first conv of the 16x16 and 8x8
