@@ -117,7 +117,7 @@ BREAKAGES: list[Breakage] = [
     breakage(
         "label-smoothing-ignored", "model.label_smoothing accepted but not applied",
         CLASSIFICATION, "nn.CrossEntropyLoss(label_smoothing=label_smoothing)", "nn.CrossEntropyLoss()",
-        ["tests/test_classification.py"]),
+        ["tests/test_product_classification.py", "tests/test_classification.py"]),
     breakage(
         "weight-decay-on-norms", "weight decay applied to BatchNorm weights and biases too",
         "aa_lightning/optim.py", "        if id(p) in no_decay_ids or p.ndim <= 1 or name.endswith(\".bias\"):",
