@@ -17,7 +17,9 @@ A breakage is a :class:`Breakage` in ``BREAKAGES``: a name, what it breaks, and 
 text edits (file, old text, new text). An old text that is not in the file exactly once stops the
 tool with an error naming the file and the entry, so an entry cannot rot silently when the code it
 breaks is rewritten: update the entry. ``tests``: the test files that ought to catch it, run by
-``--quick``. An entry with ``todo`` set is listed but not applied (code not written yet).
+``--quick``. An entry with ``todo`` set is listed but not applied (code not written yet). An entry
+with ``pytest_args`` (``-m slow``: only a test outside the default run can catch it) always runs its
+own ``tests`` with them.
 
 Exit status: 0 every applied breakage caught; 1 at least one survived; 2 a broken entry, or the
 unbroken copy already fails.
@@ -55,6 +57,8 @@ class Breakage:
     edits: tuple[Edit, ...] = ()
     tests: tuple[str, ...] = ()
     todo: Optional[str] = None  # why it is not applied yet; the row then reads TODO
+    #: run ``tests`` with these pytest arguments in every mode (e.g. ``-m slow``: only a slow test can catch it)
+    pytest_args: tuple[str, ...] = ()
 
 
 def breakage(name: str, description: str, file: str, old: str, new: str, tests: Sequence[str] = (),
@@ -157,6 +161,19 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/inspect.py", "        load_checkpoint(model, path)  # the model zoo's checks",
         "        pass  # load_checkpoint(model, path)  # the model zoo's checks",
         ["tests/test_export.py", "tests/test_inspect.py", "tests/test_inspect_cli.py"]),
+    breakage(
+        "validation-uses-test-set", "a held-out validation split replaced by the test set",
+        CIFAR, "        if stage in (None, \"test\") or (self.hparams.val_split == 0 and stage in (\"fit\", \"validate\")):",
+        "        if True:",
+        ["tests/test_product_data.py", "tests/test_data_cifar.py"],
+        more=[Edit(CIFAR, "            if self.hparams.val_split == 0:\n                self.val_set = self.test_set",
+                   "            if True:\n                self.val_set = self.test_set")]),
+    Breakage(
+        "compiled-attention-wrong-shape", "the compiled (fake) shape of the CPU kernel's output: dkh wide instead of dvh",
+        (Edit("aa_lightning/layers/cpu_kernel.py",
+              "    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])",
+              "    return q.new_empty(*q.shape[:3], q.shape[3]), q.new_empty(q.shape[:3])"),),
+        ("tests/test_product_compile.py",), pytest_args=("-m", "slow")),
     Breakage(
         "last-ckpt-not-rewritten", "last.ckpt written once and not rewritten at later save points",
         tests=("tests/test_cli.py",),
@@ -282,9 +299,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def tests_of(entry: Optional[Breakage]) -> list[str]:
         if args.tests:
             return list(args.tests)
+        if entry is not None and entry.pytest_args:
+            return list(entry.tests)
         if args.quick:
             if entry is None:  # the baseline: the union of what the entries run
-                return sorted({t for e in entries if not e.todo for t in e.tests})
+                return sorted({t for e in entries if not e.todo and not e.pytest_args for t in e.tests})
             return list(entry.tests)
         return ["tests"]
 
@@ -306,7 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             apply(root, entry)
             try:
-                status, detail, seconds = run_tests(root, tests_of(entry), args.timeout, pytest_args)
+                extra = [*pytest_args, *(entry.pytest_args if not args.tests else ())]
+                status, detail, seconds = run_tests(root, tests_of(entry), args.timeout, extra)
             finally:
                 restore(repo, root, entry)
             caught = status == "failed"
