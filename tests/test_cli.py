@@ -145,8 +145,9 @@ def test_bf16_mixed_on_cpu_trains_an_aa_network_and_sync_batchnorm_is_explained_
     steps must bring the epoch-mean training loss of the last 3 epochs below 3/4 of the first epoch's.
     Measured (seed 0): 1.389 in epoch 1, 0.754 / 0.783 / 0.787 in epochs 10-12; a zero loss or a skipped
     optimizer step keeps it at ~ln 4 = 1.39."""
-    recipe = tiny_recipe(tmp_path, model={**TINY_AA, "optimizer": "adamw", "base_lr": 0.003, "reference_batch_size": None,
-                                          "weight_decay": 0.0, "warmup_epochs": 0.5}, pad=0)
+    adamw = {"optimizer": "adamw", "base_lr": 0.003, "reference_batch_size": None, "weight_decay": 0.0,
+             "warmup_epochs": 0.5}
+    recipe = tiny_recipe(tmp_path, model={**TINY_AA, **adamw}, pad=0)
     result = run_cli("--config", str(recipe), "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "12",
                      "--trainer.sync_batchnorm", "true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,8 +10,8 @@ from aa_lightning.layers import augmented_layers
 
 # aa_resnet50's Bottleneck blocks, one per stage, 8-64 base channels at 64 px: AA layers at 8x8,
 # 4x4 and 2x2 (strided, pooled attention input), each with relative tables
-NARROW = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=16, aa_heads=2, img_size=64, num_classes=5,
-              zero_init_last=False)  # a zero last BN in each block would cut the gradient to the AA layers
+NARROW = {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 16, "aa_heads": 2, "img_size": 64,
+          "num_classes": 5, "zero_init_last": False}  # a zero last BN per block would cut the AA layers' gradient
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ def _unique_cifar(root, n_train: int = 60, n_test: int = 10, classes: int = 5) -
     images[:, 0, 0, 0] = np.arange(n_train)
     splits = {"train": (images, rng.integers(0, classes, n_train)),
               "test": (rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n_test))}
-    write_cifar100(root, splits, [f"c{i}" for i in range(classes)], coarse_of_fine=[0] * classes, coarse_label_names=("a",))
+    write_cifar100(root, splits, [f"c{i}" for i in range(classes)], coarse_of_fine=[0] * classes,
+                   coarse_label_names=("a",))
     return images
 
 

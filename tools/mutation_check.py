@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -79,11 +79,11 @@ BREAKAGES: list[Breakage] = [
         ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"]),
     breakage(
         "detection-loss-times-zero", "the RetinaNet loss multiplied by 0",
-        "aa_lightning/tasks/detection.py", "        self.log(\"train/lr\", self.optimizers().param_groups[0][\"lr\"], batch_size=n)\n        return loss\n",
-        "        self.log(\"train/lr\", self.optimizers().param_groups[0][\"lr\"], batch_size=n)\n        return loss * 0\n",
+        "aa_lightning/tasks/detection.py",
+        "        return loss\n\n    def _evaluate", "        return loss * 0\n\n    def _evaluate",
         ["tests/test_detection_cli.py", "tests/test_detection_model.py"]),
     breakage(
-        "relative-terms-dropped", "the relative position logits dropped by the CPU default (cpu_kernel) and chunked backends",
+        "relative-terms-dropped", "the relative logits dropped by the CPU default (cpu_kernel) and chunked backends",
         ATTENTION, 'return _factorized_attention(q, k, v, rel_h, rel_w, kernel=backend == "cpu_kernel")',
         "return _content_attention(q, k, v)",
         ["tests/test_relative_attention.py", "tests/test_augmented_conv.py", "tests/test_cpu_kernel.py"]),
@@ -100,7 +100,7 @@ BREAKAGES: list[Breakage] = [
               "r_h = rel_h.to(q.dtype)[relative_offsets_index(w, q.device)]")),
         ("tests/test_relative_attention.py", "tests/test_augmented_conv.py")),
     breakage(
-        "attention-not-concatenated", "AAConv returns the convolution with the attention output zeroed (not concatenated)",
+        "attention-not-concatenated", "AAConv's attention output zeroed (not concatenated)",
         AACONV, "return torch.cat([conv_out, attn], dim=1)", "return torch.cat([conv_out, attn * 0], dim=1)",
         ["tests/test_augmented_conv.py", "tests/test_models.py"]),
     breakage(
@@ -111,7 +111,9 @@ BREAKAGES: list[Breakage] = [
         ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"]),
     breakage(
         "lr-scaling-ignored", "the linear lr scaling (base_lr x global batch / 256) ignored: peak lr = base_lr",
-        CLASSIFICATION, "peak_lr = scaled_lr(hp.base_lr, global_batch, hp.reference_batch_size) if hp.reference_batch_size else hp.base_lr",
+        CLASSIFICATION,
+        "peak_lr = scaled_lr(hp.base_lr, global_batch, hp.reference_batch_size) if hp.reference_batch_size else "
+        "hp.base_lr",
         "peak_lr = hp.base_lr",
         ["tests/test_classification.py", "tests/test_cli.py"]),
     breakage(
@@ -132,14 +134,13 @@ BREAKAGES: list[Breakage] = [
         (Edit(CLASSIFICATION, '"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),',
               '"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", sync_on_compute=False),'),
          Edit(CLASSIFICATION, '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),',
-              '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", sync_on_compute=False),')),
+              '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", '
+              'sync_on_compute=False),')),
         ("tests/test_cli.py",)),
     breakage(
         "ddp-eval-padded", "evaluation under DDP with the padding DistributedSampler (some images counted twice)",
         "aa_lightning/data/loaders.py",
-        "        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)",
-        "        from torch.utils.data import DistributedSampler\n"
-        "        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)",
+        "sampler = UnrepeatedDistributedSampler(dataset,", "sampler = torch.utils.data.DistributedSampler(dataset,",
         ["tests/test_cli.py"]),
     breakage(
         "val-split-overlaps-train", "half of the held-out validation images also trained on",
@@ -157,19 +158,20 @@ BREAKAGES: list[Breakage] = [
         'checkpoint_monitor: tuple[str, str] = ("val/top1", "min")',
         ["tests/test_cli.py"]),
     breakage(
-        "export-without-checkpoint-weights", "export / inspect write the freshly built model's weights, the checkpoint never loaded",
+        "export-without-checkpoint-weights",
+        "export / inspect write the built model's initial weights (checkpoint not loaded)",
         "aa_lightning/inspect.py", "        load_checkpoint(model, path)  # the model zoo's checks",
         "        pass  # load_checkpoint(model, path)  # the model zoo's checks",
         ["tests/test_export.py", "tests/test_inspect.py", "tests/test_inspect_cli.py"]),
     breakage(
         "validation-uses-test-set", "a held-out validation split replaced by the test set",
-        CIFAR, "        if stage in (None, \"test\") or (self.hparams.val_split == 0 and stage in (\"fit\", \"validate\")):",
+        CIFAR, '        if stage in (None, "test") or (self.hparams.val_split == 0 and stage in ("fit", "validate")):',
         "        if True:",
         ["tests/test_product_data.py", "tests/test_data_cifar.py"],
         more=[Edit(CIFAR, "            if self.hparams.val_split == 0:\n                self.val_set = self.test_set",
                    "            if True:\n                self.val_set = self.test_set")]),
     Breakage(
-        "compiled-attention-wrong-shape", "the compiled (fake) shape of the CPU kernel's output: dkh wide instead of dvh",
+        "compiled-attention-wrong-shape", "the CPU kernel's output shape under compile (fake): dkh wide, not dvh",
         (Edit("aa_lightning/layers/cpu_kernel.py",
               "    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])",
               "    return q.new_empty(*q.shape[:3], q.shape[3]), q.new_empty(q.shape[:3])"),),
@@ -237,7 +239,8 @@ def run_tests(root: Path, tests: Sequence[str], timeout: float, pytest_args: Seq
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args, *tests]
     start = time.perf_counter()
     try:
-        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True,
+                                timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", f"no result in {timeout:.0f} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
