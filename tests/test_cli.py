@@ -69,7 +69,6 @@ def evaluate_checkpoint(checkpoint: Path, data_args: dict, split: str) -> tuple[
     return correct, images
 
 
-
 def best_checkpoint(version: Path) -> Path:
     (best,) = (version / "checkpoints").glob("best-*.ckpt")
     return best
@@ -154,6 +153,7 @@ def test_bf16_mixed_on_cpu_trains_an_aa_network_and_sync_batchnorm_is_explained_
     assert "bf16" in result.stderr  # Lightning reports the precision plugin
     assert "sync_batchnorm is ignored" in result.stderr and "needs CUDA" in result.stderr
     assert summary_value(result.stdout, r"test \(best checkpoint, (\d+) images\)") == str(TEST_SIZE)
+    assert summary_value(result.stdout, r"model\s+(\S+) \(") == "aa_wrn28_10"
     assert summary_value(result.stdout, r"(\d+) optimizer steps") == "48"
     losses = [event.value for event in _events(tmp_path / "runs" / "tiny" / "version_0").Scalars("train/loss_epoch")]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
