@@ -50,7 +50,8 @@ def test_fit_validate_test_checkpoints_and_tensorboard(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"RetinaNetDetector \([\d.]+M parameters\), 4 optimizer steps", out), out[-2000:]
-    assert re.search(r"test \(best checkpoint\)\s+map [-\d.e]+\s+map_50", out), out[-2000:]
+    # a number >= 0: -1 is torchmetrics' "no ground truth in the evaluated images"
+    assert re.search(r"test \(best checkpoint\)\s+map \d[\d.e-]*\s+map_50 \d", out), out[-2000:]
     version = tmp_path / "runs" / "tiny_det" / "version_0"
     best = list((version / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 1 and (version / "checkpoints" / "last.ckpt").is_file()
@@ -65,6 +66,37 @@ def test_fit_validate_test_checkpoints_and_tensorboard(tmp_path):
     assert {"val/detections_0", "val/detections_1"} <= set(tags["images"])
     events = _events(version)
     assert [e.step for e in events.Scalars("val/map")] == [1, 3]  # validated after steps 2 and 4
+
+
+def test_an_aa_backbone_retinanet_learns_to_detect_through_train_py(tmp_path):
+    """AA-ResNet-18 at 1/4 width (stages 2-4 augmented, 2 heads) + a 32-channel FPN, 40 AdamW steps
+    on 64 generated 64 px images (1-2 objects >= 16 px), validated on 16 others after steps 20 and 40.
+
+    Measured (seed 0): val map 0.0117 / map_50 0.056 at step 20 (the best checkpoint), in 14 s on an
+    idle core; the same run with lr 1e-12 (an untrained network) gives map 0, map_50 0, mar_100 0.
+    """
+    recipe = detection_recipe(
+        tmp_path, name="tiny_aa_det", backbone="aa_resnet34",
+        backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16, "aa_heads": 2,
+                         "img_size": 64},
+        fpn_channels=32, head_norm="group", lr=3e-3, warmup_steps=5, num_log_images=0)
+    config = yaml.safe_load(recipe.read_text())
+    config["trainer"].update(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None, log_every_n_steps=5)
+    config["data"]["init_args"].update(num_train=64, num_val=16, max_objects=2, min_object_size=16, batch_size=8)
+    recipe.write_text(yaml.safe_dump(config))
+    result = run_cli("--config", str(recipe), cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"RetinaNetDetector \([\d.]+M parameters\), 40 optimizer steps", out), out[-2000:]
+    match = re.search(r"test \(best checkpoint\)\s+map (\S+)\s+map_50 (\S+).*mar_100 (\S+)", out)
+    assert match, out[-2000:]
+    mean_ap, ap_50, recall = (float(value) for value in match.groups())
+    assert mean_ap > 0 and ap_50 > 0 and recall > 0, out[-2000:]  # -1 (no ground truth) and 0 (untrained) fail
+    from aa_lightning.layers import augmented_layers
+    from aa_lightning.tasks import RetinaNetDetector
+
+    best = next((tmp_path / "runs" / "tiny_aa_det" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    assert len(augmented_layers(RetinaNetDetector.load_from_checkpoint(best, map_location="cpu"))) == 3
 
 
 def test_num_classes_that_do_not_match_the_data_fail_naming_the_key(tmp_path):
