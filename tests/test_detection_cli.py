@@ -20,13 +20,15 @@ def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) 
         "seed_everything": 0,
         "runs_dir": str(tmp_path / "runs"),
         "trainer": {"max_steps": 4, "val_check_interval": 2, "accelerator": "cpu", "devices": 1,
-                    "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False},
+                    "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "aa_lightning.callbacks.DetectionImageLogger",
+                                   "init_args": {"num_images": 2, "score_thresh": 0.0}}]},
         "model": {
             "class_path": "aa_lightning.tasks.RetinaNetDetector",
             "init_args": {"num_classes": 5, "backbone": "test_resnet", "fpn_channels": 16, "freeze_at": 0,
                           "frozen_bn": False, "anchor_sizes": [8, 16, 32, 64, 128], "optimizer": "adamw",
                           "base_lr": 1e-3, "reference_batch_size": None, "warmup_steps": 1, "schedule": "cosine",
-                          "lr_milestone_steps": [], "num_log_images": 2, "log_score_thresh": 0.0, **model_overrides},
+                          "lr_milestone_steps": [], **model_overrides},
         },
         "data": {
             "class_path": "aa_lightning.data.SyntheticCOCODataModule",
@@ -79,7 +81,7 @@ def test_an_aa_backbone_retinanet_learns_to_detect_through_train_py(tmp_path):
         tmp_path, name="tiny_aa_det", backbone="aa_resnet34",
         backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16, "aa_heads": 2,
                          "img_size": 64},
-        fpn_channels=32, head_norm="group", lr=3e-3, warmup_steps=5, num_log_images=0)
+        fpn_channels=32, head_norm="group", base_lr=3e-3, warmup_steps=5)
     config = yaml.safe_load(recipe.read_text())
     config["trainer"].update(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None, log_every_n_steps=5)
     config["data"]["init_args"].update(num_train=64, num_val=16, max_objects=2, min_object_size=16, batch_size=8)

@@ -166,7 +166,10 @@ class ImageClassifier(pl.LightningModule):
         if not math.isfinite(total_steps):
             raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
         total_steps = int(total_steps)
-        if not math.isfinite(self.trainer.num_training_batches):  # a max_steps run does not load the data to estimate
+        if not math.isfinite(self.trainer.num_training_batches):
+            # A max_steps run does not load the data to estimate its length, and the warm-up is given in epochs.
+            # Lightning has no public call that sizes the training loader before fit starts; setup_data() is what
+            # estimated_stepping_batches itself calls for a max_epochs run.
             self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total_steps

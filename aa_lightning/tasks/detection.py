@@ -20,7 +20,6 @@ original image, where COCO's metrics (and their small/medium/large areas) are de
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
@@ -31,7 +30,6 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.utils import draw_bounding_boxes
 
 from ..optim import build_optimizer, peak_lr, warmup_schedule
 from .detection_backbone import TimmFPNBackbone
@@ -92,8 +90,9 @@ class RetinaNetDetector(pl.LightningModule):
         channels_last: NHWC memory format for the whole network (~1.6x faster on CPU here;
             also the fast path for mixed precision on recent GPUs).
         map_backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
-        num_log_images / log_score_thresh: validation images drawn to TensorBoard (ground truth
-            green, predictions above the threshold red).
+
+    Validation images with their boxes are drawn by the
+    :class:`~aa_lightning.callbacks.DetectionImageLogger` callback from what ``validation_step`` returns.
     """
 
     #: the metric ModelCheckpoint watches unless the config names another one
@@ -135,8 +134,6 @@ class RetinaNetDetector(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         channels_last: bool = False,
         map_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
-        num_log_images: int = 4,
-        log_score_thresh: float = 0.3,
     ):
         super().__init__()
         self._validate(locals())
@@ -199,7 +196,10 @@ class RetinaNetDetector(pl.LightningModule):
 
     # -- data hand-over ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer (built by hand)
+            datamodule = None
         categories = getattr(datamodule, "categories", None)
         if categories is None:
             return
@@ -254,10 +254,9 @@ class RetinaNetDetector(pl.LightningModule):
                                "area": t["area"]} for t in targets])
         return detections
 
-    def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
-        detections = self._evaluate(batch, self.val_map)
-        if batch_idx == 0 and not self.trainer.sanity_checking:
-            self._log_images(batch, detections)
+    def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> list[dict[str, Tensor]]:
+        """The batch's detections (in the network's input pixels), for callbacks such as DetectionImageLogger."""
+        return self._evaluate(batch, self.val_map)
 
     def test_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
         self._evaluate(batch, self.test_map)
@@ -281,30 +280,6 @@ class RetinaNetDetector(pl.LightningModule):
         for det in detections:
             det["category_ids"] = ids.to(det["labels"].device)[det["labels"]]
         return detections
-
-    # -- TensorBoard images -----------------------------------------------------------------
-    @torch.no_grad()
-    def _log_images(self, batch: tuple[list[Tensor], list[dict]], detections: list[dict[str, Tensor]]) -> None:
-        experiment = getattr(self.logger, "experiment", None) if self.logger else None
-        if not hasattr(experiment, "add_image") or self.global_rank != 0:
-            return
-        images, targets = batch
-        for i, (image, t, det) in enumerate(zip(images, targets, detections)):
-            if i >= self.hparams.num_log_images:
-                break
-            zoom = max(1, math.ceil(256 / min(image.shape[-2:])))  # small images: enlarge so labels stay readable
-            canvas = (image.clamp(0, 1) * 255).to(torch.uint8).cpu()
-            canvas = canvas.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
-            if len(t["boxes"]):
-                canvas = draw_bounding_boxes(canvas, t["boxes"].cpu() * zoom, colors="lime", width=1,
-                                             labels=[self.category_names[int(k)] for k in t["labels"]])
-            keep = det["scores"] >= self.hparams.log_score_thresh
-            if keep.any():
-                labels = [f"{self.category_names[int(k)]} {s:.2f}" for k, s in
-                          zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
-                canvas = draw_bounding_boxes(canvas, det["boxes"][keep].float().cpu() * zoom, colors="red", width=1,
-                                             labels=labels)
-            experiment.add_image(f"val/detections_{i}", canvas, self.global_step)
 
     # -- optimization -----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

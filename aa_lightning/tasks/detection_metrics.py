@@ -7,6 +7,10 @@ once — the collectives no longer pair up and the run dies (gloo: "Received dat
 expected size"; NCCL: a hang). Padding the shards instead (the default ``DistributedSampler``)
 counts repeated images twice. This subclass gathers each process's whole list at once with
 ``all_gather_object``; the metric itself (pycocotools / faster_coco_eval) is unchanged.
+
+torchmetrics has no public hook for this: its ``dist_sync_fn`` argument is still called once per list
+element, so the private ``Metric._sync_dist`` is overridden (checked against torchmetrics 1.x; the slow DDP test
+with uneven shards, tests/test_detection_cli.py, fails if its signature or role changes).
 """
 from __future__ import annotations
 
