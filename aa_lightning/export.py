@@ -38,14 +38,8 @@ import torch
 from torch import Tensor, nn
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
-from aa_lightning.inspect import (
-    InspectError,
-    TrainedClassifier,
-    load_trained_classifier,
-    prepare_out_folder,
-    run_command,
-    write_text_atomic,
-)
+from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
+from aa_lightning.predict import TrainedClassifier, load_trained_classifier
 from aa_lightning.layers import attention_backend
 
 ONNX_BACKENDS = ("fused", "reference")
@@ -156,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _files_of_previous_export(out: Path) -> set[str]:
     """The files an earlier export wrote into ``out`` (listed in its export.json).
 
-    Raises an :class:`InspectError` when ``out`` holds files of the export's names that no export
+    Raises an :class:`CommandError` when ``out`` holds files of the export's names that no export
     of this tool wrote (no export.json): they would be overwritten, or left beside the new files as
     if they belonged to the new checkpoint."""
     manifest = out / MANIFEST
@@ -168,7 +162,7 @@ def _files_of_previous_export(out: Path) -> set[str]:
     if not isinstance(previous, dict) or "checkpoint" not in previous:
         if present or manifest.exists():
             found = ", ".join(present + ([MANIFEST] if manifest.exists() else []))
-            raise InspectError(f"--out {out} already holds {found}, not written by python -m aa_lightning.export "
+            raise CommandError(f"--out {out} already holds {found}, not written by python -m aa_lightning.export "
                                "(no export.json of it); choose an empty or new folder, or remove them yourself")
         return set()
     listed = previous.get("files")
@@ -186,7 +180,7 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     classifier = load_trained_classifier(args.ckpt, args.model)
     if args.image_size is not None:
         if args.image_size < 1:
-            raise InspectError(f"--image-size must be >= 1, got {args.image_size}")
+            raise CommandError(f"--image-size must be >= 1, got {args.image_size}")
         classifier.resize_size = round(classifier.resize_size * args.image_size / classifier.image_size)
         classifier.image_size = args.image_size
     out = prepare_out_folder(Path(args.out))
@@ -203,7 +197,7 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
             "checkpoint": str(args.ckpt), "model_name": classifier.model_name, "max_abs_difference": differences,
             "files": written}, indent=1) + "\n")
     except OSError as err:
-        raise InspectError(f"--out {out}: cannot write the export ({err.strerror or err}: {err.filename})") from None
+        raise CommandError(f"--out {out}: cannot write the export ({err.strerror or err}: {err.filename})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for name in written:
@@ -237,7 +231,7 @@ def _export_into(classifier: TrainedClassifier, args: argparse.Namespace, folder
             print(f"  check: {runtime} reproduces the logits, max |difference| {differences['onnx']:.2e}")
     failed = {k: v for k, v in differences.items() if not v <= args.atol}
     if failed:
-        raise InspectError(f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}; "
+        raise CommandError(f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}; "
                            f"nothing was written to {args.out}")
     return differences
 

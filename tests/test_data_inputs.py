@@ -9,7 +9,7 @@ import pytest
 from aa_lightning.data import CIFAR100DataModule, ImageNetDataModule
 from aa_lightning.data.cifar_format import write_cifar100
 from aa_lightning.data.imagenet import RGBLoader
-from aa_lightning.inspect import read_image
+from aa_lightning.predict import read_image
 
 
 @pytest.mark.parametrize("split, stage", [("train", "fit"), ("test", "test")])

@@ -74,14 +74,14 @@ def test_onnx_export_rejects_the_chunked_backend(tmp_path):
 
 
 # -- the command, on a trained checkpoint ---------------------------------------------------------------
-from test_inspect import checkpoint, images  # noqa: E402,F401  (fixtures: a trained tiny AA classifier, image files)
+from test_predict import checkpoint, images  # noqa: E402,F401  (fixtures: a trained tiny AA classifier, image files)
 
 
 def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tmp_path, capsys):  # noqa: F811
     import timm
 
     from aa_lightning.export import main
-    from aa_lightning.inspect import main as inspect_main
+    from aa_lightning.predict import main as predict_main
     from aa_lightning.tasks import ImageClassifier
 
     out = tmp_path / "export"
@@ -107,9 +107,9 @@ def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tm
     logits, _ = run_onnx(out / "model.onnx", x)
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-5)
 
-    # inspect reads the export folder like the checkpoint
+    # predict reads the export folder like the checkpoint
     for source, folder in ((checkpoint, tmp_path / "a"), (out, tmp_path / "b")):
-        assert inspect_main(["--ckpt", str(source), "--images", str(images[0]), "--out", str(folder)]) == 0
+        assert predict_main(["--ckpt", str(source), "--images", str(images[0]), "--out", str(folder)]) == 0
     from_ckpt, from_export = (json.loads((tmp_path / f / "predictions.json").read_text())[0]["top_k"] for f in "ab")
     assert [p["name"] for p in from_ckpt] == [p["name"] for p in from_export]
     np.testing.assert_allclose([p["probability"] for p in from_ckpt], [p["probability"] for p in from_export], rtol=1e-5)

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from aa_lightning.export import main as export_main
-from aa_lightning.inspect import main as inspect_main
-from test_inspect import checkpoint, images  # noqa: F401  (fixtures: a trained tiny AA classifier, image files)
+from aa_lightning.predict import main as predict_main
+from test_predict import checkpoint, images  # noqa: F401  (fixtures: a trained tiny AA classifier, image files)
 
 
 def one_error_line(capsys) -> str:
@@ -18,12 +18,12 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("command", ["inspect", "export"])
+@pytest.mark.parametrize("command", ["predict", "export"])
 def test_unwritable_out_is_one_error_line(checkpoint, images, tmp_path, capsys, command):  # noqa: F811
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    run = (lambda out: inspect_main(["--ckpt", str(checkpoint), "--images", str(images[0]), "--out", out])) \
-        if command == "inspect" else (lambda out: export_main(["--ckpt", str(checkpoint), "--out", out]))
+    run = (lambda out: predict_main(["--ckpt", str(checkpoint), "--images", str(images[0]), "--out", out])) \
+        if command == "predict" else (lambda out: export_main(["--ckpt", str(checkpoint), "--out", out]))
     assert run(str(blocker / "sub")) == 2
     assert one_error_line(capsys).endswith(f"error: --out {blocker / 'sub'}: cannot write there (Not a directory)")
     assert run(str(blocker)) == 2
@@ -44,7 +44,7 @@ def test_export_over_another_export_replaces_only_its_files(checkpoint, images, 
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["checkpoint"] == str(checkpoint) and manifest["files"] == ["model.onnx"]
     assert manifest["max_abs_difference"] == {} and (out / "notes.txt").read_text() == "mine"
-    assert inspect_main(["--ckpt", str(out), "--images", str(images[0])]) == 2  # no safetensors: not loadable
+    assert predict_main(["--ckpt", str(out), "--images", str(images[0])]) == 2  # no safetensors: not loadable
     assert "is not an export folder" in capsys.readouterr().err
 
 
@@ -61,18 +61,18 @@ def test_export_never_overwrites_files_it_did_not_write(checkpoint, tmp_path, ca
     assert (out / "model.safetensors").read_bytes() == b"their weights"
 
 
-def test_inspect_never_overwrites_files_it_did_not_write(checkpoint, images, tmp_path, capsys):  # noqa: F811
+def test_predict_never_overwrites_files_it_did_not_write(checkpoint, images, tmp_path, capsys):  # noqa: F811
     """--out the images' own folder: the figure <stem>.png would replace the input image <stem>.png."""
     folder = tmp_path / "photos"
     folder.mkdir()
     photo = folder / "cat.png"
     shutil.copyfile(images[0], photo)
     before = photo.read_bytes()
-    assert inspect_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(folder)]) == 2
+    assert predict_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(folder)]) == 2
     assert one_error_line(capsys).endswith(f"error: --out {folder}: would overwrite cat.png, not written by an earlier "
-                                           "inspect (not in its predictions.json); choose another --out folder")
+                                           "predict run (not in its predictions.json); choose another --out folder")
     assert photo.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["cat.png"]
-    out = tmp_path / "out"  # an earlier inspect's own figures are replaced
+    out = tmp_path / "out"  # an earlier predict run's own figures are replaced
     for _ in range(2):
-        assert inspect_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(out)]) == 0
+        assert predict_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cat.png", "predictions.json"]

@@ -7,7 +7,7 @@ cyan box. A head's [H', W'] probability map is upsampled to the tile, divided by
 label under the tile gives that maximum probability (1 / (H' W') would be a uniform map).
 
 Used by :class:`~aa_lightning.callbacks.AttentionMapLogger` (TensorBoard) and
-``python -m aa_lightning.inspect`` (PNG files).
+``python -m aa_lightning.predict`` (PNG files).
 """
 from __future__ import annotations
 

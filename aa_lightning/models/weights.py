@@ -7,7 +7,7 @@
   :func:`checkpoint_filter_fn`, which strips Lightning's ``model.`` prefix and resamples relative
   position tables trained at another ``img_size``.
 - :func:`read_checkpoint` reads a Lightning ``.ckpt`` / state dict / safetensors file (the one
-  reader of the project: the detection backbone and the inspect tool use it too);
+  reader of the project: the detection backbone and the predict tool use it too);
   :func:`load_checkpoint` loads it into a built model, checking that it is of the same model.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: no code is unpickled.

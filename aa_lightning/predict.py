@@ -1,7 +1,7 @@
 """Inspect a trained classifier on your own images: top-k predictions and attention overlays.
 
-    python -m aa_lightning.inspect --ckpt runs/quickstart/version_0/checkpoints/last.ckpt \\
-        --images cat.jpg dog.png --out inspect/ [--layer stages.2.3.conv1] [--queries 0.5,0.5 0.2,0.8]
+    python -m aa_lightning.predict --ckpt runs/quickstart/version_0/checkpoints/last.ckpt \\
+        --images cat.jpg dog.png --out predictions/ [--layer stages.2.3.conv1] [--queries 0.5,0.5 0.2,0.8]
 
 For every image it writes ``<out>/<image stem>.png``: the top-k classes with probabilities, and
 for each query pixel the input and every head's attention map of ``--layer`` (default: the
@@ -22,10 +22,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,14 +36,11 @@ from aa_lightning.callbacks.attention_maps import default_layer
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize
 from aa_lightning.data.images import rgb_array
 from aa_lightning.layers import augmented_layers, capture_attention
+from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
 from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
 CIFAR_IMAGE_SIZE = 32
-
-
-class InspectError(Exception):
-    """A user-facing error: bad checkpoint, image, layer or option (the message says which)."""
 
 
 @dataclass
@@ -73,13 +69,13 @@ class TrainedClassifier:
 
 # -- checkpoints ---------------------------------------------------------------------------------------
 def read_lightning_checkpoint(path: Path) -> Checkpoint:
-    """:func:`~aa_lightning.models.weights.read_checkpoint` of a Lightning checkpoint; errors as InspectError."""
+    """:func:`~aa_lightning.models.weights.read_checkpoint` of a Lightning checkpoint; errors as CommandError."""
     try:
         checkpoint = read_checkpoint(path)
     except (FileNotFoundError, ValueError) as err:
-        raise InspectError(str(err)) from None
+        raise CommandError(str(err)) from None
     if "state_dict" not in checkpoint.contents:
-        raise InspectError(f"{path} is not a Lightning checkpoint (no 'state_dict'); "
+        raise CommandError(f"{path} is not a Lightning checkpoint (no 'state_dict'); "
                            "export folders from `python -m aa_lightning.export` also work")
     return checkpoint
 
@@ -87,10 +83,10 @@ def read_lightning_checkpoint(path: Path) -> Checkpoint:
 def _checked_model_name(found: Optional[str], expected: Optional[str], path: Path) -> str:
     if found is None:
         if expected is None:
-            raise InspectError(f"{path} does not say which model it holds (no 'model_name'); it is not an ImageClassifier checkpoint")
+            raise CommandError(f"{path} does not say which model it holds (no 'model_name'); it is not an ImageClassifier checkpoint")
         return expected
     if expected is not None and found != expected:
-        raise InspectError(f"checkpoint {path} holds a {found!r} model, not {expected!r}")
+        raise CommandError(f"checkpoint {path} holds a {found!r} model, not {expected!r}")
     return found
 
 
@@ -138,7 +134,7 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
     """Rebuild the classifier of a Lightning ``.ckpt`` or of an export folder (eval mode, CPU).
 
     ``model_name``: the model the caller expects; a checkpoint of another model raises an
-    :class:`InspectError` naming both.
+    :class:`CommandError` naming both.
     """
     path = Path(path)
     if path.is_dir():
@@ -150,19 +146,19 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     task = hparams.get("_class_path")
     if task is not None and task != CLASSIFIER_CLASS_PATH and "model_name" not in hparams:
-        raise InspectError(f"checkpoint {path} is a {task} checkpoint, not an image classifier ({CLASSIFIER_CLASS_PATH})")
+        raise CommandError(f"checkpoint {path} is a {task} checkpoint, not an image classifier ({CLASSIFIER_CLASS_PATH})")
     name = _checked_model_name(hparams.get("model_name"), model_name, path)
     if "num_classes" not in hparams:
-        raise InspectError(f"checkpoint {path} has no 'num_classes' hyper-parameter; it is not an ImageClassifier checkpoint")
+        raise CommandError(f"checkpoint {path} has no 'num_classes' hyper-parameter; it is not an ImageClassifier checkpoint")
     kwargs = dict(hparams.get("model_kwargs") or {})
     try:
         model = build_timm_model(name, int(hparams["num_classes"]), kwargs)
     except ValueError as err:
-        raise InspectError(f"checkpoint {path}: {err}") from None
+        raise CommandError(f"checkpoint {path}: {err}") from None
     try:
         load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes
     except ValueError as err:
-        raise InspectError(str(err)) from None
+        raise CommandError(str(err)) from None
 
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     cifar_format = _is_cifar_format(data_hparams, _import_datamodule_class(data_hparams.get("_class_path")))
@@ -198,13 +194,13 @@ def load_exported_classifier(folder: Path, model_name: Optional[str] = None) -> 
 
     config_file = folder / "config.json"
     if not config_file.is_file() or not (folder / "model.safetensors").is_file():
-        raise InspectError(f"{folder} is not an export folder: it needs config.json and model.safetensors (python -m aa_lightning.export)")
+        raise CommandError(f"{folder} is not an export folder: it needs config.json and model.safetensors (python -m aa_lightning.export)")
     config = json.loads(config_file.read_text())
     name = _checked_model_name(config.get("architecture"), model_name, folder)
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as err:
-        raise InspectError(f"cannot build {name!r} from {folder}: {type(err).__name__}: {err}") from None
+        raise CommandError(f"cannot build {name!r} from {folder}: {type(err).__name__}: {err}") from None
     pretrained = config.get("pretrained_cfg", {})
     labels = config.get("label_names")
     classifier = TrainedClassifier(model.eval(), name, int(config["num_classes"]), folder, dict(config.get("model_args") or {}))
@@ -217,15 +213,15 @@ def load_exported_classifier(folder: Path, model_name: Optional[str] = None) -> 
 
 # -- images --------------------------------------------------------------------------------------------
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an image file; a missing or undecodable file raises an InspectError naming it."""
+    """RGB uint8 [H, W, 3] of an image file; a missing or undecodable file raises an CommandError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise InspectError(f"image not found: {path}")
+        raise CommandError(f"image not found: {path}")
     try:
         with Image.open(path) as picture:
             return rgb_array(picture)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InspectError(f"cannot read image {path}: {err}") from None
+        raise CommandError(f"cannot read image {path}: {err}") from None
 
 
 def preprocess(image: np.ndarray, classifier: TrainedClassifier) -> Tensor:
@@ -238,37 +234,9 @@ def preprocess(image: np.ndarray, classifier: TrainedClassifier) -> Tensor:
 
 
 # -- output files --------------------------------------------------------------------------------------
-def prepare_out_folder(out: Path) -> Path:
-    """Create the ``--out`` folder (and its parents) and check that a file can be written in it;
-    otherwise an :class:`InspectError` naming the folder and the reason."""
-    if out.exists() and not out.is_dir():
-        raise InspectError(f"--out {out}: it is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise InspectError(f"--out {out}: cannot write there ({err.strerror or err})") from None
-    return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it (flush, fsync, os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def check_not_overwriting(out: Path, names: Sequence[str]) -> None:
-    """An :class:`InspectError` if a file about to be written in ``out`` exists and was not written by an
-    earlier inspect (its ``predictions.json`` lists the figures it wrote), e.g. one of the input images."""
+    """An :class:`CommandError` if a file about to be written in ``out`` exists and was not written by an
+    earlier predict run (its ``predictions.json`` lists the figures it wrote), e.g. one of the input images."""
     listed: set[str] = set()
     try:
         records = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
@@ -278,7 +246,7 @@ def check_not_overwriting(out: Path, names: Sequence[str]) -> None:
         pass
     foreign = [name for name in names if (out / name).exists() and name not in listed]
     if foreign:
-        raise InspectError(f"--out {out}: would overwrite {', '.join(foreign)}, not written by an earlier inspect "
+        raise CommandError(f"--out {out}: would overwrite {', '.join(foreign)}, not written by an earlier predict run "
                            "(not in its predictions.json); choose another --out folder")
 
 
@@ -289,21 +257,21 @@ def parse_queries(values: Sequence[str]) -> list[tuple[float, float]]:
         try:
             y, x = (float(v) for v in value.split(","))
         except ValueError:
-            raise InspectError(f"--queries: {value!r} is not 'y,x' (two fractions in [0, 1], e.g. 0.5,0.25)") from None
+            raise CommandError(f"--queries: {value!r} is not 'y,x' (two fractions in [0, 1], e.g. 0.5,0.25)") from None
         if not (0 <= y <= 1 and 0 <= x <= 1):
-            raise InspectError(f"--queries: {value!r} must be fractions of the image in [0, 1]")
+            raise CommandError(f"--queries: {value!r} must be fractions of the image in [0, 1]")
         queries.append((y, x))
     return queries
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aa_lightning.inspect",
+        prog="python -m aa_lightning.predict",
         description="Top-k predictions and attention overlays of a trained classifier on your own images (PNG files).",
     )
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt of an ImageClassifier, or a folder from python -m aa_lightning.export")
     parser.add_argument("--images", nargs="+", required=True, help="image files (any format Pillow reads)")
-    parser.add_argument("--out", default="inspect", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
     parser.add_argument("--layer", default=None, help="AugmentedConv2d to show (default: the last AA layer); --list-layers prints them")
     parser.add_argument("--queries", nargs="+", default=["0.5,0.5", "0.25,0.25", "0.75,0.75"],
                         help="query pixels as y,x fractions of the image (default: %(default)s)")
@@ -317,20 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
+def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the command; returns one record per image (also written to predictions.json)."""
     queries = parse_queries(args.queries)
     if args.top_k < 1:
-        raise InspectError(f"--top-k must be >= 1, got {args.top_k}")
+        raise CommandError(f"--top-k must be >= 1, got {args.top_k}")
     pictures = [read_image(p) for p in args.images]  # every file checked before the model is built
     classifier = load_trained_classifier(args.ckpt, args.model)
     if args.class_names:
         names_file = Path(args.class_names)
         if not names_file.is_file():
-            raise InspectError(f"--class-names: file not found: {names_file}")
+            raise CommandError(f"--class-names: file not found: {names_file}")
         classifier.class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
     if classifier.class_names is not None and len(classifier.class_names) != classifier.num_classes:
-        raise InspectError(f"{len(classifier.class_names)} class names for a {classifier.num_classes}-class model")
+        raise CommandError(f"{len(classifier.class_names)} class names for a {classifier.num_classes}-class model")
     if args.image_size is not None:
         classifier.resize_size = round(classifier.resize_size * args.image_size / classifier.image_size)
         classifier.image_size = args.image_size
@@ -340,7 +308,7 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
         return []
     layer = args.layer or default_layer(classifier.model)
     if args.layer is not None and args.layer not in layers:
-        raise InspectError(f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}")
+        raise CommandError(f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}")
     out = prepare_out_folder(Path(args.out))
     stems = [Path(p).stem for p in args.images]
     figure_names = [f"{stem}.png" if stems.count(stem) == 1 else f"{b:03d}_{stem}.png" for b, stem in enumerate(stems)]
@@ -377,31 +345,18 @@ def inspect_images(args: argparse.Namespace) -> list[dict[str, Any]]:
                 os.fsync(f.fileno())
             os.replace(tmp, figure_path)
         except OSError as err:
-            raise InspectError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
+            raise CommandError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
         records.append({"image": str(image_path), "figure": str(figure_path), "layer": layer, "top_k": predictions})
         print(f"{image_path}: " + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in predictions[:3]) + f"  -> {figure_path}")
     try:
         write_text_atomic(out / "predictions.json", json.dumps(records, indent=1) + "\n")
     except OSError as err:
-        raise InspectError(f"--out {out}: cannot write predictions.json ({err.strerror or err})") from None
+        raise CommandError(f"--out {out}: cannot write predictions.json ({err.strerror or err})") from None
     return records
 
 
-def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], Any],
-                argv: Optional[Sequence[str]] = None) -> int:
-    """Parse ``argv`` and run ``command``; an :class:`InspectError` becomes one line on stderr
-    and exit status 2 (argparse's own convention for usage errors)."""
-    args = parser.parse_args(argv)
-    try:
-        command(args)
-    except InspectError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_command(build_parser(), inspect_images, argv)
+    return run_command(build_parser(), predict_images, argv)
 
 
 if __name__ == "__main__":

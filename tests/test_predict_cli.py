@@ -1,5 +1,5 @@
 """End to end in subprocesses: train.py with the attention callback from YAML writes overlays to
-TensorBoard; python -m aa_lightning.inspect and python -m aa_lightning.export run on its checkpoint."""
+TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint."""
 import json
 from pathlib import Path
 
@@ -65,9 +65,9 @@ def image_files(tmp_path_factory) -> list[Path]:
     return [photo, broken]
 
 
-def test_inspect_command_writes_predictions_and_overlays(trained_run, image_files, tmp_path):
+def test_predict_command_writes_predictions_and_overlays(trained_run, image_files, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    result = run("-m", "aa_lightning.inspect", "--ckpt", str(ckpt), "--images", str(image_files[0]), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    result = run("-m", "aa_lightning.predict", "--ckpt", str(ckpt), "--images", str(image_files[0]), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
     assert record["layer"] == "stages.2.0.conv1"  # the last AA layer
@@ -77,8 +77,8 @@ def test_inspect_command_writes_predictions_and_overlays(trained_run, image_file
     width, height = tile_origin(3, 3, tile_size=128, header_lines=1 + 4 + 1)  # 3 default queries x (input + 2 heads)
     assert figure.height == height and figure.width >= width
 
-    result = run("-m", "aa_lightning.inspect", "--ckpt", str(ckpt), "--images", *map(str, image_files), cwd=tmp_path)
-    assert result.returncode == 2 and f"cannot read image {image_files[1]}" in result.stderr  # more errors: test_inspect.py
+    result = run("-m", "aa_lightning.predict", "--ckpt", str(ckpt), "--images", *map(str, image_files), cwd=tmp_path)
+    assert result.returncode == 2 and f"cannot read image {image_files[1]}" in result.stderr  # more errors: test_predict.py
 
 
 @pytest.mark.slow  # the same export runs in-process in test_export.py; this adds the `python -m` entry point

@@ -1,4 +1,4 @@
-"""python -m aa_lightning.inspect: predictions and attention overlays of a checkpoint on image files; clear errors."""
+"""python -m aa_lightning.predict: predictions and attention overlays of a checkpoint on image files; clear errors."""
 import json
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from timm.models.resnet import BasicBlock, ResNet
 
 from aa_lightning.callbacks.attention_overlay import colormap_table, tile_origin
 from aa_lightning.data import SyntheticCIFARDataModule
-from aa_lightning.inspect import load_trained_classifier, main, preprocess, read_image
+from aa_lightning.predict import load_trained_classifier, main, preprocess, read_image
 from aa_lightning.layers import AugmentedConv2d, relative_attention_reference
 from aa_lightning.tasks import ImageClassifier
 
