@@ -227,15 +227,21 @@ def check_entry(repo: Path, entry: Breakage) -> list[str]:
     return problems
 
 
-def apply(root: Path, entry: Breakage) -> None:
+def apply(root: Path, entry: Breakage) -> dict[Path, str]:
+    """Apply ``entry``'s edits in the copy ``root``; returns the edited files' original texts (for :func:`restore`)."""
+    originals: dict[Path, str] = {}
     for edit in entry.edits:
         path = root / edit.file
-        path.write_text(path.read_text().replace(edit.old, edit.new, 1))
+        text = path.read_text()
+        originals.setdefault(path, text)
+        path.write_text(text.replace(edit.old, edit.new, 1))
+    return originals
 
 
-def restore(repo: Path, root: Path, entry: Breakage) -> None:
-    for edit in entry.edits:
-        shutil.copy2(repo / edit.file, root / edit.file)
+def restore(originals: dict[Path, str]) -> None:
+    """Put back the copy's files as :func:`apply` found them (the repository may change meanwhile)."""
+    for path, text in originals.items():
+        path.write_text(text)
 
 
 # -- running the tests ----------------------------------------------------------------------------------
@@ -336,12 +342,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if entry.todo:
                 rows.append((f"`{entry.name}`", entry.description, files, "TODO", entry.todo))
                 continue
-            apply(root, entry)
+            originals = apply(root, entry)
             try:
                 extra = [*pytest_args, *(entry.pytest_args if not args.tests else ())]
                 status, detail, seconds = run_tests(root, tests_of(entry), args.timeout, extra)
             finally:
-                restore(repo, root, entry)
+                restore(originals)
             caught = status == "failed"
             survived += not caught
             result = "caught" if caught else ("SURVIVED" if status == "passed" else f"SURVIVED ({status})")
