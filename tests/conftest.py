@@ -1,11 +1,18 @@
-import os
-import sys
+"""Fixtures shared by several test modules. Helper modules beside the tests (cli_helpers, attention_loop_reference,
+...) are imported by name: pytest puts this folder on sys.path (rootdir conftest, no __init__.py)."""
+from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
+from timm.models.resnet import BasicBlock, ResNet
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from aa_lightning.data import SyntheticCIFARDataModule
+from aa_lightning.layers import AugmentedConv2d
+from aa_lightning.tasks import ImageClassifier
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +23,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- a tiny timm-registered AA network (in-process only: the subprocess tests use the model zoo) --
+default_cfgs = generate_default_cfgs({"predict_tiny_aa.untrained": {"input_size": (3, 32, 32), "num_classes": 4, "classifier": "fc", "first_conv": "conv1.0"}})
+
+
+@register_model
+def predict_tiny_aa(pretrained: bool = False, **kwargs) -> ResNet:
+    """ResNet of 8-16 channels; the first conv of the blocks of stages 1 and 2 augmented (2 heads, 8x8 and 4x4 grids)."""
+    model = build_model_with_cfg(ResNet, "predict_tiny_aa", False, block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), stem_width=4, stem_type="deep", **kwargs)
+    model.layer1[0].conv1 = AugmentedConv2d(8, 8, 3, 1, dk=4, dv=4, num_heads=2, feat_size=8)
+    model.layer2[0].conv1 = AugmentedConv2d(8, 16, 3, 2, dk=8, dv=8, num_heads=2, feat_size=8)
+    if pretrained:  # after the swap, so that the AA weights load
+        load_pretrained(model, num_classes=model.num_classes)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A Lightning checkpoint of ImageClassifier(predict_tiny_aa) after 2 steps on the built-in data set."""
+    root = tmp_path_factory.mktemp("inspect")
+    torch.manual_seed(0)
+    data = SyntheticCIFARDataModule(data_dir=str(root / "data"), num_classes=4, train_size=16, test_size=8, val_split=4, batch_size=4, num_workers=0)
+    model = ImageClassifier("predict_tiny_aa", num_classes=4, base_lr=0.1, warmup_epochs=0)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    path = root / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    jpg, png = folder / "wide.jpg", folder / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(jpg)  # resized + center-cropped to 32
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(png)  # grayscale -> RGB
+    return [jpg, png]

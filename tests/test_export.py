@@ -74,7 +74,6 @@ def test_onnx_export_rejects_the_chunked_backend(tmp_path):
 
 
 # -- the command, on a trained checkpoint ---------------------------------------------------------------
-from test_predict import checkpoint, images  # noqa: E402,F401  (fixtures: a trained tiny AA classifier, image files)
 
 
 def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tmp_path, capsys):  # noqa: F811
@@ -95,7 +94,7 @@ def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tm
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = trained(x)
-        by_name = timm.create_model("inspect_tiny_aa", pretrained=True, num_classes=4,
+        by_name = timm.create_model("predict_tiny_aa", pretrained=True, num_classes=4,
                                     pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=4)).eval()
         torch.testing.assert_close(by_name(x), expected, rtol=0, atol=0)
         by_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -119,4 +118,4 @@ def test_export_command_names_both_models_on_a_mismatch(checkpoint, tmp_path, ca
     from aa_lightning.export import main
 
     assert main(["--ckpt", str(checkpoint), "--out", str(tmp_path), "--model", "aa_wrn28_10"]) == 2
-    assert f"checkpoint {checkpoint} holds a 'inspect_tiny_aa' model, not 'aa_wrn28_10'" in capsys.readouterr().err
+    assert f"checkpoint {checkpoint} holds a 'predict_tiny_aa' model, not 'aa_wrn28_10'" in capsys.readouterr().err

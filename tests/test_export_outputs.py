@@ -9,7 +9,6 @@ import pytest
 
 from aa_lightning.export import main as export_main
 from aa_lightning.predict import main as predict_main
-from test_predict import checkpoint, images  # noqa: F401  (fixtures: a trained tiny AA classifier, image files)
 
 
 def one_error_line(capsys) -> str:

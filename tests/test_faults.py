@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cli_helpers import REPO, run_cli
-from test_resume import aa_recipe
+from cli_helpers import aa_recipe
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -2,61 +2,18 @@
 import json
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
-from timm.models.resnet import BasicBlock, ResNet
 
 from aa_lightning.callbacks.attention_overlay import colormap_table, tile_origin
 from aa_lightning.data import SyntheticCIFARDataModule
 from aa_lightning.predict import load_trained_classifier, main, preprocess, read_image
-from aa_lightning.layers import AugmentedConv2d, relative_attention_reference
+from aa_lightning.layers import relative_attention_reference
 from aa_lightning.tasks import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-
-# -- a tiny timm-registered AA network (this module's own: the subprocess tests use the model zoo) --
-default_cfgs = generate_default_cfgs({"inspect_tiny_aa.untrained": {"input_size": (3, 32, 32), "num_classes": 4, "classifier": "fc", "first_conv": "conv1.0"}})
-
-
-@register_model
-def inspect_tiny_aa(pretrained: bool = False, **kwargs) -> ResNet:
-    """ResNet of 8-16 channels; the first conv of the blocks of stages 1 and 2 augmented (2 heads, 8x8 and 4x4 grids)."""
-    model = build_model_with_cfg(ResNet, "inspect_tiny_aa", False, block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), stem_width=4, stem_type="deep", **kwargs)
-    model.layer1[0].conv1 = AugmentedConv2d(8, 8, 3, 1, dk=4, dv=4, num_heads=2, feat_size=8)
-    model.layer2[0].conv1 = AugmentedConv2d(8, 16, 3, 2, dk=8, dv=8, num_heads=2, feat_size=8)
-    if pretrained:  # after the swap, so that the AA weights load
-        load_pretrained(model, num_classes=model.num_classes)
-    return model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A Lightning checkpoint of ImageClassifier(inspect_tiny_aa) after 2 steps on the built-in data set."""
-    root = tmp_path_factory.mktemp("inspect")
-    torch.manual_seed(0)
-    data = SyntheticCIFARDataModule(data_dir=str(root / "data"), num_classes=4, train_size=16, test_size=8, val_split=4, batch_size=4, num_workers=0)
-    model = ImageClassifier("inspect_tiny_aa", num_classes=4, base_lr=0.1, warmup_epochs=0)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=data)
-    path = root / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    jpg, png = folder / "wide.jpg", folder / "gray.png"
-    Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(jpg)  # resized + center-cropped to 32
-    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(png)  # grayscale -> RGB
-    return [jpg, png]
-
 
 def test_rebuilt_model_matches_the_trained_one(checkpoint):
     classifier = load_trained_classifier(checkpoint)
@@ -64,7 +21,7 @@ def test_rebuilt_model_matches_the_trained_one(checkpoint):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(classifier.model(x), trained.model(x))
-    assert classifier.model_name == "inspect_tiny_aa" and classifier.num_classes == 4
+    assert classifier.model_name == "predict_tiny_aa" and classifier.num_classes == 4
     assert classifier.class_names == [f"plus_at_{a:03d}deg_of_square" for a in (0, 90, 180, 270)]  # the data module's meta file
     assert (classifier.image_size, classifier.resize_size) == (32, 32)
     assert classifier.mean == pytest.approx((0.5071, 0.4865, 0.4409))
@@ -132,7 +89,7 @@ def test_errors_name_the_image(checkpoint, images, tmp_path, capsys):
 
 def test_errors_name_the_checkpoint_and_the_models(checkpoint, images, tmp_path, capsys):
     assert main(["--ckpt", str(checkpoint), "--images", str(images[0]), "--model", "aa_resnet50"]) == 2
-    assert f"checkpoint {checkpoint} holds a 'inspect_tiny_aa' model, not 'aa_resnet50'" in capsys.readouterr().err
+    assert f"checkpoint {checkpoint} holds a 'predict_tiny_aa' model, not 'aa_resnet50'" in capsys.readouterr().err
     assert main(["--ckpt", str(checkpoint), "--images", str(images[0]), "--layer", "layer9"]) == 2
     assert "AA layers: ['layer1.0.conv1', 'layer2.0.conv1']" in capsys.readouterr().err
     garbage = tmp_path / "garbage.ckpt"
@@ -147,7 +104,7 @@ def test_errors_name_the_checkpoint_and_the_models(checkpoint, images, tmp_path,
     torch.save(state, other)
     assert main(["--ckpt", str(other), "--images", str(images[0])]) == 2
     err = capsys.readouterr().err
-    assert f"{other} ('inspect_tiny_aa') does not fit the model 'inspect_tiny_aa'" in err and "fc.weight (4, 99) vs (4, 16)" in err
+    assert f"{other} ('predict_tiny_aa') does not fit the model 'predict_tiny_aa'" in err and "fc.weight (4, 99) vs (4, 16)" in err
     assert "unexpected (1): extra.weight" in err
 
 

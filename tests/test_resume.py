@@ -12,39 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from cli_helpers import TRAIN, python_env, run_cli
+from cli_helpers import TRAIN, aa_recipe, python_env, run_cli
 
 STEPS_PER_EPOCH = 5  # 40 training images / batch 8
-
-
-def aa_recipe(tmp_path: Path, name: str = "tiny_aa", callbacks: list | None = None, **data_overrides) -> Path:
-    """A quickstart-like recipe: a narrow AA-WRN with dropout, 2 epochs x 5 steps on 56 generated images."""
-    recipe = {
-        "seed_everything": 0,
-        "runs_dir": str(tmp_path / "runs"),
-        "test_ckpt_path": None,
-        "checkpoint_every_n_steps": 2,
-        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
-                    "num_sanity_val_steps": 0, "enable_model_summary": False, "enable_progress_bar": False,
-                    "callbacks": callbacks or []},
-        "model": {
-            "class_path": "aa_lightning.tasks.ImageClassifier",
-            "init_args": {"model_name": "aa_wrn28_10", "num_classes": 4, "base_lr": 0.2, "warmup_epochs": 0.5,
-                          "model_kwargs": {"depth": 10, "widen_factor": 1, "aa_stages": [3], "aa_heads": 2,
-                                           "aa_min_dkh": 4, "block_drop_rate": 0.3}},
-        },
-        "data": {
-            "class_path": "aa_lightning.data.SyntheticCIFARDataModule",
-            "init_args": {"data_dir": str(tmp_path.parent / "shared_data"), "num_classes": 4, "train_size": 56,
-                          "test_size": 8, "val_split": 16, "batch_size": 8, "num_workers": 0, "hflip": True,
-                          **data_overrides},
-        },
-        "image_grid": {"num_images": 0},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def probe(report: Path, **init_args) -> dict:

@@ -159,7 +159,7 @@ BREAKAGES: list[Breakage] = [
         ["tests/test_cli.py"]),
     breakage(
         "export-without-checkpoint-weights",
-        "export / inspect write the built model's initial weights (checkpoint not loaded)",
+        "export / predict write the built model's initial weights (checkpoint not loaded)",
         "aa_lightning/predict.py", "        load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes",
         "        pass  # the checkpoint is not loaded",
         ["tests/test_export.py", "tests/test_predict.py", "tests/test_predict_cli.py"]),
