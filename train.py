@@ -1,4 +1,5 @@
 """Train and test a recipe: ``python train.py --config configs/quickstart.yaml`` (``--help`` for all options)."""
+
 import os
 import time
 

@@ -3,6 +3,7 @@
 Importing the package registers the AA models (and their baselines) with timm, so that
 ``timm.create_model("aa_resnet50")`` works after ``import aa_lightning``.
 """
+
 import os
 
 # Set once, here: every module of the package is imported after this file, and both must be set before
@@ -10,7 +11,9 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never phone home from albumentations
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
 
-from . import layers  # noqa: E402,F401
-from . import models  # noqa: E402,F401  (registers the timm models)
+from . import (
+    layers,  # noqa: E402,F401
+    models,  # noqa: E402,F401  (registers the timm models)
+)
 
 __version__ = "0.1.0"

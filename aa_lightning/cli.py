@@ -26,6 +26,7 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
 ``trainer.sync_batchnorm`` needs CUDA (torch's SyncBatchNorm is GPU-only): on CPU it is switched
 off with a warning, so a multi-GPU recipe still runs on a laptop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,12 +35,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
-
-import yaml
-
+from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -51,10 +50,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.callbacks import (
     AtomicCheckpointIO,
+    ExactResume,
     LastCheckpoint,
     NonFiniteLossError,
     NonFiniteLossGuard,
-    ExactResume,
     RunInterrupted,
     RunSummary,
     StopOnSignal,
@@ -77,7 +76,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_DropTips())
 
 
-def _import_class(class_path: str) -> Optional[type]:
+def _import_class(class_path: str) -> type | None:
     module_name, _, name = class_path.rpartition(".")
     try:
         module = __import__(module_name, fromlist=[name])
@@ -107,8 +106,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # an old, non-zip file
     except Exception as err:  # EOFError, UnpicklingError, zip errors ... of a truncated or foreign file
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        raise CheckpointError(f"--ckpt_path: {path} ({size} bytes) is not a loadable checkpoint (truncated or "
-                              f"not a checkpoint): {reason}") from None
+        raise CheckpointError(
+            f"--ckpt_path: {path} ({size} bytes) is not a loadable checkpoint (truncated or not a checkpoint): {reason}"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"--ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' in it)")
     return checkpoint
@@ -149,8 +149,9 @@ def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int]:
         if path.name != "last.ckpt" or path != candidates[0][1]:
             rank_zero_warn(f"--ckpt_path last: resuming from {path}, the newest intact checkpoint of {root}")
         return path, version
-    raise CheckpointError(f"--ckpt_path last: none of the {len(candidates)} checkpoints under {root} loads "
-                          "(see the warnings above)")
+    raise CheckpointError(
+        f"--ckpt_path last: none of the {len(candidates)} checkpoints under {root} loads (see the warnings above)"
+    )
 
 
 def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module, model_config: Any) -> None:
@@ -194,7 +195,7 @@ def _model_section(config: Any, config_path: Path) -> dict[str, Any]:
     """The ``init_args`` (or the flat keys) of a config file's ``model:`` section; a file reference is followed."""
     model = config.get("model") if isinstance(config, dict) else None
     if isinstance(model, str) and model.endswith((".yaml", ".yml")):
-        nested = (config_path.parent / model)
+        nested = config_path.parent / model
         model = yaml.safe_load(nested.read_text()) if nested.is_file() else None
     if not isinstance(model, dict):
         return {}
@@ -227,9 +228,9 @@ def merged_model_kwargs(args: list[str]) -> dict[str, dict[str, Any]]:
             i += step
             continue
         for prefix in ("--model.init_args.", "--model."):
-            if key.startswith(prefix) and key[len(prefix):] in (*_MERGED_KWARGS, *_MERGED_KWARGS.values()):
+            if key.startswith(prefix) and key[len(prefix) :] in (*_MERGED_KWARGS, *_MERGED_KWARGS.values()):
                 try:
-                    sources.append({key[len(prefix):]: yaml.safe_load(value)})
+                    sources.append({key[len(prefix) :]: yaml.safe_load(value)})
                 except yaml.YAMLError:
                     pass  # the parser reports it
                 i += step
@@ -254,10 +255,10 @@ def merged_model_kwargs(args: list[str]) -> dict[str, dict[str, Any]]:
 class AACLI(LightningCLI):
     """LightningCLI for aa-lightning recipes: fit, test, summary (see the module docstring)."""
 
-    def __init__(self, args: Any = None, start_time: Optional[float] = None) -> None:
+    def __init__(self, args: Any = None, start_time: float | None = None) -> None:
         self.start_time = time.perf_counter() if start_time is None else start_time
-        self.resume_version: Optional[int] = None
-        self.resume_checkpoint: Optional[dict[str, Any]] = None  # loaded (mmap) to check it before fitting
+        self.resume_version: int | None = None
+        self.resume_checkpoint: dict[str, Any] | None = None  # loaded (mmap) to check it before fitting
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -274,19 +275,35 @@ class AACLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                            help="Resume training: 'last' (newest last.ckpt of --run_name) or a checkpoint path.")
-        parser.add_argument("--test_ckpt_path", type=Optional[str], default="best",
-                            help="Checkpoint tested after fitting: 'best', 'last', a path, or null to skip the test.")
-        parser.add_argument("--run_name", type=Optional[str], default=None,
-                            help="Logs go to <runs_dir>/<run_name>/version_N (default: the last --config file's name).")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Resume training: 'last' (newest last.ckpt of --run_name) or a checkpoint path.",
+        )
+        parser.add_argument(
+            "--test_ckpt_path",
+            type=str | None,
+            default="best",
+            help="Checkpoint tested after fitting: 'best', 'last', a path, or null to skip the test.",
+        )
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="Logs go to <runs_dir>/<run_name>/version_N (default: the last --config file's name).",
+        )
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of the TensorBoard runs.")
-        parser.add_argument("--checkpoint_every_n_steps", type=int, default=1000,
-                            help="Write last.ckpt every N optimizer steps (and at every epoch end); "
-                                 "0: epoch ends only.")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int,
+            default=1000,
+            help="Write last.ckpt every N optimizer steps (and at every epoch end); 0: epoch ends only.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.save_top_k": 1,
-                             "checkpoint.filename": "best-{epoch}-{step}"})
+        parser.set_defaults(
+            {"checkpoint.save_last": False, "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}"}
+        )
         parser.add_lightning_class_args(TrainingImageGrid, "image_grid")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -327,8 +344,10 @@ class AACLI(LightningCLI):
             if monitor is not None:
                 cfg.checkpoint.monitor, cfg.checkpoint.mode = monitor
         if cfg.checkpoint.get("save_last"):
-            rank_zero_warn("checkpoint.save_last is ignored: last.ckpt is written by LastCheckpoint at every save "
-                           "point (--checkpoint_every_n_steps and every epoch end)")
+            rank_zero_warn(
+                "checkpoint.save_last is ignored: last.ckpt is written by LastCheckpoint at every save "
+                "point (--checkpoint_every_n_steps and every epoch end)"
+            )
             cfg.checkpoint.save_last = False
         # resuming: find 'last' (the newest intact checkpoint), check the file loads, keep logging into its version
         ckpt_path = cfg.get("ckpt_path")
@@ -340,22 +359,29 @@ class AACLI(LightningCLI):
             path = Path(ckpt_path)
             self.resume_checkpoint = load_checkpoint_file(path)
             match = _VERSION_DIR.match(path.parent.parent.name)
-            if path.parent.name == "checkpoints" and match and path.parent.parent.parent.resolve() == (Path(cfg.runs_dir) / cfg.run_name).resolve():
+            if (
+                path.parent.name == "checkpoints"
+                and match
+                and path.parent.parent.parent.resolve() == (Path(cfg.runs_dir) / cfg.run_name).resolve()
+            ):
                 self.resume_version = int(match.group(1))
         # SyncBatchNorm is GPU-only in torch
         trainer_cfg = cfg.trainer
         on_cuda = torch.cuda.is_available() and str(trainer_cfg.get("accelerator")) in ("auto", "gpu", "cuda")
         if trainer_cfg.get("sync_batchnorm") and not on_cuda:
             rank_zero_warn(
-                "trainer.sync_batchnorm is ignored on this run: torch.nn.SyncBatchNorm needs CUDA GPUs, and this run is on "
-                f"accelerator={trainer_cfg.get('accelerator')!r} without CUDA; each process normalizes over its own batch."
+                "trainer.sync_batchnorm is ignored on this run: torch.nn.SyncBatchNorm needs CUDA GPUs, and this run "
+                f"is on accelerator={trainer_cfg.get('accelerator')!r} without CUDA; each process normalizes over its "
+                "own batch."
             )
             trainer_cfg.sync_batchnorm = False
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         logger = self.config.trainer.get("logger")
         if logger is None or logger is True:
-            kwargs["logger"] = TensorBoardLogger(save_dir=self.config.runs_dir, name=self.config.run_name, version=self.resume_version)
+            kwargs["logger"] = TensorBoardLogger(
+                save_dir=self.config.runs_dir, name=self.config.run_name, version=self.resume_version
+            )
         self.run_summary = RunSummary()
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
@@ -372,8 +398,9 @@ class AACLI(LightningCLI):
         return super()._instantiate_trainer(config, list(callbacks) + [self.last_checkpoint])
 
     # -- the job ---------------------------------------------------------------------------------------
-    def fit_and_test(self) -> Optional[dict[str, float]]:
-        """``trainer.fit`` (resuming from ``ckpt_path``), then ``trainer.test`` of ``test_ckpt_path``; prints the summary."""
+    def fit_and_test(self) -> dict[str, float] | None:
+        """``trainer.fit`` (resuming from ``ckpt_path``), then ``trainer.test`` of ``test_ckpt_path``; prints the
+        summary."""
         cfg = self.config
         if self.resume_checkpoint is not None:  # before the logger or the config saver writes to the run folder
             checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
@@ -401,7 +428,7 @@ class AACLI(LightningCLI):
         return results
 
 
-def main(args: Any = None, start_time: Optional[float] = None) -> Optional[dict[str, float]]:
+def main(args: Any = None, start_time: float | None = None) -> dict[str, float] | None:
     """Parse the recipe and overrides (``args`` or ``sys.argv``), fit, test, print the summary.
 
     ``start_time``: ``time.perf_counter()`` at process start, so the summary's wall time counts imports.

@@ -1,13 +1,15 @@
 """What the two command-line tools (``python -m aa_lightning.predict`` and ``python -m aa_lightning.export``)
 share: their user-facing error, the ``--out`` folder checks, atomic text files, and the parse-run-report loop."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 
 class CommandError(Exception):
@@ -43,8 +45,9 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], Any],
-                argv: Optional[Sequence[str]] = None) -> int:
+def run_command(
+    parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None = None
+) -> int:
     """Parse ``argv`` and run ``command``; an :class:`CommandError` becomes one line on stderr
     and exit status 2 (argparse's own convention for usage errors)."""
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ Both files are checked after writing: the reloaded timm model and the ONNX graph
 when installed, else onnx's reference evaluator after ``onnx.checker``) must reproduce the PyTorch
 logits on random inputs; the command fails otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
-from aa_lightning.predict import TrainedClassifier, load_trained_classifier
 from aa_lightning.layers import attention_backend
+from aa_lightning.predict import TrainedClassifier, load_trained_classifier
 
 ONNX_BACKENDS = ("fused", "reference")
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models get a model.onnx.data file
@@ -51,8 +52,9 @@ MANIFEST = "export.json"  # what was exported from which checkpoint, and the fil
 EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.safetensors", "config.json")  # every file an export may write
 
 
-
-def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, backend: str = "fused", opset: int = 18) -> Path:
+def export_onnx(
+    model: nn.Module, path: str | Path, image_size: int, *, backend: str = "fused", opset: int = 18
+) -> Path:
     """Write ``model`` (eval mode) as ONNX: ``images`` [B, 3, S, S] -> ``logits``; batch dynamic.
 
     The AA layers run ``backend`` (``fused`` or ``reference``) during the export only.
@@ -68,8 +70,15 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, backend:
         with attention_backend(model, backend), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter
             torch.onnx.export(
-                model, (example,), str(path), input_names=["images"], output_names=["logits"], opset_version=opset,
-                dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
+                model,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                verbose=False,
                 external_data=sum(p.numel() * p.element_size() for p in model.parameters()) > ONNX_SINGLE_FILE_BYTES,
             )
     finally:
@@ -108,8 +117,12 @@ def export_timm(classifier: TrainedClassifier, folder: str | Path) -> Path:
         "crop_pct": classifier.image_size / classifier.resize_size,
     }
     save_for_hf(
-        classifier.model, str(folder), model_config=model_config, model_args=dict(classifier.model_kwargs),
-        safe_serialization=True, data_config=data_config,
+        classifier.model,
+        str(folder),
+        model_config=model_config,
+        model_args=dict(classifier.model_kwargs),
+        safe_serialization=True,
+        data_config=data_config,
     )
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
@@ -133,16 +146,31 @@ def max_difference(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m aa_lightning.export",
-        description="Export a trained classifier to ONNX and to a timm-loadable safetensors folder, and check that both reproduce it.",
+        description="Export a trained classifier to ONNX and to a timm-loadable safetensors folder, "
+        "and check that both reproduce it.",
     )
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt of an ImageClassifier")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write (default: both)")
+    parser.add_argument(
+        "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write (default: both)"
+    )
     parser.add_argument("--model", default=None, help="expected model name: fail if the checkpoint holds another")
-    parser.add_argument("--image-size", type=int, default=None, help="ONNX input size S (default: the checkpoint's evaluation size)")
-    parser.add_argument("--backend", choices=ONNX_BACKENDS, default="fused", help="attention backend inside the ONNX graph (default: %(default)s)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="ONNX input size S (default: the checkpoint's evaluation size)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=ONNX_BACKENDS,
+        default="fused",
+        help="attention backend inside the ONNX graph (default: %(default)s)",
+    )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted |logit difference| in the checks (default: %(default)s)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="largest accepted |logit difference| in the checks (default: %(default)s)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the checks")
     return parser
 
@@ -162,8 +190,10 @@ def _files_of_previous_export(out: Path) -> set[str]:
     if not isinstance(previous, dict) or "checkpoint" not in previous:
         if present or manifest.exists():
             found = ", ".join(present + ([MANIFEST] if manifest.exists() else []))
-            raise CommandError(f"--out {out} already holds {found}, not written by python -m aa_lightning.export "
-                               "(no export.json of it); choose an empty or new folder, or remove them yourself")
+            raise CommandError(
+                f"--out {out} already holds {found}, not written by python -m aa_lightning.export "
+                "(no export.json of it); choose an empty or new folder, or remove them yourself"
+            )
         return set()
     listed = previous.get("files")
     # an export.json without "files" (older versions) covers the export files present beside it
@@ -193,9 +223,19 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
             (out / name).unlink(missing_ok=True)
         for name in written:
             os.replace(staging / name, out / name)
-        write_text_atomic(out / MANIFEST, json.dumps({
-            "checkpoint": str(args.ckpt), "model_name": classifier.model_name, "max_abs_difference": differences,
-            "files": written}, indent=1) + "\n")
+        write_text_atomic(
+            out / MANIFEST,
+            json.dumps(
+                {
+                    "checkpoint": str(args.ckpt),
+                    "model_name": classifier.model_name,
+                    "max_abs_difference": differences,
+                    "files": written,
+                },
+                indent=1,
+            )
+            + "\n",
+        )
     except OSError as err:
         raise CommandError(f"--out {out}: cannot write the export ({err.strerror or err}: {err.filename})") from None
     finally:
@@ -215,28 +255,33 @@ def _export_into(classifier: TrainedClassifier, args: argparse.Namespace, folder
     differences: dict[str, float] = {}
     if "safetensors" in args.formats:
         export_timm(classifier, folder)
-        print("exported model.safetensors and config.json "
-              f"(timm.create_model('local-dir:{args.out}', pretrained=True))")
+        print(
+            f"exported model.safetensors and config.json (timm.create_model('local-dir:{args.out}', pretrained=True))"
+        )
         if not args.no_check:
             with torch.no_grad():
                 differences["safetensors"] = max_difference(reload_timm(folder)(images), expected)
             print(f"  check: timm reload reproduces the logits, max |difference| {differences['safetensors']:.2e}")
     if "onnx" in args.formats:
         path = export_onnx(model, folder / "model.onnx", classifier.image_size, backend=args.backend, opset=args.opset)
-        print(f"exported {path.name} (images [B, 3, {classifier.image_size}, {classifier.image_size}] -> logits "
-              f"[B, {classifier.num_classes}], AA backend {args.backend!r})")
+        print(
+            f"exported {path.name} (images [B, 3, {classifier.image_size}, {classifier.image_size}] -> logits "
+            f"[B, {classifier.num_classes}], AA backend {args.backend!r})"
+        )
         if not args.no_check:
             logits, runtime = run_onnx(path, images)
             differences["onnx"] = max_difference(logits, expected)
             print(f"  check: {runtime} reproduces the logits, max |difference| {differences['onnx']:.2e}")
     failed = {k: v for k, v in differences.items() if not v <= args.atol}
     if failed:
-        raise CommandError(f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}; "
-                           f"nothing was written to {args.out}")
+        raise CommandError(
+            f"exported model differs from the checkpoint's by more than --atol {args.atol}: {failed}; "
+            f"nothing was written to {args.out}"
+        )
     return differences
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser(), export_checkpoint, argv)
 
 

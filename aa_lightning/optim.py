@@ -14,9 +14,11 @@ Both tasks take the same settings (``optimizer``, ``base_lr``, ``reference_batch
   ``min_lr_ratio``), ``MultiStepLR`` or ``ConstantLR`` in a ``SequentialLR``, stepped per
   optimizer step.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -43,12 +45,14 @@ def global_batch_size(trainer: Any) -> int:
     if per_device is None and trainer.train_dataloader is not None:
         per_device = getattr(trainer.train_dataloader, "batch_size", None)
     if per_device is None:
-        raise ValueError("model.reference_batch_size needs the batch size: use a data module with batch_size "
-                         "(or set reference_batch_size: null to use base_lr as is)")
+        raise ValueError(
+            "model.reference_batch_size needs the batch size: use a data module with batch_size "
+            "(or set reference_batch_size: null to use base_lr as is)"
+        )
     return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
 
 
-def peak_lr(base_lr: float, reference_batch_size: Optional[int], trainer: Any) -> tuple[float, Optional[int]]:
+def peak_lr(base_lr: float, reference_batch_size: int | None, trainer: Any) -> tuple[float, int | None]:
     """``(base_lr * B_global / reference_batch_size, B_global)``; ``(base_lr, None)`` without a reference."""
     if not reference_batch_size:
         return base_lr, None
@@ -94,7 +98,8 @@ def warmup_schedule(
     if schedule == "cosine":
         peak = max(group["lr"] for group in optimizer.param_groups)
         main: lr_scheduler.LRScheduler = lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, total_steps - after), eta_min=min_lr_ratio * peak)
+            optimizer, T_max=max(1, total_steps - after), eta_min=min_lr_ratio * peak
+        )
     elif schedule == "step":  # milestones count from the end of the warm-up; those inside it apply at once
         main = lr_scheduler.MultiStepLR(optimizer, [max(0, m - after) for m in milestones], gamma)
     elif schedule == "constant":

@@ -16,15 +16,17 @@ preprocessing of the checkpoint's data module (resize the short side, center cro
 its mean / std). Class names come from ``--class-names`` (a text file, one per line), else the
 checkpoint, else the data module's files when they are still on disk, else ``class <i>``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +36,9 @@ from torch import Tensor, nn
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.callbacks.attention_maps import default_layer
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize
+from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
 from aa_lightning.data.images import rgb_array
 from aa_lightning.layers import augmented_layers, capture_attention
-from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
 from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
@@ -56,7 +58,7 @@ class TrainedClassifier:
     num_classes: int
     source: Path
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    class_names: Optional[list[str]] = None
+    class_names: list[str] | None = None
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     image_size: int = 224
@@ -75,22 +77,26 @@ def read_lightning_checkpoint(path: Path) -> Checkpoint:
     except (FileNotFoundError, ValueError) as err:
         raise CommandError(str(err)) from None
     if "state_dict" not in checkpoint.contents:
-        raise CommandError(f"{path} is not a Lightning checkpoint (no 'state_dict'); "
-                           "export folders from `python -m aa_lightning.export` also work")
+        raise CommandError(
+            f"{path} is not a Lightning checkpoint (no 'state_dict'); "
+            "export folders from `python -m aa_lightning.export` also work"
+        )
     return checkpoint
 
 
-def _checked_model_name(found: Optional[str], expected: Optional[str], path: Path) -> str:
+def _checked_model_name(found: str | None, expected: str | None, path: Path) -> str:
     if found is None:
         if expected is None:
-            raise CommandError(f"{path} does not say which model it holds (no 'model_name'); it is not an ImageClassifier checkpoint")
+            raise CommandError(
+                f"{path} does not say which model it holds (no 'model_name'); it is not an ImageClassifier checkpoint"
+            )
         return expected
     if expected is not None and found != expected:
         raise CommandError(f"checkpoint {path} holds a {found!r} model, not {expected!r}")
     return found
 
 
-def _import_datamodule_class(class_path: Optional[str]) -> Optional[type]:
+def _import_datamodule_class(class_path: str | None) -> type | None:
     """The data module class of a checkpoint, only from this package (a checkpoint names no other code to import)."""
     if not class_path or not class_path.startswith("aa_lightning."):
         return None
@@ -101,7 +107,7 @@ def _import_datamodule_class(class_path: Optional[str]) -> Optional[type]:
         return None
 
 
-def _is_cifar_format(data_hparams: dict[str, Any], datamodule_class: Optional[type]) -> bool:
+def _is_cifar_format(data_hparams: dict[str, Any], datamodule_class: type | None) -> bool:
     """CIFAR100DataModule or a subclass (by the CLI's class path; else by its files on disk)."""
     from aa_lightning.data.cifar import CIFAR100DataModule
     from aa_lightning.data.cifar_format import BASE_FOLDER
@@ -109,10 +115,12 @@ def _is_cifar_format(data_hparams: dict[str, Any], datamodule_class: Optional[ty
     if datamodule_class is not None:
         return issubclass(datamodule_class, CIFAR100DataModule)
     data_dir = data_hparams.get("data_dir")
-    return data_dir is not None and "eval_size" not in data_hparams and (Path(data_dir) / BASE_FOLDER / "meta").is_file()
+    return (
+        data_dir is not None and "eval_size" not in data_hparams and (Path(data_dir) / BASE_FOLDER / "meta").is_file()
+    )
 
 
-def _class_names_from_data(data_hparams: dict[str, Any], cifar_format: bool) -> Optional[list[str]]:
+def _class_names_from_data(data_hparams: dict[str, Any], cifar_format: bool) -> list[str] | None:
     """The class names from the data module's files, when they are still where training read them."""
     from aa_lightning.data.cifar_format import read_cifar_meta
 
@@ -130,7 +138,7 @@ def _class_names_from_data(data_hparams: dict[str, Any], cifar_format: bool) -> 
     return None
 
 
-def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) -> TrainedClassifier:
+def load_trained_classifier(path: str | Path, model_name: str | None = None) -> TrainedClassifier:
     """Rebuild the classifier of a Lightning ``.ckpt`` or of an export folder (eval mode, CPU).
 
     ``model_name``: the model the caller expects; a checkpoint of another model raises an
@@ -146,10 +154,14 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     task = hparams.get("_class_path")
     if task is not None and task != CLASSIFIER_CLASS_PATH and "model_name" not in hparams:
-        raise CommandError(f"checkpoint {path} is a {task} checkpoint, not an image classifier ({CLASSIFIER_CLASS_PATH})")
+        raise CommandError(
+            f"checkpoint {path} is a {task} checkpoint, not an image classifier ({CLASSIFIER_CLASS_PATH})"
+        )
     name = _checked_model_name(hparams.get("model_name"), model_name, path)
     if "num_classes" not in hparams:
-        raise CommandError(f"checkpoint {path} has no 'num_classes' hyper-parameter; it is not an ImageClassifier checkpoint")
+        raise CommandError(
+            f"checkpoint {path} has no 'num_classes' hyper-parameter; it is not an ImageClassifier checkpoint"
+        )
     kwargs = dict(hparams.get("model_kwargs") or {})
     try:
         model = build_timm_model(name, int(hparams["num_classes"]), kwargs)
@@ -164,7 +176,9 @@ def load_trained_classifier(path: str | Path, model_name: Optional[str] = None) 
     cifar_format = _is_cifar_format(data_hparams, _import_datamodule_class(data_hparams.get("_class_path")))
     classifier = TrainedClassifier(model.eval(), name, int(hparams["num_classes"]), path, kwargs)
     classifier.class_names = (
-        checkpoint.get("class_names") or hparams.get("class_names") or _class_names_from_data(data_hparams, cifar_format)
+        checkpoint.get("class_names")
+        or hparams.get("class_names")
+        or _class_names_from_data(data_hparams, cifar_format)
     )
     if data_hparams.get("mean") is not None and data_hparams.get("std") is not None:
         classifier.mean, classifier.std = tuple(data_hparams["mean"]), tuple(data_hparams["std"])
@@ -188,13 +202,16 @@ def _preprocessing_from_timm(classifier: TrainedClassifier, normalization: bool)
         classifier.mean, classifier.std = tuple(config["mean"]), tuple(config["std"])
 
 
-def load_exported_classifier(folder: Path, model_name: Optional[str] = None) -> TrainedClassifier:
+def load_exported_classifier(folder: Path, model_name: str | None = None) -> TrainedClassifier:
     """A folder of ``config.json`` + ``model.safetensors`` as written by :mod:`aa_lightning.export`."""
     import timm
 
     config_file = folder / "config.json"
     if not config_file.is_file() or not (folder / "model.safetensors").is_file():
-        raise CommandError(f"{folder} is not an export folder: it needs config.json and model.safetensors (python -m aa_lightning.export)")
+        raise CommandError(
+            f"{folder} is not an export folder: it needs config.json and model.safetensors "
+            "(python -m aa_lightning.export)"
+        )
     config = json.loads(config_file.read_text())
     name = _checked_model_name(config.get("architecture"), model_name, folder)
     try:
@@ -203,9 +220,14 @@ def load_exported_classifier(folder: Path, model_name: Optional[str] = None) -> 
         raise CommandError(f"cannot build {name!r} from {folder}: {type(err).__name__}: {err}") from None
     pretrained = config.get("pretrained_cfg", {})
     labels = config.get("label_names")
-    classifier = TrainedClassifier(model.eval(), name, int(config["num_classes"]), folder, dict(config.get("model_args") or {}))
+    classifier = TrainedClassifier(
+        model.eval(), name, int(config["num_classes"]), folder, dict(config.get("model_args") or {})
+    )
     classifier.class_names = list(labels) if isinstance(labels, list) else None
-    classifier.mean, classifier.std = tuple(pretrained.get("mean", classifier.mean)), tuple(pretrained.get("std", classifier.std))
+    classifier.mean, classifier.std = (
+        tuple(pretrained.get("mean", classifier.mean)),
+        tuple(pretrained.get("std", classifier.std)),
+    )
     classifier.image_size = int(pretrained.get("input_size", (3, classifier.image_size, classifier.image_size))[-1])
     classifier.resize_size = int(round(classifier.image_size / pretrained.get("crop_pct", 1.0)))
     return classifier
@@ -246,8 +268,10 @@ def check_not_overwriting(out: Path, names: Sequence[str]) -> None:
         pass
     foreign = [name for name in names if (out / name).exists() and name not in listed]
     if foreign:
-        raise CommandError(f"--out {out}: would overwrite {', '.join(foreign)}, not written by an earlier predict run "
-                           "(not in its predictions.json); choose another --out folder")
+        raise CommandError(
+            f"--out {out}: would overwrite {', '.join(foreign)}, not written by an earlier predict run "
+            "(not in its predictions.json); choose another --out folder"
+        )
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -269,18 +293,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m aa_lightning.predict",
         description="Top-k predictions and attention overlays of a trained classifier on your own images (PNG files).",
     )
-    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt of an ImageClassifier, or a folder from python -m aa_lightning.export")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="Lightning .ckpt of an ImageClassifier, or a folder from python -m aa_lightning.export",
+    )
     parser.add_argument("--images", nargs="+", required=True, help="image files (any format Pillow reads)")
     parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
-    parser.add_argument("--layer", default=None, help="AugmentedConv2d to show (default: the last AA layer); --list-layers prints them")
-    parser.add_argument("--queries", nargs="+", default=["0.5,0.5", "0.25,0.25", "0.75,0.75"],
-                        help="query pixels as y,x fractions of the image (default: %(default)s)")
+    parser.add_argument(
+        "--layer", default=None, help="AugmentedConv2d to show (default: the last AA layer); --list-layers prints them"
+    )
+    parser.add_argument(
+        "--queries",
+        nargs="+",
+        default=["0.5,0.5", "0.25,0.25", "0.75,0.75"],
+        help="query pixels as y,x fractions of the image (default: %(default)s)",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="predictions listed (default: %(default)s)")
     parser.add_argument("--model", default=None, help="expected model name: fail if the checkpoint holds another")
-    parser.add_argument("--class-names", default=None, help="text file with one class name per line (overrides the checkpoint's)")
-    parser.add_argument("--image-size", type=int, default=None, help="evaluation crop size (default: the checkpoint's data module)")
+    parser.add_argument(
+        "--class-names", default=None, help="text file with one class name per line (overrides the checkpoint's)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="evaluation crop size (default: the checkpoint's data module)"
+    )
     parser.add_argument("--tile-size", type=int, default=128, help="pixels per overlay tile (default: %(default)s)")
-    parser.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest", help="attention map upsampling (default: %(default)s)")
+    parser.add_argument(
+        "--upsample",
+        choices=("nearest", "bilinear"),
+        default="nearest",
+        help="attention map upsampling (default: %(default)s)",
+    )
     parser.add_argument("--list-layers", action="store_true", help="print the AA layers of the model and exit")
     return parser
 
@@ -308,7 +351,9 @@ def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
         return []
     layer = args.layer or default_layer(classifier.model)
     if args.layer is not None and args.layer not in layers:
-        raise CommandError(f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}")
+        raise CommandError(
+            f"--layer: {classifier.model_name} has no AugmentedConv2d named {args.layer!r}; AA layers: {layers}"
+        )
     out = prepare_out_folder(Path(args.out))
     stems = [Path(p).stem for p in args.images]
     figure_names = [f"{stem}.png" if stems.count(stem) == 1 else f"{b:03d}_{stem}.png" for b, stem in enumerate(stems)]
@@ -328,15 +373,24 @@ def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     records = []
     for b, image_path in enumerate(args.images):
-        predictions = [{"class": int(i), "name": classifier.class_name(int(i)), "probability": float(p)} for p, i in zip(top_p[b], top_i[b])]
+        predictions = [
+            {"class": int(i), "name": classifier.class_name(int(i)), "probability": float(p)}
+            for p, i in zip(top_p[b], top_i[b])
+        ]
         header = [f"{Path(image_path).name}  ({classifier.model_name}, {classifier.source.name})"]
         header += [f"{k + 1}. {p['name']}  {p['probability']:.3f}" for k, p in enumerate(predictions)]
         if layer is None:
             header.append(f"{classifier.model_name} has no attention layers")
         else:
             header.append(f"attention of {layer}: {maps.shape[1]} heads on a {maps.shape[-2]}x{maps.shape[-1]} grid")
-        figure = attention_figure(shown[b], None if maps is None else maps[b], pixels, header=header,
-                                  tile_size=args.tile_size, upsample=args.upsample)
+        figure = attention_figure(
+            shown[b],
+            None if maps is None else maps[b],
+            pixels,
+            header=header,
+            tile_size=args.tile_size,
+            upsample=args.upsample,
+        )
         figure_path = out / figure_names[b]
         try:
             tmp = figure_path.with_name(f".{figure_path.name}.tmp-{os.getpid()}")
@@ -347,7 +401,11 @@ def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
         except OSError as err:
             raise CommandError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
         records.append({"image": str(image_path), "figure": str(figure_path), "layer": layer, "top_k": predictions})
-        print(f"{image_path}: " + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in predictions[:3]) + f"  -> {figure_path}")
+        print(
+            f"{image_path}: "
+            + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in predictions[:3])
+            + f"  -> {figure_path}"
+        )
     try:
         write_text_atomic(out / "predictions.json", json.dumps(records, indent=1) + "\n")
     except OSError as err:
@@ -355,7 +413,7 @@ def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser(), predict_images, argv)
 
 

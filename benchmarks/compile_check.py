@@ -10,6 +10,7 @@ and of the gradients (relative to their scale). ``--backend aot_eager`` (default
 forward and the backward graphs without code generation (seconds on a CPU); ``inductor``
 compiles them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ from datetime import date
 
 import timm
 import torch
+from report import write_report
 
 import aa_lightning  # noqa: F401  (registers the AA models)
-from report import write_report
 
 
 def check(name: str, batch: int, backend: str, device: torch.device) -> dict:
@@ -31,8 +32,12 @@ def check(name: str, batch: int, backend: str, device: torch.device) -> dict:
     x = torch.randn(batch, *model.pretrained_cfg["input_size"], device=device)
 
     explanation = torch._dynamo.explain(model)(x)
-    row = {"model": name, "graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count,
-           "break_reasons": [str(r.reason) for r in explanation.break_reasons]}
+    row = {
+        "model": name,
+        "graphs": explanation.graph_count,
+        "graph_breaks": explanation.graph_break_count,
+        "break_reasons": [str(r.reason) for r in explanation.break_reasons],
+    }
 
     eager = model(x)
     eager.square().mean().backward()
@@ -49,7 +54,8 @@ def check(name: str, batch: int, backend: str, device: torch.device) -> dict:
     row["fullgraph_fwd_bwd"] = f"ok ({time.perf_counter() - start:.0f} s incl. tracing)"
     row["max_rel_diff_output"] = ((out - eager).abs().max() / eager.abs().max()).item()
     row["max_rel_diff_grad"] = max(
-        ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for p, g in zip(model.parameters(), eager_grads)
+        ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+        for p, g in zip(model.parameters(), eager_grads)
     )
     return row
 
@@ -62,15 +68,23 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args(argv)
-    header = (f"machine: {platform.machine()} {os.cpu_count()} cores; device {args.device}; torch {torch.__version__}; "
-              f"compile backend {args.backend}; batch {args.batch}; {date.today()}")
+    header = (
+        f"machine: {platform.machine()} {os.cpu_count()} cores; device {args.device}; torch {torch.__version__}; "
+        f"compile backend {args.backend}; batch {args.batch}; {date.today()}"
+    )
     print(header)
     rows = [check(name, args.batch, args.backend, torch.device(args.device)) for name in args.models]
-    lines = ["| model | graphs | graph breaks | fullgraph forward + backward | max rel. diff output | max rel. diff grads |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | graphs | graph breaks | fullgraph forward + backward | max rel. diff output | max rel. diff grads |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['graphs']} | {r['graph_breaks']}{' ' + '; '.join(r['break_reasons']) if r['break_reasons'] else ''} "
-                     f"| {r['fullgraph_fwd_bwd']} | {r.get('max_rel_diff_output', float('nan')):.1e} | {r.get('max_rel_diff_grad', float('nan')):.1e} |")
+        lines.append(
+            f"| {r['model']} | {r['graphs']} | {r['graph_breaks']}"
+            f"{' ' + '; '.join(r['break_reasons']) if r['break_reasons'] else ''} "
+            f"| {r['fullgraph_fwd_bwd']} | {r.get('max_rel_diff_output', float('nan')):.1e} "
+            f"| {r.get('max_rel_diff_grad', float('nan')):.1e} |"
+        )
     table = "\n".join(lines)
     print(table)
     write_report(args.out_dir, "compile_check", header, rows, table)

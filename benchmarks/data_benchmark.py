@@ -19,6 +19,7 @@ torchvision.io.decode_jpeg) and the augmentation alone.
 Usage:
   python benchmarks/data_benchmark.py --workers 1 2 --rounds 3 --out-dir docs/benchmarks
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,6 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
 from report import command_line, write_report  # noqa: E402
 
 cv2.setNumThreads(1)
@@ -80,8 +80,9 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
     if reader == "folder":
         from aa_lightning.data import ImageNetDataModule
 
-        dm = ImageNetDataModule(data_dir=str(root), batch_size=batch, num_workers=workers, persistent_workers=False,
-                                pin_memory=False)
+        dm = ImageNetDataModule(
+            data_dir=str(root), batch_size=batch, num_workers=workers, persistent_workers=False, pin_memory=False
+        )
         dm.setup("fit")
         return dm.train_dataloader()
     if reader == "litdata":
@@ -94,9 +95,19 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
         from timm.data import create_dataset, create_loader
 
         dataset = create_dataset("", root=str(root), split="train", is_training=True)
-        return create_loader(dataset, input_size=(3, TRAIN_SIZE, TRAIN_SIZE), batch_size=batch, is_training=True,
-                             num_workers=workers, use_prefetcher=False, color_jitter=0.0, interpolation="bilinear",
-                             persistent_workers=False, pin_memory=False, device=torch.device("cpu"))
+        return create_loader(
+            dataset,
+            input_size=(3, TRAIN_SIZE, TRAIN_SIZE),
+            batch_size=batch,
+            is_training=True,
+            num_workers=workers,
+            use_prefetcher=False,
+            color_jitter=0.0,
+            interpolation="bilinear",
+            persistent_workers=False,
+            pin_memory=False,
+            device=torch.device("cpu"),
+        )
     raise ValueError(f"--readers: unknown reader {reader!r} (folder, litdata, timm)")
 
 
@@ -183,25 +194,38 @@ def main(argv=None) -> None:
     rates = {(r, w): [] for r in args.readers for w in args.workers}
     for round_ in range(args.rounds):
         for workers in args.workers:
-            order = args.readers[round_ % len(args.readers):] + args.readers[: round_ % len(args.readers)]
+            order = args.readers[round_ % len(args.readers) :] + args.readers[: round_ % len(args.readers)]
             for reader in order:
                 rate = time_round(reader, root, shards, workers, args.batch, args.batches)
                 rates[reader, workers].append(rate)
                 print(f"round {round_}  {reader:8s} {workers} worker(s): {rate:7.1f} images/s", flush=True)
     rows = []
     for (reader, workers), values in rates.items():
-        rows.append({"reader": reader, "workers": workers, "images_per_s": statistics.median(values),
-                     "per_worker": statistics.median(values) / workers, "rounds": values})
+        rows.append(
+            {
+                "reader": reader,
+                "workers": workers,
+                "images_per_s": statistics.median(values),
+                "per_worker": statistics.median(values) / workers,
+                "rounds": values,
+            }
+        )
     parts = per_sample_parts(files[: args.decode_samples])
 
-    header = (f"{date.today()}, {platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
-              f"torch {torch.__version__}, {len(files)} JPEGs 500x375 (mean {mean_kb:.0f} KiB), batch {args.batch}, "
-              f"{TRAIN_SIZE} px train pipeline, median of {args.rounds} alternating rounds of {args.batches} batches")
-    lines = ["| reader | workers | images/s | images/s per worker | cores per GPU at 2,500 img/s |",
-             "|---|---:|---:|---:|---:|"]
+    header = (
+        f"{date.today()}, {platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
+        f"torch {torch.__version__}, {len(files)} JPEGs 500x375 (mean {mean_kb:.0f} KiB), batch {args.batch}, "
+        f"{TRAIN_SIZE} px train pipeline, median of {args.rounds} alternating rounds of {args.batches} batches"
+    )
+    lines = [
+        "| reader | workers | images/s | images/s per worker | cores per GPU at 2,500 img/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        lines.append(f"| {row['reader']} | {row['workers']} | {row['images_per_s']:.0f} | {row['per_worker']:.0f} | "
-                     f"{2500 / row['per_worker']:.1f} |")
+        lines.append(
+            f"| {row['reader']} | {row['workers']} | {row['images_per_s']:.0f} | {row['per_worker']:.0f} | "
+            f"{2500 / row['per_worker']:.1f} |"
+        )
     lines += ["", "| one sample, one thread | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in parts.items()]
     table = "\n".join(lines)

@@ -48,7 +48,6 @@ if ARGS is not None and ARGS.device == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU tensors
 
 import torch  # noqa: E402
-
 from report import write_report  # noqa: E402
 
 
@@ -174,12 +173,12 @@ def layer(device: torch.device, smoke: bool) -> tuple[list, str]:
         q, k, v, rel_h, rel_w = (t.requires_grad_() for t in _inputs(b, nh, h, w, dkh, dvh, device, dtype))
         cases = {}
         for backend in backends:
-            cases[backend] = lambda backend=backend: (
+            cases[backend] = lambda backend=backend, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w: (
                 relative_attention_2d(q, k, v, rel_h, rel_w, backend=backend).sum().backward()
             )
 
-        def floor():  # content-only flash SDPA, head dims padded to 16 (what flash kernels take)
-            pad = lambda t: F.pad(t.reshape(b, nh, h * w, t.shape[-1]), (0, 16 - t.shape[-1]))  # noqa: E731
+        def floor(q=q, k=k, v=v, h=h, w=w):  # content-only flash SDPA, head dims padded to 16 (what flash takes)
+            pad = lambda x: F.pad(x.reshape(b, nh, h * w, x.shape[-1]), (0, 16 - x.shape[-1]))  # noqa: E731
             F.scaled_dot_product_attention(pad(q), pad(k), pad(v), scale=dkh**-0.5).sum().backward()
 
         cases["floor (flash SDPA, content only)"] = floor
@@ -228,7 +227,7 @@ def models(device: torch.device, smoke: bool) -> tuple[list, str]:
             x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
             y = torch.randint(0, 1000, (batch,), device=device)
 
-            def step():
+            def step(step_fn=step_fn, opt=opt, x=x, y=y):
                 with torch.autocast(device.type, dtype=dtype):
                     loss = torch.nn.functional.cross_entropy(step_fn(x), y)
                 loss.backward()

@@ -11,6 +11,7 @@ Cases per map size S x S (layer: B 4, Fin = Fout = 256, Nh 8, k = 2v = 0.2 -> dk
 
 Usage:  python benchmarks/layer_benchmark.py --sizes 14 28 56 --out-dir docs/benchmarks
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ import time
 from datetime import date
 
 import torch
-
 from report import command_line, write_report
 
 CASES = ("reference", "fused", "chunked", "cpu_kernel", "floor")
@@ -43,7 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--max-logits-gb", type=float, default=12.0, help="skip 'reference' when one (HW)^2 logits tensor would exceed this")
+    p.add_argument(
+        "--max-logits-gb",
+        type=float,
+        default=12.0,
+        help="skip 'reference' when one (HW)^2 logits tensor would exceed this",
+    )
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="layer")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
@@ -65,8 +70,14 @@ def run_case(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dk, dv = aa_dims(args.channels, args.k, args.v, args.heads)
     layer = AugmentedConv2d(
-        args.channels, args.channels, 3, dk=dk, dv=dv, num_heads=args.heads,
-        position="none" if backend == "floor" else "relative", feat_size=size,
+        args.channels,
+        args.channels,
+        3,
+        dk=dk,
+        dv=dv,
+        num_heads=args.heads,
+        position="none" if backend == "floor" else "relative",
+        feat_size=size,
         backend="auto" if backend == "floor" else backend,
     ).to(device)
     x = torch.randn(args.batch, args.channels, size, size, device=device)
@@ -98,7 +109,11 @@ def run_case(args: argparse.Namespace) -> dict:
     with autocast:
         step()  # warm-up, also the memory measurement
     sync()
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) - base
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -106,7 +121,15 @@ def run_case(args: argparse.Namespace) -> dict:
             step()
         sync()
         times.append(time.perf_counter() - start)
-    return {"kind": kind, "backend": backend, "size": size, "dk": dk, "dv": dv, "time_s": statistics.median(times), "peak_mb": peak / 2**20}
+    return {
+        "kind": kind,
+        "backend": backend,
+        "size": size,
+        "dk": dk,
+        "dv": dv,
+        "time_s": statistics.median(times),
+        "peak_mb": peak / 2**20,
+    }
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
@@ -116,12 +139,30 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for kind in ("layer", "attn"):
             for backend in args.backends:
                 if backend == "reference" and logits_gb > args.max_logits_gb:
-                    rows.append({"kind": kind, "backend": backend, "size": size, "time_s": None, "peak_mb": None, "note": f"skipped: logits {logits_gb:.0f} GB"})
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "backend": backend,
+                            "size": size,
+                            "time_s": None,
+                            "peak_mb": None,
+                            "note": f"skipped: logits {logits_gb:.0f} GB",
+                        }
+                    )
                     continue
                 cmd = [sys.executable, __file__, "--case", f"{kind}:{backend}:{size}"] + _passthrough(args)
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    rows.append({"kind": kind, "backend": backend, "size": size, "time_s": None, "peak_mb": None, "note": proc.stderr.strip().splitlines()[-1][:120]})
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "backend": backend,
+                            "size": size,
+                            "time_s": None,
+                            "peak_mb": None,
+                            "note": proc.stderr.strip().splitlines()[-1][:120],
+                        }
+                    )
                 else:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(_fmt_row(rows[-1]), flush=True)
@@ -144,8 +185,16 @@ def _fmt_row(r: dict) -> str:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     by = {(r["kind"], r["backend"], r["size"]): r for r in rows}
     lines = []
-    for kind, title in (("layer", "AugmentedConv2d forward+backward"), ("attn", "attention op alone (relative_attention_2d) forward+backward")):
-        lines += [f"#### {title}", "", "| HxW | backend | time (ms) | peak mem (MB) | time / floor | ref mem / mem | ref time / time |", "|---|---|---|---|---|---|---|"]
+    for kind, title in (
+        ("layer", "AugmentedConv2d forward+backward"),
+        ("attn", "attention op alone (relative_attention_2d) forward+backward"),
+    ):
+        lines += [
+            f"#### {title}",
+            "",
+            "| HxW | backend | time (ms) | peak mem (MB) | time / floor | ref mem / mem | ref time / time |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for size in args.sizes:
             floor, ref = by.get((kind, "floor", size)), by.get((kind, "reference", size))
             for backend in args.backends:
@@ -159,7 +208,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                 lines.append(
                     f"| {size}x{size} | {backend} | {r['time_s'] * 1000:.1f} | {r['peak_mb']:.1f} | "
                     f"{ratio(r['time_s'], floor and floor.get('time_s'))} | "
-                    f"{ratio(ref and ref.get('peak_mb'), r['peak_mb'])} | {ratio(ref and ref.get('time_s'), r['time_s'])} |"
+                    f"{ratio(ref and ref.get('peak_mb'), r['peak_mb'])} | "
+                    f"{ratio(ref and ref.get('time_s'), r['time_s'])} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -171,8 +221,14 @@ def accuracy(args: argparse.Namespace, size: int = 14) -> dict:
 
     g = torch.Generator().manual_seed(0)
     dk, dv = 48, 24
-    shapes = [(2, args.heads, size, size, dk // args.heads), (2, args.heads, size, size, dk // args.heads), (2, args.heads, size, size, dv // args.heads)]
-    base = [torch.randn(*s, generator=g) for s in shapes] + [torch.randn(2 * size - 1, dk // args.heads, generator=g) * 0.4 for _ in range(2)]
+    shapes = [
+        (2, args.heads, size, size, dk // args.heads),
+        (2, args.heads, size, size, dk // args.heads),
+        (2, args.heads, size, size, dv // args.heads),
+    ]
+    base = [torch.randn(*s, generator=g) for s in shapes] + [
+        torch.randn(2 * size - 1, dk // args.heads, generator=g) * 0.4 for _ in range(2)
+    ]
     results, ref = {}, None
     for backend in ("reference", "fused", "chunked", "cpu_kernel"):
         inputs = [t.clone().requires_grad_() for t in base]
@@ -194,7 +250,11 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for backend in sorted({r["backend"] for r in rows}):
-        pts = sorted((r["size"] ** 2, r["time_s"], r["peak_mb"]) for r in rows if r["kind"] == "layer" and r["backend"] == backend and r.get("time_s"))
+        pts = sorted(
+            (r["size"] ** 2, r["time_s"], r["peak_mb"])
+            for r in rows
+            if r["kind"] == "layer" and r["backend"] == backend and r.get("time_s")
+        )
         if not pts:
             continue
         hw = [p[0] for p in pts]
@@ -219,19 +279,32 @@ def main(argv=None) -> None:
         return
     torch_threads = torch.get_num_threads()
     header = (
-        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch threads {torch_threads}; "
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+        f"torch threads {torch_threads}; "
         f"device {args.device}; dtype {args.dtype}; torch {torch.__version__}; {date.today()}"
     )
     print(header)
     errors = accuracy(args)
-    print("worst relative error vs reference (output and all gradients, fp32, 14x14):", {k: f"{v:.2e}" for k, v in errors.items()})
+    print(
+        "worst relative error vs reference (output and all gradients, fp32, 14x14):",
+        {k: f"{v:.2e}" for k, v in errors.items()},
+    )
     rows = run_all(args)
     table = markdown(rows, args)
     print(table)
-    worst = ("Worst relative error vs reference (max-abs error / max-abs value, output and every gradient, fp32, 14x14): "
-             + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    write_report(args.out_dir, args.name, header, rows, f"{worst}\n\n{table}", command_line("layer_benchmark.py", argv),
-                 errors=errors)
+    worst = (
+        "Worst relative error vs reference (max-abs error / max-abs value, output and every gradient, fp32, 14x14): "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    )
+    write_report(
+        args.out_dir,
+        args.name,
+        header,
+        rows,
+        f"{worst}\n\n{table}",
+        command_line("layer_benchmark.py", argv),
+        errors=errors,
+    )
     plot(rows, os.path.join(args.out_dir, f"{args.name}.png"))
 
 

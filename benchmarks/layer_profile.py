@@ -8,6 +8,7 @@ Prints, per backend, the milliseconds per forward + backward of the ops that tak
 self time (median-free: total over ``--repeats`` iterations after a warm-up, divided by them),
 and the plain conv's time measured the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ import aa_lightning  # noqa: F401  (registers the AA models)
 from aa_lightning.layers import AugmentedConv2d
 
 
-def profile_ms(module: torch.nn.Module, x: torch.Tensor, repeats: int, top: int) -> tuple[float, list[tuple[str, float]]]:
+def profile_ms(
+    module: torch.nn.Module, x: torch.Tensor, repeats: int, top: int
+) -> tuple[float, list[tuple[str, float]]]:
     """(total ms, [(op, self ms)] of the ``top`` ops) per forward + backward of ``module``."""
     module(x).sum().backward()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -49,9 +52,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.model}.{args.layer} is a {type(layer).__name__}, not an AugmentedConv2d")
     h, w = layer.feat_size
     x = torch.randn(args.batch, layer.in_channels, h, w, requires_grad=True)
-    conv = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.kernel_size // 2, bias=False)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch {torch.__version__}; "
-          f"{date.today()}\n{args.model}.{args.layer}: {layer!r}; input {tuple(x.shape)}\n")
+    conv = torch.nn.Conv2d(
+        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.kernel_size // 2, bias=False
+    )
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+        f"torch {torch.__version__}; "
+        f"{date.today()}\n{args.model}.{args.layer}: {layer!r}; input {tuple(x.shape)}\n"
+    )
     conv_ms, _ = profile_ms(conv, x, args.repeats, 0)
     print(f"plain {layer.kernel_size}x{layer.kernel_size} conv it replaces: {conv_ms:.1f} ms per forward + backward\n")
     for backend in args.backends:

@@ -9,6 +9,7 @@ as the paper counts them (ResNet-50: 8.2); the AA layers run the ``reference`` b
 attention products Q K^T, A V and the relative logits are counted explicitly ("attn" column).
 Softmax, normalization, activations and pooling are not counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,6 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import timm
 import torch
@@ -36,9 +36,9 @@ class Row:
     model: str
     input_size: tuple[int, int, int] = IMAGENET
     kwargs: dict = field(default_factory=dict)
-    paper_params: Optional[float] = None  # M
-    paper_gflops: Optional[float] = None
-    baseline: Optional[str] = None  # the row whose parameter count the "vs baseline" column subtracts
+    paper_params: float | None = None  # M
+    paper_gflops: float | None = None
+    baseline: str | None = None  # the row whose parameter count the "vs baseline" column subtracts
     paper_overhead: str = ""
 
 
@@ -57,7 +57,13 @@ ROWS = [
     Row("ResNet-152", "resnet152"),
     Row("AA-ResNet-152", "aa_resnet152", baseline="ResNet-152"),
     *[
-        Row(f"AA-ResNet-50, k = v = {kv}", "aa_resnet50", kwargs={"aa_k": kv, "aa_v": kv}, paper_params=p, baseline="ResNet-50")
+        Row(
+            f"AA-ResNet-50, k = v = {kv}",
+            "aa_resnet50",
+            kwargs={"aa_k": kv, "aa_v": kv},
+            paper_params=p,
+            baseline="ResNet-50",
+        )
         for kv, p in ((0.25, 24.3), (0.5, 22.3), (0.75, 20.7), (1.0, 19.4))
     ],
     *[
@@ -65,7 +71,12 @@ ROWS = [
         for mult, name in (("0.75", "075"), ("1.0", "100"), ("1.25", "125"), ("1.4", "140"))
         for row in (
             Row(f"MnasNet-A1 {mult}", f"semnasnet_{name}"),
-            Row(f"AA-MnasNet-A1 {mult}", f"aa_mnasnet_{name}", baseline=f"MnasNet-A1 {mult}", paper_overhead="+0.1 to +0.35"),
+            Row(
+                f"AA-MnasNet-A1 {mult}",
+                f"aa_mnasnet_{name}",
+                baseline=f"MnasNet-A1 {mult}",
+                paper_overhead="+0.1 to +0.35",
+            ),
         )
     ],
 ]
@@ -86,7 +97,7 @@ def measure(row: Row) -> Measured:
     return Measured(count_params(model), sum(flops.values()) / 1e9, flops.get("bmm", 0) / 1e9)
 
 
-def _relative(ours: float, paper: Optional[float]) -> str:
+def _relative(ours: float, paper: float | None) -> str:
     if paper is None:
         return ""
     percent = round(100 * (ours / paper - 1), 1)
@@ -102,7 +113,8 @@ def markdown_table(rows: list[Row] = ROWS) -> str:
     """The table as Markdown (one line per paper row)."""
     measured = {row.label: measure(row) for row in rows}
     lines = [
-        "| paper row | timm model | input | params (M) | paper | diff | vs baseline (M) | GFLOPs (attn) | paper | diff |",
+        "| paper row | timm model | input | params (M) | paper | diff | vs baseline (M) | GFLOPs (attn) | paper "
+        "| diff |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -116,8 +128,9 @@ def markdown_table(rows: list[Row] = ROWS) -> str:
         gflops = f"{m.gflops:.2f}" + (f" ({m.attention_gflops:.2f})" if m.attention_gflops else "")
         lines.append(
             f"| {row.label} | {_model_cell(row)} | {row.input_size[-1]} | {params:.2f} | "
-            f"{'' if row.paper_params is None else row.paper_params} | {_relative(params, row.paper_params)} | {versus} | "
-            f"{gflops} | {'' if row.paper_gflops is None else row.paper_gflops} | {_relative(m.gflops, row.paper_gflops)} |"
+            f"{'' if row.paper_params is None else row.paper_params} | {_relative(params, row.paper_params)} "
+            f"| {versus} | {gflops} | {'' if row.paper_gflops is None else row.paper_gflops} "
+            f"| {_relative(m.gflops, row.paper_gflops)} |"
         )
     return "\n".join(lines)
 
@@ -131,7 +144,7 @@ def write_into(doc: Path, table: str) -> None:
     doc.write_text(pattern.sub(lambda _: f"{START}\n{table}\n{END}", text))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", type=Path, help="Markdown file whose table (between the markers) is replaced")
     args = parser.parse_args(argv)

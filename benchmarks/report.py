@@ -1,18 +1,21 @@
 """How the benchmark scripts record a run: the command, a header line, the rows as JSON, the table as Markdown."""
+
 from __future__ import annotations
 
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
+def command_line(script: str, argv: Sequence[str] | None) -> str:
     """The command that reproduces this run, as docs/benchmarks.md quotes it."""
     return f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
-def write_report(out_dir: str, name: str, header: str, rows: list, table: str, command: Optional[str] = None, **extra) -> None:
+def write_report(
+    out_dir: str, name: str, header: str, rows: list, table: str, command: str | None = None, **extra
+) -> None:
     """Write ``<name>.json`` ({header, command, **extra, rows}) and ``<name>.md`` (the command in
     backticks, the header, the table) into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)

@@ -17,7 +17,6 @@ import sys
 from datetime import date
 
 import torch
-
 from report import command_line, write_report
 
 EXTREMES = [

@@ -1,8 +1,9 @@
 """An independent float64 loop implementation of the paper's equation, for tests only.
 
-    l_ij = q_i . (k_j + r^W[jx - ix + W - 1] + r^H[jy - iy + H - 1]) / sqrt(dkh)
-    out_i = sum_j softmax_j(l_i) v_j
+l_ij = q_i . (k_j + r^W[jx - ix + W - 1] + r^H[jy - iy + H - 1]) / sqrt(dkh)
+out_i = sum_j softmax_j(l_i) v_j
 """
+
 import math
 
 import torch

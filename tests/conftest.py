@@ -1,5 +1,6 @@
 """Fixtures shared by several test modules. Helper modules beside the tests (cli_helpers, attention_loop_reference,
 ...) are imported by name: pytest puts this folder on sys.path (rootdir conftest, no __init__.py)."""
+
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,13 +27,33 @@ def one_thread():
 
 
 # -- a tiny timm-registered AA network (in-process only: the subprocess tests use the model zoo) --
-default_cfgs = generate_default_cfgs({"predict_tiny_aa.untrained": {"input_size": (3, 32, 32), "num_classes": 4, "classifier": "fc", "first_conv": "conv1.0"}})
+default_cfgs = generate_default_cfgs(
+    {
+        "predict_tiny_aa.untrained": {
+            "input_size": (3, 32, 32),
+            "num_classes": 4,
+            "classifier": "fc",
+            "first_conv": "conv1.0",
+        }
+    }
+)
 
 
 @register_model
 def predict_tiny_aa(pretrained: bool = False, **kwargs) -> ResNet:
-    """ResNet of 8-16 channels; the first conv of the blocks of stages 1 and 2 augmented (2 heads, 8x8 and 4x4 grids)."""
-    model = build_model_with_cfg(ResNet, "predict_tiny_aa", False, block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), stem_width=4, stem_type="deep", **kwargs)
+    """ResNet of 8-16 channels; the first conv of the blocks of stages 1 and 2 augmented (2 heads, 8x8 and 4x4
+    grids)."""
+    model = build_model_with_cfg(
+        ResNet,
+        "predict_tiny_aa",
+        False,
+        block=BasicBlock,
+        layers=(1, 1, 1, 1),
+        channels=(8, 16, 16, 16),
+        stem_width=4,
+        stem_type="deep",
+        **kwargs,
+    )
     model.layer1[0].conv1 = AugmentedConv2d(8, 8, 3, 1, dk=4, dv=4, num_heads=2, feat_size=8)
     model.layer2[0].conv1 = AugmentedConv2d(8, 16, 3, 2, dk=8, dv=8, num_heads=2, feat_size=8)
     if pretrained:  # after the swap, so that the AA weights load
@@ -45,10 +66,20 @@ def checkpoint(tmp_path_factory) -> Path:
     """A Lightning checkpoint of ImageClassifier(predict_tiny_aa) after 2 steps on the built-in data set."""
     root = tmp_path_factory.mktemp("inspect")
     torch.manual_seed(0)
-    data = SyntheticCIFARDataModule(data_dir=str(root / "data"), num_classes=4, train_size=16, test_size=8, val_split=4, batch_size=4, num_workers=0)
+    data = SyntheticCIFARDataModule(
+        data_dir=str(root / "data"), num_classes=4, train_size=16, test_size=8, val_split=4, batch_size=4, num_workers=0
+    )
     model = ImageClassifier("predict_tiny_aa", num_classes=4, base_lr=0.1, warmup_epochs=0)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=data)
     path = root / "tiny.ckpt"
     trainer.save_checkpoint(path)

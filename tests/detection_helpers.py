@@ -1,4 +1,5 @@
 """Small COCO-format fixtures written to disk for the detection tests."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import cv2
 import numpy as np
 
 
-def write_coco_split(root: Path, split: str, images: list[dict], annotations: list[dict],
-                     categories: list[dict]) -> Path:
+def write_coco_split(
+    root: Path, split: str, images: list[dict], annotations: list[dict], categories: list[dict]
+) -> Path:
     """Write ``root/annotations/instances_{split}.json`` and a JPEG per image (random pixels)."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / split).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Test-only Lightning callbacks loaded by train.py subprocesses (tests/ is put on their PYTHONPATH)."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,17 @@ class StepProbe(pl.Callback):
     def __init__(self, report: str, kill_at: int = -1, signal_name: str = "KILL") -> None:
         self.report, self.kill_at, self.signal_name = Path(report), kill_at, signal_name
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         images, targets = batch
-        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch": batch_idx,
-                "targets": targets.tolist(), "image_sum": float(images.double().sum())}
+        line = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "batch": batch_idx,
+            "targets": targets.tolist(),
+            "image_sum": float(images.double().sum()),
+        }
         with self.report.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
             handle.flush()
@@ -39,21 +46,25 @@ class ResumeSnapshot(pl.Callback):
         self.path = path
         self._done = False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._done:
             return
         self._done = True
         optimizer = trainer.optimizers[0]
-        torch.save({
-            "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "lr": [group["lr"] for group in optimizer.param_groups],
-            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
-            "best_model_score": trainer.checkpoint_callback.best_model_score,
-            "best_model_path": trainer.checkpoint_callback.best_model_path,
-            "global_step": trainer.global_step,
-        }, self.path)
+        torch.save(
+            {
+                "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "lr": [group["lr"] for group in optimizer.param_groups],
+                "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+                "best_model_score": trainer.checkpoint_callback.best_model_score,
+                "best_model_path": trainer.checkpoint_callback.best_model_path,
+                "global_step": trainer.global_step,
+            },
+            self.path,
+        )
 
 
 class FinalWeights(pl.Callback):

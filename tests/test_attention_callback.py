@@ -1,4 +1,5 @@
 """AttentionMapLogger: TensorBoard overlays of the real attention probabilities, rank 0 only, cheap and safe."""
+
 import io
 import types
 from pathlib import Path
@@ -22,16 +23,24 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 def tiny_network(attention: bool = True) -> nn.Module:
     """16x16 input -> conv -> AA conv (stride 2, 2 heads, 8x8 grid) -> AA conv (2 heads, 8x8) -> 3 logits."""
+
     def aa(cin, cout, stride, size):
         if not attention:
             return nn.Conv2d(cin, cout, 3, stride, 1)
         return AugmentedConv2d(cin, cout, 3, stride, dk=4, dv=4, num_heads=2, feat_size=size, backend="chunked")
 
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        aa(8, 8, 2, 16), nn.BatchNorm2d(8), nn.ReLU(),
-        aa(8, 8, 1, 8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        aa(8, 8, 2, 16),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        aa(8, 8, 1, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
     )
 
 
@@ -75,8 +84,15 @@ def fit(tmp_path, callback, epochs=3, attention=True):
     module, data = TinyClassifier(attention), TinyData()
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=logger, callbacks=[callback], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=1,
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=1,
     )
     trainer.fit(module, datamodule=data)
     return module, data, trainer, Path(logger.log_dir)
@@ -105,7 +121,9 @@ def test_logged_overlays_show_the_layers_attention_probabilities(tmp_path):
     """Every 2nd validation epoch one image per validation image; with alpha 1 each head tile's grid
     cells carry colormap(p / max p) of the reference attention of the logged layer."""
     queries = [(0.5, 0.5), (0.0, 0.99)]
-    callback = AttentionMapLogger(every_n_epochs=2, num_images=2, queries=queries, tile_size=32, alpha=1.0, colormap="viridis")
+    callback = AttentionMapLogger(
+        every_n_epochs=2, num_images=2, queries=queries, tile_size=32, alpha=1.0, colormap="viridis"
+    )
     module, data, trainer, log_dir = fit(tmp_path, callback)
     images = image_events(log_dir)
     assert sorted(images) == ["val/attention_0", "val/attention_1"]
@@ -126,7 +144,9 @@ def test_logged_overlays_show_the_layers_attention_probabilities(tmp_path):
     cell = 32 // 8
     centers = np.arange(8) * cell + cell // 2
     for b in range(2):
-        figure = np.asarray(Image.open(io.BytesIO(images[f"val/attention_{b}"][-1].encoded_image_string)).convert("RGB"))
+        figure = np.asarray(
+            Image.open(io.BytesIO(images[f"val/attention_{b}"][-1].encoded_image_string)).convert("RGB")
+        )
         for r, qi in enumerate(query_index):
             for head in range(2):
                 x, y = tile_origin(r, 1 + head, tile_size=32, header_lines=2)
@@ -141,7 +161,9 @@ def test_logged_overlays_show_the_layers_attention_probabilities(tmp_path):
 def test_images_are_denormalized_with_the_datamodule_statistics(tmp_path):
     callback = AttentionMapLogger(num_images=1, queries=[(0.0, 0.0)], tile_size=32)  # query box in the corner
     _, data, _, log_dir = fit(tmp_path, callback, epochs=1)
-    figure = np.asarray(Image.open(io.BytesIO(image_events(log_dir)["val/attention_0"][0].encoded_image_string)).convert("RGB"))
+    figure = np.asarray(
+        Image.open(io.BytesIO(image_events(log_dir)["val/attention_0"][0].encoded_image_string)).convert("RGB")
+    )
     x, y = tile_origin(0, 0, tile_size=32, header_lines=2)
     tile = figure[y + 8 : y + 24, x + 8 : x + 24].astype(np.float64) / 255  # inside, away from the query box
     original = (data.images[0] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).clamp(0, 1)
@@ -172,7 +194,9 @@ def test_only_global_rank_zero_logs():
     experiment = types.SimpleNamespace(add_image=lambda *a, **k: pytest.fail("rank 1 logged an image"))
     logger = TensorBoardLogger.__new__(TensorBoardLogger)
     logger._experiment = experiment
-    trainer = types.SimpleNamespace(datamodule=data, sanity_checking=False, is_global_zero=False, loggers=[logger], current_epoch=0, global_step=0)
+    trainer = types.SimpleNamespace(
+        datamodule=data, sanity_checking=False, is_global_zero=False, loggers=[logger], current_epoch=0, global_step=0
+    )
     callback = AttentionMapLogger(tile_size=32)
     callback.setup(trainer, module, "fit")
     module.forward = lambda x: pytest.fail("rank 1 ran a forward for the attention maps")
@@ -199,9 +223,16 @@ def test_baseline_model_warns_and_logs_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"every_n_epochs": 0}, "every_n_epochs"), ({"num_images": 0}, "num_images"), ({"alpha": 2.0}, "alpha"),
-     ({"queries": [(0.5, 1.5)]}, "queries"), ({"queries": []}, "queries"), ({"upsample": "cubic"}, "upsample"),
-     ({"colormap": "nonexistent"}, "colormap"), ({"tile_size": 4}, "tile_size")],
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"num_images": 0}, "num_images"),
+        ({"alpha": 2.0}, "alpha"),
+        ({"queries": [(0.5, 1.5)]}, "queries"),
+        ({"queries": []}, "queries"),
+        ({"upsample": "cubic"}, "upsample"),
+        ({"colormap": "nonexistent"}, "colormap"),
+        ({"tile_size": 4}, "tile_size"),
+    ],
 )
 def test_bad_settings_fail_naming_the_key(kwargs, key):
     with pytest.raises(ValueError, match=rf"attention_maps\.{key}"):

@@ -1,4 +1,5 @@
 """Captured attention maps are the layer's real attention probabilities for the chosen queries."""
+
 import pytest
 import torch
 from torch import nn

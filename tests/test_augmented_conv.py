@@ -1,12 +1,13 @@
 """AugmentedConv2d: the layer computes Concat[Conv(X), MHA(X)] exactly, at any size and stride."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_loop_reference import loop_relative_attention
 
 from aa_lightning.layers import AugmentedConv2d, aa_dims, resample_relative_table, sine_position_encoding_2d
-from attention_loop_reference import loop_relative_attention
 
 
 @torch.no_grad()

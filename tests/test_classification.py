@@ -1,4 +1,5 @@
 """ImageClassifier: schedule values at known steps, metrics, parameter groups, errors; in-process runs."""
+
 import math
 
 import lightning.pytorch as pl
@@ -38,8 +39,16 @@ class _RecordLR(pl.Callback):
 
 
 def _trainer(tmp_path, **kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -61,8 +70,17 @@ def test_lr_follows_scaled_warmup_then_cosine_at_every_step(tmp_path):
 
 
 def test_step_schedule_and_unscaled_lr(tmp_path):
-    model = ImageClassifier(TINY, num_classes=4, base_lr=0.05, reference_batch_size=None, warmup_epochs=0,
-                            schedule="step", lr_milestone_epochs=[1, 2], lr_gamma=0.1, optimizer="adamw")
+    model = ImageClassifier(
+        TINY,
+        num_classes=4,
+        base_lr=0.05,
+        reference_batch_size=None,
+        warmup_epochs=0,
+        schedule="step",
+        lr_milestone_epochs=[1, 2],
+        lr_gamma=0.1,
+        optimizer="adamw",
+    )
     recorder = _RecordLR()
     _trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[recorder]).fit(model, datamodule=_Data())
     got = [lrs[0] for lrs in recorder.lrs]

@@ -1,4 +1,5 @@
 """train.py end to end in subprocesses on tiny generated data: fit + test, resume, DDP, bf16, errors."""
+
 import os
 import re
 import subprocess
@@ -8,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from cli_helpers import REPO, TRAIN, run_cli
 from cli_helpers import events as _events
 
 TEST_SIZE = 21  # odd: DDP over 2 processes must not pad it
 # a 77k-parameter AA-WRN-10-1: relative attention in the first conv of the 16x16 and 8x8 groups
-TINY_AA = {"model_name": "aa_wrn28_10",
-           "model_kwargs": {"depth": 10, "widen_factor": 1, "aa_stages": [2, 3], "aa_heads": 2, "aa_min_dkh": 4}}
+TINY_AA = {
+    "model_name": "aa_wrn28_10",
+    "model_kwargs": {"depth": 10, "widen_factor": 1, "aa_stages": [2, 3], "aa_heads": 2, "aa_min_dkh": 4},
+}
 
 
 def tiny_recipe(tmp_path: Path, model: dict | None = None, **data_overrides) -> Path:
@@ -24,25 +26,42 @@ def tiny_recipe(tmp_path: Path, model: dict | None = None, **data_overrides) -> 
     recipe = {
         "seed_everything": 0,
         "runs_dir": str(tmp_path / "runs"),
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
-                    "enable_model_summary": False},
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+        },
         "model": {
             "class_path": "aa_lightning.tasks.ImageClassifier",
-            "init_args": {"model_name": "test_resnet", "num_classes": 4, "base_lr": 0.1, "warmup_epochs": 0.5,
-                          **(model or {})},
+            "init_args": {
+                "model_name": "test_resnet",
+                "num_classes": 4,
+                "base_lr": 0.1,
+                "warmup_epochs": 0.5,
+                **(model or {}),
+            },
         },
         "data": {
             "class_path": "aa_lightning.data.SyntheticCIFARDataModule",
-            "init_args": {"data_dir": str(tmp_path / "data"), "num_classes": 4, "train_size": 48, "test_size": TEST_SIZE,
-                          "val_split": 16, "batch_size": 8, "num_workers": 0, **data_overrides},
+            "init_args": {
+                "data_dir": str(tmp_path / "data"),
+                "num_classes": 4,
+                "train_size": 48,
+                "test_size": TEST_SIZE,
+                "val_split": 16,
+                "batch_size": 8,
+                "num_workers": 0,
+                **data_overrides,
+            },
         },
         "image_grid": {"num_images": 8},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
 
 
 def summary_value(stdout: str, pattern: str) -> str:
@@ -144,11 +163,25 @@ def test_bf16_mixed_on_cpu_trains_an_aa_network_and_sync_batchnorm_is_explained_
     steps must bring the epoch-mean training loss of the last 3 epochs below 3/4 of the first epoch's.
     Measured (seed 0): 1.389 in epoch 1, 0.754 / 0.783 / 0.787 in epochs 10-12; a zero loss or a skipped
     optimizer step keeps it at ~ln 4 = 1.39."""
-    adamw = {"optimizer": "adamw", "base_lr": 0.003, "reference_batch_size": None, "weight_decay": 0.0,
-             "warmup_epochs": 0.5}
+    adamw = {
+        "optimizer": "adamw",
+        "base_lr": 0.003,
+        "reference_batch_size": None,
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.5,
+    }
     recipe = tiny_recipe(tmp_path, model={**TINY_AA, **adamw}, pad=0)
-    result = run_cli("--config", str(recipe), "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "12",
-                     "--trainer.sync_batchnorm", "true", cwd=tmp_path)
+    result = run_cli(
+        "--config",
+        str(recipe),
+        "--trainer.precision",
+        "bf16-mixed",
+        "--trainer.max_epochs",
+        "12",
+        "--trainer.sync_batchnorm",
+        "true",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bf16" in result.stderr  # Lightning reports the precision plugin
     assert "sync_batchnorm is ignored" in result.stderr and "needs CUDA" in result.stderr
@@ -160,8 +193,18 @@ def test_bf16_mixed_on_cpu_trains_an_aa_network_and_sync_batchnorm_is_explained_
 
 
 def test_print_config_shows_dotted_overrides_in_subclass_mode(tmp_path):
-    result = run_cli("--config", str(tiny_recipe(tmp_path)), "--model.model_name", "resnet10t", "--data.batch_size", "3",
-                     "--trainer.devices", "1", "--print_config", cwd=tmp_path)
+    result = run_cli(
+        "--config",
+        str(tiny_recipe(tmp_path)),
+        "--model.model_name",
+        "resnet10t",
+        "--data.batch_size",
+        "3",
+        "--trainer.devices",
+        "1",
+        "--print_config",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = yaml.safe_load(result.stdout)
     assert config["model"]["init_args"]["model_name"] == "resnet10t"
@@ -181,8 +224,10 @@ def test_a_bad_value_fails_at_start_up_naming_the_key(tmp_path):
 def test_missing_cifar_data_names_the_path(tmp_path):
     recipe = tiny_recipe(tmp_path)
     config = yaml.safe_load(recipe.read_text())
-    config["data"] = {"class_path": "aa_lightning.data.CIFAR100DataModule",
-                      "init_args": {"data_dir": str(tmp_path / "no_cifar"), "download": False, "num_workers": 0}}
+    config["data"] = {
+        "class_path": "aa_lightning.data.CIFAR100DataModule",
+        "init_args": {"data_dir": str(tmp_path / "no_cifar"), "download": False, "num_workers": 0},
+    }
     recipe.write_text(yaml.safe_dump(config))
     result = run_cli("--config", str(recipe), cwd=tmp_path)
     assert result.returncode != 0
@@ -228,9 +273,21 @@ def test_quickstart_trains_an_aa_network_well_above_chance_within_five_minutes(t
     start = time.perf_counter()
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     result = subprocess.run(
-        [sys.executable, str(TRAIN), "--config", str(REPO / "configs" / "quickstart.yaml"),
-         "--runs_dir", str(tmp_path / "runs"), "--data.data_dir", str(tmp_path / "data")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(TRAIN),
+            "--config",
+            str(REPO / "configs" / "quickstart.yaml"),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--data.data_dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,6 @@
-"""Every recipe in configs/ parses (alone or composed with its base), names a registered model, and says what the paper says."""
+"""Every recipe in configs/ parses (alone or composed with its base), names a registered model, and says what the
+paper says."""
+
 from pathlib import Path
 
 import pytest
@@ -63,7 +65,12 @@ def test_imagenet_recipes_follow_the_standard_resnet_recipe(depth, capsys):
         config = resolved(capsys, CONFIGS / f"imagenet_{model}.yaml")
         init = config["model"]["init_args"]
         assert init["model_name"] == model and init["num_classes"] == 1000
-        assert (init["base_lr"], init["reference_batch_size"], init["weight_decay"], init["warmup_epochs"]) == (0.1, 256, 1e-4, 5)
+        assert (init["base_lr"], init["reference_batch_size"], init["weight_decay"], init["warmup_epochs"]) == (
+            0.1,
+            256,
+            1e-4,
+            5,
+        )
         data = config["data"]["init_args"]
         assert (data["train_size"], data["resize_size"], data["eval_size"]) == (224, 256, 224)
 
@@ -73,6 +80,10 @@ def test_quickstart_baseline_is_the_same_run_without_attention(capsys):
     baseline = resolved(capsys, CONFIGS / "quickstart.yaml", CONFIGS / "quickstart_baseline.yaml")
     assert baseline["model"]["init_args"]["model_name"] == "wrn28_10"
     kwargs = aa["model"]["init_args"]["model_kwargs"]
-    assert baseline["model"]["init_args"]["model_kwargs"] == {k: v for k, v in kwargs.items() if not k.startswith("aa_")}
+    assert baseline["model"]["init_args"]["model_kwargs"] == {
+        k: v for k, v in kwargs.items() if not k.startswith("aa_")
+    }
     assert baseline["data"] == aa["data"] and baseline["seed_everything"] == aa["seed_everything"]
-    assert not baseline["trainer"]["callbacks"] and aa["trainer"]["callbacks"][0]["class_path"].endswith("AttentionMapLogger")
+    assert not baseline["trainer"]["callbacks"] and aa["trainer"]["callbacks"][0]["class_path"].endswith(
+        "AttentionMapLogger"
+    )

@@ -1,4 +1,5 @@
 """CIFAR-100 format, the built-in relation data set and the CIFAR DataModules, on generated pickles."""
+
 import pickle
 
 import numpy as np
@@ -18,7 +19,13 @@ def _random_cifar(root, n_train=40, n_test=20, classes=5, seed=0):
         "train": (rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n_train)),
         "test": (rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n_test)),
     }
-    write_cifar100(root, splits, [f"class_{i}" for i in range(classes)], coarse_of_fine=[i % 2 for i in range(classes)], coarse_label_names=("a", "b"))
+    write_cifar100(
+        root,
+        splits,
+        [f"class_{i}" for i in range(classes)],
+        coarse_of_fine=[i % 2 for i in range(classes)],
+        coarse_label_names=("a", "b"),
+    )
     return splits
 
 
@@ -107,7 +114,9 @@ def test_synthetic_files_are_written_once_and_regenerated_when_arguments_change(
 
 def test_cifar_datamodule_reads_generated_pickles_with_a_validation_split(tmp_path):
     splits = _random_cifar(tmp_path, n_train=40, n_test=20)
-    dm = CIFAR100DataModule(data_dir=str(tmp_path), batch_size=8, num_workers=0, val_split=10, download=False, pad=0, hflip=False)
+    dm = CIFAR100DataModule(
+        data_dir=str(tmp_path), batch_size=8, num_workers=0, val_split=10, download=False, pad=0, hflip=False
+    )
     dm.setup("fit")
     assert dm.num_classes == 5 and len(dm.train_set) == 30 and len(dm.val_set) == 10
     images, labels = next(iter(dm.val_dataloader()))
@@ -139,7 +148,9 @@ def test_cifar_training_augmentation_pads_crops_and_is_reproducible(tmp_path):
     torch.testing.assert_close(batches[0], batches[1])
     # zero padding shows up as the normalized value of black pixels on some borders
     black = torch.tensor([-m / s for m, s in zip(CIFAR100_MEAN, CIFAR100_STD)]).view(3, 1)
-    border_black = [(img[:, 0, :] - black).abs().max() < 1e-4 or (img[:, :, 0] - black).abs().max() < 1e-4 for img in batches[0]]
+    border_black = [
+        (img[:, 0, :] - black).abs().max() < 1e-4 or (img[:, :, 0] - black).abs().max() < 1e-4 for img in batches[0]
+    ]
     assert 0 < sum(border_black) < 40
 
 
@@ -170,7 +181,9 @@ def test_missing_cifar_names_the_path_and_how_to_get_it(tmp_path):
 
 
 def test_synthetic_datamodule_generates_then_reads_through_the_cifar_loader(tmp_path):
-    dm = SyntheticCIFARDataModule(data_dir=str(tmp_path), num_classes=4, train_size=40, test_size=12, batch_size=4, num_workers=0, val_split=8)
+    dm = SyntheticCIFARDataModule(
+        data_dir=str(tmp_path), num_classes=4, train_size=40, test_size=12, batch_size=4, num_workers=0, val_split=8
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert (tmp_path / "cifar-100-python" / "train").is_file()

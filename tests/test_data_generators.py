@@ -1,5 +1,6 @@
 """The synthetic data generators never delete or overwrite data they did not write, and a killed
 generation leaves no half set under the data set's name (issue 12, item 1)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,15 +26,19 @@ CIFAR_ARGS = dict(num_classes=4, train_size=8, test_size=4)
 
 def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (folders as '<dir>')."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def real_cifar(root: Path) -> None:
     """A CIFAR-100-format set that the generator did not write (no synthetic.json stamp)."""
     rng = np.random.default_rng(0)
-    splits = {split: (rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 6))
-              for split in ("train", "test")}
+    splits = {
+        split: (rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 6))
+        for split in ("train", "test")
+    }
     write_cifar100(root, splits, ["apple", "bee", "cat"])
 
 
@@ -50,8 +55,11 @@ def test_cifar_generator_refuses_a_real_cifar_folder(tmp_path):
     root = tmp_path / "data"
     real_cifar(root)
     before = tree(root)
-    with pytest.raises(ValueError, match=rf"refusing to write .* into {root}: the folder is not empty "
-                                         r"\(cifar-100-python\) and has no synthetic.json stamp"):
+    with pytest.raises(
+        ValueError,
+        match=rf"refusing to write .* into {root}: the folder is not empty "
+        r"\(cifar-100-python\) and has no synthetic.json stamp",
+    ):
         write_synthetic_cifar(str(root), **CIFAR_ARGS)
     dm = SyntheticCIFARDataModule(data_dir=str(root), batch_size=2, num_workers=0, **CIFAR_ARGS)
     with pytest.raises(ValueError, match="no synthetic.json stamp"):
@@ -63,8 +71,11 @@ def test_cifar_generator_refuses_a_real_cifar_folder(tmp_path):
 def test_coco_generator_refuses_a_real_coco_folder(tmp_path):
     real_coco(tmp_path)
     before = tree(tmp_path)
-    with pytest.raises(ValueError, match=rf"refusing to write .* into {tmp_path}: the folder is not empty "
-                                         r"\(annotations, train2017, val2017\) and has no synthetic_coco.json stamp"):
+    with pytest.raises(
+        ValueError,
+        match=rf"refusing to write .* into {tmp_path}: the folder is not empty "
+        r"\(annotations, train2017, val2017\) and has no synthetic_coco.json stamp",
+    ):
         generate_synthetic_coco(tmp_path, **COCO_ARGS)
     dm = SyntheticCOCODataModule(root=str(tmp_path), num_workers=0, **COCO_ARGS)
     with pytest.raises(ValueError, match="no synthetic_coco.json stamp"):
@@ -100,8 +111,11 @@ def test_own_set_with_foreign_files_is_not_regenerated(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert generate_synthetic_coco(tmp_path, **COCO_ARGS) == tmp_path  # same set: nothing to do
     before = tree(tmp_path)
-    with pytest.raises(ValueError, match=rf"refusing to regenerate .* in {tmp_path}: besides its own files the "
-                                         r"folder holds notes.txt, which the generator did not write"):
+    with pytest.raises(
+        ValueError,
+        match=rf"refusing to regenerate .* in {tmp_path}: besides its own files the "
+        r"folder holds notes.txt, which the generator did not write",
+    ):
         generate_synthetic_coco(tmp_path, **{**COCO_ARGS, "num_train": 4})
     assert tree(tmp_path) == before
     (tmp_path / "notes.txt").unlink()
@@ -114,8 +128,10 @@ def test_killed_generation_leaves_no_half_set(tmp_path):
     """SIGKILL in the middle of writing the images: the data set's folder does not exist afterwards
     (only a hidden .partial sibling), and the next generation writes the whole set."""
     root = tmp_path / "shapes"
-    code = ("import sys; from aa_lightning.data.synthetic_coco import generate_synthetic_coco; "
-            "generate_synthetic_coco(sys.argv[1], num_train=5000, num_val=2, image_size=64, min_object_size=8)")
+    code = (
+        "import sys; from aa_lightning.data.synthetic_coco import generate_synthetic_coco; "
+        "generate_synthetic_coco(sys.argv[1], num_train=5000, num_val=2, image_size=64, min_object_size=8)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)], env={**os.environ, "PYTHONWARNINGS": "ignore"})
     try:
         deadline = time.monotonic() + 60

@@ -1,4 +1,5 @@
 """ImageNetDataModule on a generated class-folder tree of JPEGs."""
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ def _halves(width: int, height: int, left=(255, 0, 0), right=(0, 0, 255)) -> Ima
 def imagenet_tree(tmp_path):
     rng = np.random.default_rng(0)
     for split, count in (("train", 3), ("val", 2)):
-        for c, wnid in enumerate(CLASSES):
+        for wnid in CLASSES:
             folder = tmp_path / split / wnid
             folder.mkdir(parents=True)
             for i in range(count):
@@ -34,7 +35,9 @@ def imagenet_tree(tmp_path):
 
 
 def test_folders_become_sorted_classes_and_batches_have_the_crop_size(imagenet_tree):
-    dm = ImageNetDataModule(data_dir=str(imagenet_tree), batch_size=4, num_workers=0, train_size=32, eval_size=24, resize_size=28)
+    dm = ImageNetDataModule(
+        data_dir=str(imagenet_tree), batch_size=4, num_workers=0, train_size=32, eval_size=24, resize_size=28
+    )
     dm.setup("fit")
     assert dm.class_names == CLASSES and dm.num_classes == 3
     assert len(dm.train_set) == 9 and len(dm.val_set) == 6
@@ -78,7 +81,9 @@ def test_a_corrupt_image_names_the_file(imagenet_tree):
     bad = imagenet_tree / "val" / CLASSES[1] / "broken.JPEG"
     good = (imagenet_tree / "val" / CLASSES[1] / f"{CLASSES[1]}_0.JPEG").read_bytes()
     bad.write_bytes(good[: len(good) // 3])
-    dm = ImageNetDataModule(data_dir=str(imagenet_tree), batch_size=2, num_workers=0, train_size=32, eval_size=24, resize_size=28)
+    dm = ImageNetDataModule(
+        data_dir=str(imagenet_tree), batch_size=2, num_workers=0, train_size=32, eval_size=24, resize_size=28
+    )
     dm.setup("validate")
     with pytest.raises(ImageDecodeError, match="broken.JPEG"):
         for _ in dm.val_dataloader():

@@ -1,5 +1,6 @@
 """Image-classification inputs read right or refused by name (issue 12, item 10): CIFAR labels outside
 the meta file's classes, 16-bit PNGs."""
+
 from __future__ import annotations
 
 import cv2
@@ -20,8 +21,11 @@ def test_cifar_label_outside_the_classes_names_file_and_label(tmp_path, split, s
     splits = {s: (rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8), y) for s, y in labels.items()}
     write_cifar100(tmp_path, splits, ["a", "b", "c"], coarse_of_fine=[0, 0, 0, 0, 0, 0, 0, 0])
     dm = CIFAR100DataModule(data_dir=str(tmp_path), batch_size=2, num_workers=0, download=False, val_split=2)
-    with pytest.raises(ValueError, match=rf"{tmp_path}/cifar-100-python/{split}: fine label 7 of image 3 is outside "
-                                         r"0..2 \(the 3 classes of its meta file\); 1 of \d labels are"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{tmp_path}/cifar-100-python/{split}: fine label 7 of image 3 is outside "
+        r"0..2 \(the 3 classes of its meta file\); 1 of \d labels are",
+    ):
         dm.setup(stage)
 
 
@@ -50,8 +54,16 @@ def test_imagenet_datamodule_reads_16_bit_pngs(tmp_path):
         for wnid, level in (("n01", 30000), ("n02", 60000)):
             (tmp_path / split / wnid).mkdir(parents=True)
             grey16(tmp_path / split / wnid / "a.png", np.full((40, 40), level))
-    dm = ImageNetDataModule(data_dir=str(tmp_path), batch_size=2, num_workers=0, train_size=32, eval_size=32,
-                            resize_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    dm = ImageNetDataModule(
+        data_dir=str(tmp_path),
+        batch_size=2,
+        num_workers=0,
+        train_size=32,
+        eval_size=32,
+        resize_size=32,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
     dm.setup("fit")
     images, labels = next(iter(dm.val_dataloader()))
     for image, label in zip(images, labels):

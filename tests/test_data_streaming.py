@@ -4,6 +4,7 @@ Every generated image has a flat red channel whose value is unique (10 + 6 * its
 sample is recognised after any crop, flip and normalisation by its mean red value; green and blue
 are gradients, so that different crops and resizes give different pixels.
 """
+
 import json
 import os
 from pathlib import Path
@@ -67,8 +68,19 @@ def shards(tmp_path_factory):
     colours = _write_tree(src)
     listing = _tree_listing(src)
     result = run_python(
-        "-m", "aa_lightning.data.prepare", "imagenet", "--src", str(src), "--out", str(out),
-        "--workers", "2", "--chunk-bytes", "2KB", cwd=REPO, timeout=120,
+        "-m",
+        "aa_lightning.data.prepare",
+        "imagenet",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--chunk-bytes",
+        "2KB",
+        cwd=REPO,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return src, out, colours, listing
@@ -159,7 +171,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str, result_dir: str
         dm.setup("fit")
         seen = {"train": [], "val": []}
         loader = dm.train_dataloader()  # one loader for all epochs, as Lightning does
-        for epoch in range(2):
+        for _epoch in range(2):
             seen["train"].append([red for images, _ in loader for red in _reds(images)])
         seen["val"] = [red for images, _ in dm.val_dataloader() for red in _reds(images)]
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(seen))
@@ -272,9 +284,16 @@ def test_a_killed_run_resumes_mid_epoch_from_its_checkpoint(shards, tmp_path):
 
     def fit(model, ckpt_path=None):
         checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[checkpoint], logger=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            callbacks=[checkpoint],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
         trainer.fit(model, datamodule=StreamingImageNetDataModule(data_dir=str(out), **SMALL), ckpt_path=ckpt_path)
 
     killed = _Recorder.make(die_at=5)
@@ -335,13 +354,44 @@ def test_the_streaming_recipe_trains_under_ddp_and_tests_every_image_once(shards
 
     _, out, _, _ = shards
     result = run_cli(
-        "--config", str(REPO / "configs" / "imagenet_aa_resnet50_streaming.yaml"), "--runs_dir", str(tmp_path / "runs"),
-        "--data.init_args.data_dir", str(out), "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-        "--data.init_args.train_size", "32", "--data.init_args.eval_size", "32", "--data.init_args.resize_size", "36",
-        "--model.init_args.model_name", "test_resnet", "--model.init_args.num_classes", "3",
-        "--model.init_args.warmup_epochs", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
-        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1", cwd=tmp_path, timeout=300,
+        "--config",
+        str(REPO / "configs" / "imagenet_aa_resnet50_streaming.yaml"),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--data.init_args.data_dir",
+        str(out),
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.train_size",
+        "32",
+        "--data.init_args.eval_size",
+        "32",
+        "--data.init_args.resize_size",
+        "36",
+        "--model.init_args.model_name",
+        "test_resnet",
+        "--model.init_args.num_classes",
+        "3",
+        "--model.init_args.warmup_epochs",
+        "0",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"(\d+) optimizer steps", result.stdout).group(1) == "3"
@@ -382,7 +432,9 @@ def test_a_failed_conversion_leaves_nothing_and_overwrite_keeps_foreign_files(tm
     monkeypatch.setattr(litdata, "optimize", real_optimize)
     first = convert_imagenet(src, tmp_path / "shards", num_workers=1, verbose=False)
     assert convert_imagenet(src, tmp_path / "shards", num_workers=1, overwrite=True, verbose=False) == {
-        **first, "seconds": json.loads((tmp_path / "shards" / STAMP).read_text())["seconds"]}
+        **first,
+        "seconds": json.loads((tmp_path / "shards" / STAMP).read_text())["seconds"],
+    }
     (tmp_path / "shards" / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match=r"did not write: \['notes.txt'\]"):
         convert_imagenet(src, tmp_path / "shards", num_workers=1, overwrite=True, verbose=False)

@@ -1,15 +1,15 @@
 """Detection through the real entry point (train.py) in subprocesses, on a tiny generated COCO set."""
+
 from __future__ import annotations
 
 import re
 import subprocess
 from pathlib import Path
 
+import cli_helpers
 import pytest
 import torch
 import yaml
-
-import cli_helpers
 from cli_helpers import REPO
 from cli_helpers import events as _events
 
@@ -19,22 +19,53 @@ def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) 
     recipe = {
         "seed_everything": 0,
         "runs_dir": str(tmp_path / "runs"),
-        "trainer": {"max_steps": 4, "val_check_interval": 2, "accelerator": "cpu", "devices": 1,
-                    "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "aa_lightning.callbacks.DetectionImageLogger",
-                                   "init_args": {"num_images": 2, "score_thresh": 0.0}}]},
+        "trainer": {
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "callbacks": [
+                {
+                    "class_path": "aa_lightning.callbacks.DetectionImageLogger",
+                    "init_args": {"num_images": 2, "score_thresh": 0.0},
+                }
+            ],
+        },
         "model": {
             "class_path": "aa_lightning.tasks.RetinaNetDetector",
-            "init_args": {"num_classes": 5, "backbone": "test_resnet", "fpn_channels": 16, "freeze_at": 0,
-                          "frozen_bn": False, "anchor_sizes": [8, 16, 32, 64, 128], "optimizer": "adamw",
-                          "base_lr": 1e-3, "reference_batch_size": None, "warmup_steps": 1, "schedule": "cosine",
-                          "lr_milestone_steps": [], **model_overrides},
+            "init_args": {
+                "num_classes": 5,
+                "backbone": "test_resnet",
+                "fpn_channels": 16,
+                "freeze_at": 0,
+                "frozen_bn": False,
+                "anchor_sizes": [8, 16, 32, 64, 128],
+                "optimizer": "adamw",
+                "base_lr": 1e-3,
+                "reference_batch_size": None,
+                "warmup_steps": 1,
+                "schedule": "cosine",
+                "lr_milestone_steps": [],
+                **model_overrides,
+            },
         },
         "data": {
             "class_path": "aa_lightning.data.SyntheticCOCODataModule",
-            "init_args": {"root": str(tmp_path / "data"), "num_train": 8, "num_val": 4, "image_size": 64,
-                          "min_object_size": 8, "batch_size": 4, "num_workers": 0, "train_min_size": 64,
-                          "eval_min_size": 64, "max_size": 96},
+            "init_args": {
+                "root": str(tmp_path / "data"),
+                "num_train": 8,
+                "num_val": 4,
+                "image_size": 64,
+                "min_object_size": 8,
+                "batch_size": 4,
+                "num_workers": 0,
+                "train_min_size": 64,
+                "eval_min_size": 64,
+                "max_size": 96,
+            },
         },
     }
     path = tmp_path / f"{name}.yaml"
@@ -44,7 +75,6 @@ def detection_recipe(tmp_path: Path, name: str = "tiny_det", **model_overrides) 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     return cli_helpers.run_cli(*args, cwd=cwd, timeout=timeout)
-
 
 
 def test_fit_validate_test_checkpoints_and_tensorboard(tmp_path):
@@ -62,8 +92,20 @@ def test_fit_validate_test_checkpoints_and_tensorboard(tmp_path):
     ckpt = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["categories"] == {"ids": [1, 3, 5, 7, 9], "names": ["circle", "square", "triangle", "cross", "bar"]}
     tags = _events(version).Tags()
-    for tag in ("train/loss", "train/loss_cls", "train/loss_box", "train/lr", "val/map", "val/map_50",
-                "val/map_75", "val/map_small", "val/map_medium", "val/map_large", "test/map", "test/map_50"):
+    for tag in (
+        "train/loss",
+        "train/loss_cls",
+        "train/loss_box",
+        "train/lr",
+        "val/map",
+        "val/map_50",
+        "val/map_75",
+        "val/map_small",
+        "val/map_medium",
+        "val/map_large",
+        "test/map",
+        "test/map_50",
+    ):
         assert tag in tags["scalars"], tag
     assert {"val/detections_0", "val/detections_1"} <= set(tags["images"])
     events = _events(version)
@@ -78,10 +120,21 @@ def test_an_aa_backbone_retinanet_learns_to_detect_through_train_py(tmp_path):
     idle core; the same run with lr 1e-12 (an untrained network) gives map 0, map_50 0, mar_100 0.
     """
     recipe = detection_recipe(
-        tmp_path, name="tiny_aa_det", backbone="aa_resnet34",
-        backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16, "aa_heads": 2,
-                         "img_size": 64},
-        fpn_channels=32, head_norm="group", base_lr=3e-3, warmup_steps=5)
+        tmp_path,
+        name="tiny_aa_det",
+        backbone="aa_resnet34",
+        backbone_kwargs={
+            "layers": [1, 1, 1, 1],
+            "channels": [16, 32, 64, 128],
+            "stem_width": 16,
+            "aa_heads": 2,
+            "img_size": 64,
+        },
+        fpn_channels=32,
+        head_norm="group",
+        base_lr=3e-3,
+        warmup_steps=5,
+    )
     config = yaml.safe_load(recipe.read_text())
     config["trainer"].update(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None, log_every_n_steps=5)
     config["data"]["init_args"].update(num_train=64, num_val=16, max_objects=2, min_object_size=16, batch_size=8)
@@ -116,14 +169,33 @@ def test_bad_choice_fails_at_start_up_naming_the_key(tmp_path):
 @pytest.mark.slow
 def test_backbone_initialized_from_a_classification_run(tmp_path):
     classification = {
-        "seed_everything": 0, "runs_dir": str(tmp_path / "runs"), "test_ckpt_path": None,
-        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "num_sanity_val_steps": 0,
-                    "enable_model_summary": False, "limit_val_batches": 1},
-        "model": {"class_path": "aa_lightning.tasks.ImageClassifier",
-                  "init_args": {"model_name": "test_resnet", "num_classes": 4, "warmup_epochs": 0}},
-        "data": {"class_path": "aa_lightning.data.SyntheticCIFARDataModule",
-                 "init_args": {"data_dir": str(tmp_path / "cifar"), "num_classes": 4, "train_size": 16,
-                               "test_size": 8, "val_split": 8, "batch_size": 8, "num_workers": 0}},
+        "seed_everything": 0,
+        "runs_dir": str(tmp_path / "runs"),
+        "test_ckpt_path": None,
+        "trainer": {
+            "max_steps": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "limit_val_batches": 1,
+        },
+        "model": {
+            "class_path": "aa_lightning.tasks.ImageClassifier",
+            "init_args": {"model_name": "test_resnet", "num_classes": 4, "warmup_epochs": 0},
+        },
+        "data": {
+            "class_path": "aa_lightning.data.SyntheticCIFARDataModule",
+            "init_args": {
+                "data_dir": str(tmp_path / "cifar"),
+                "num_classes": 4,
+                "train_size": 16,
+                "test_size": 8,
+                "val_split": 8,
+                "batch_size": 8,
+                "num_workers": 0,
+            },
+        },
         "image_grid": {"num_images": 0},
     }
     (tmp_path / "cls.yaml").write_text(yaml.safe_dump(classification))
@@ -183,11 +255,19 @@ def test_coco_recipes_follow_the_retinanet_1x_recipe(backbone, capsys, monkeypat
     init = config["model"]["init_args"]
     assert init["backbone"] == backbone and timm.is_model(backbone)
     assert config["model"]["class_path"] == "aa_lightning.tasks.RetinaNetDetector" and init["num_classes"] == 80
-    assert (init["optimizer"], init["base_lr"], init["reference_batch_size"], init["momentum"],
-            init["weight_decay"]) == \
-        ("sgd", 0.01, 16, 0.9, 1e-4)
-    assert (init["schedule"], init["lr_milestone_steps"], init["lr_gamma"], init["warmup_steps"]) == \
-        ("step", [60000, 80000], 0.1, 500)
+    assert (
+        init["optimizer"],
+        init["base_lr"],
+        init["reference_batch_size"],
+        init["momentum"],
+        init["weight_decay"],
+    ) == ("sgd", 0.01, 16, 0.9, 1e-4)
+    assert (init["schedule"], init["lr_milestone_steps"], init["lr_gamma"], init["warmup_steps"]) == (
+        "step",
+        [60000, 80000],
+        0.1,
+        500,
+    )
     assert init["fpn_channels"] == 256 and init["anchor_sizes"] == [32, 64, 128, 256, 512]
     assert (init["fg_iou_thresh"], init["bg_iou_thresh"]) == (0.5, 0.4)
     trainer, data = config["trainer"], config["data"]["init_args"]
@@ -203,18 +283,33 @@ def test_quickstart_recipe_stays_small(capsys, monkeypatch):
     assert config["data"]["class_path"] == "aa_lightning.data.SyntheticCOCODataModule"
     assert data["image_size"] <= 192
     steps_per_epoch = data["num_train"] // data["batch_size"]
-    assert config["trainer"]["max_steps"] % (steps_per_epoch * config["trainer"]["check_val_every_n_epoch"]) == 0, \
+    assert config["trainer"]["max_steps"] % (steps_per_epoch * config["trainer"]["check_val_every_n_epoch"]) == 0, (
         "the last step should be validated (the tested best checkpoint then includes the end of training)"
+    )
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_with_uneven_validation_shards(tmp_path):
     """5 val images over 2 processes (3 + 2: UnrepeatedDistributedSampler) must not break the mAP gather."""
     recipe = detection_recipe(tmp_path)
-    result = run_cli("--config", str(recipe), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "1",
-                     "--data.init_args.num_val", "5", "--data.init_args.eval_batch_size", "1",
-                     cwd=tmp_path, timeout=240)
+    result = run_cli(
+        "--config",
+        str(recipe),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "1",
+        "--data.init_args.num_val",
+        "5",
+        "--data.init_args.eval_batch_size",
+        "1",
+        cwd=tmp_path,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run summary") == 1
     tags = _events(tmp_path / "runs" / "tiny_det" / "version_0").Tags()["scalars"]

@@ -1,4 +1,5 @@
 """COCO data for detection: category mapping, box transforms, crowd/empty handling, errors, the synthetic set."""
+
 from __future__ import annotations
 
 import json
@@ -6,18 +7,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from detection_helpers import crowd_and_empty_set
 from pycocotools.coco import COCO
 
-from aa_lightning.data.coco import (CategoryMapping, COCODataModule, COCODetection, collate_detection,
-                                    load_coco_annotations)
+from aa_lightning.data.coco import (
+    CategoryMapping,
+    COCODataModule,
+    COCODetection,
+    collate_detection,
+    load_coco_annotations,
+)
 from aa_lightning.data.detection_transforms import detection_eval_transform, detection_train_transform
 from aa_lightning.data.synthetic_coco import CATEGORIES, generate_synthetic_coco
-from detection_helpers import crowd_and_empty_set
 
 
 def test_category_mapping_round_trips_non_contiguous_ids():
-    mapping = CategoryMapping([{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"},
-                               {"id": 5, "name": "airplane"}])
+    mapping = CategoryMapping(
+        [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 5, "name": "airplane"}]
+    )
     assert [mapping.to_label(i) for i in (1, 5, 90)] == [0, 1, 2]
     assert [mapping.to_category_id(label) for label in range(3)] == [1, 5, 90]
     assert mapping.names == ["person", "airplane", "toothbrush"]
@@ -28,8 +35,12 @@ def test_category_mapping_round_trips_non_contiguous_ids():
 
 
 def _run(transform, image_hw, boxes):
-    out = transform(image=np.zeros((*image_hw, 3), np.uint8), bboxes=np.asarray(boxes, np.float32),
-                    labels=list(range(len(boxes))), ann_index=list(range(len(boxes))))
+    out = transform(
+        image=np.zeros((*image_hw, 3), np.uint8),
+        bboxes=np.asarray(boxes, np.float32),
+        labels=list(range(len(boxes))),
+        ann_index=list(range(len(boxes))),
+    )
     return tuple(out["image"].shape[-2:]), np.asarray(out["bboxes"])
 
 
@@ -87,9 +98,15 @@ def test_malformed_annotation_file_names_the_file(tmp_path):
     bad.write_text(json.dumps({"images": [], "categories": []}))
     with pytest.raises(ValueError, match=r"instances_bad.json.*annotations"):
         load_coco_annotations(bad)
-    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
-                               "categories": [{"id": 1, "name": "a"}],
-                               "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
+                "categories": [{"id": 1, "name": "a"}],
+                "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}],
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"instances_bad.json: annotation 7: 'bbox'"):
         load_coco_annotations(bad)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):

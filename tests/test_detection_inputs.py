@@ -1,14 +1,15 @@
 """Detection inputs that cannot train or evaluate fail naming the file and why (issue 12, item 9):
 no usable training box, no ground truth to evaluate, invalid boxes reported, bad anchors."""
+
 from __future__ import annotations
 
 import warnings
 
 import pytest
+from detection_helpers import crowd_and_empty_set, write_coco_split
 
 from aa_lightning.data.coco import COCODataModule
 from aa_lightning.tasks.detection import RetinaNetDetector
-from detection_helpers import crowd_and_empty_set, write_coco_split
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
 IMAGES = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 60, "height": 40} for i in (1, 2)]
@@ -21,11 +22,17 @@ def datamodule(root, **kwargs) -> COCODataModule:
     return COCODataModule(root=str(root), batch_size=2, num_workers=0, train_min_size=40, eval_min_size=40, **kwargs)
 
 
-@pytest.mark.parametrize("annotations, why", [
-    ([], r"'annotations' is empty for its 2 images"),
-    ([OUTSIDE, NEGATIVE], r"2 annotations: 2 with no area inside their image; "
-                          r"e.g. annotation 2: bbox \[70, 5, 20, 10\] in the 60x40 image 000000000001.jpg"),
-])
+@pytest.mark.parametrize(
+    "annotations, why",
+    [
+        ([], r"'annotations' is empty for its 2 images"),
+        (
+            [OUTSIDE, NEGATIVE],
+            r"2 annotations: 2 with no area inside their image; "
+            r"e.g. annotation 2: bbox \[70, 5, 20, 10\] in the 60x40 image 000000000001.jpg",
+        ),
+    ],
+)
 def test_no_usable_training_box_names_the_file_and_why(tmp_path, annotations, why):
     write_coco_split(tmp_path, "train2017", IMAGES, annotations, CATEGORIES)
     crowd_and_empty_set(tmp_path, "val2017")
@@ -33,16 +40,25 @@ def test_no_usable_training_box_names_the_file_and_why(tmp_path, annotations, wh
         datamodule(tmp_path).setup("fit")
 
 
-@pytest.mark.parametrize("annotations, why", [
-    ([], r"'annotations' is empty for its 2 images"),
-    ([{**GOOD, "iscrowd": 1}, NEGATIVE], r"2 annotations: 1 crowd \(iscrowd=1\), 1 with no area inside their image"),
-])
+@pytest.mark.parametrize(
+    "annotations, why",
+    [
+        ([], r"'annotations' is empty for its 2 images"),
+        (
+            [{**GOOD, "iscrowd": 1}, NEGATIVE],
+            r"2 annotations: 1 crowd \(iscrowd=1\), 1 with no area inside their image",
+        ),
+    ],
+)
 def test_evaluation_split_without_ground_truth_is_an_error(tmp_path, annotations, why):
     write_coco_split(tmp_path, "train2017", IMAGES, [GOOD], CATEGORIES)
     write_coco_split(tmp_path, "val2017", IMAGES, annotations, CATEGORIES)
     write_coco_split(tmp_path, "test2017", IMAGES, annotations, CATEGORIES)
-    with pytest.raises(ValueError, match=rf"data.val_split 'val2017': .*instances_val2017.json has no usable ground "
-                                         rf"truth \({why}.*\), so its mAP would be -1"):
+    with pytest.raises(
+        ValueError,
+        match=rf"data.val_split 'val2017': .*instances_val2017.json has no usable ground "
+        rf"truth \({why}.*\), so its mAP would be -1",
+    ):
         datamodule(tmp_path).setup("fit")
     with pytest.raises(ValueError, match=r"data.test_split 'test2017': .*instances_test2017.json has no usable"):
         datamodule(tmp_path, test_split="test2017").setup("test")
@@ -67,12 +83,15 @@ def test_invalid_boxes_are_counted_and_reported_once_per_split(tmp_path):
     assert target["boxes"].shape == (0, 4)
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("anchor_sizes", [0, 64, 128, 256, 512], "five positive base sizes"),
-    ("anchor_sizes", [32, 64, -128, 256, 512], "five positive base sizes"),
-    ("aspect_ratios", [0.5, 0.0], "positive height/width ratios"),
-    ("anchor_scales_per_octave", 0, "an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("anchor_sizes", [0, 64, 128, 256, 512], "five positive base sizes"),
+        ("anchor_sizes", [32, 64, -128, 256, 512], "five positive base sizes"),
+        ("aspect_ratios", [0.5, 0.0], "positive height/width ratios"),
+        ("anchor_scales_per_octave", 0, "an int >= 1"),
+    ],
+)
 def test_non_positive_anchors_are_a_value_error(key, value, allowed):
     message = rf"model.init_args.{key}: expected {allowed}.*; got {value!r}".replace("[", r"\[")
     with pytest.raises(ValueError, match=message):

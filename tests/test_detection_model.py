@@ -1,18 +1,19 @@
 """RetinaNetDetector: metrics, parameter counts against torchvision, backbone checkpoints, freezing."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
 import timm
 import torch
-from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_batch_norm_2d builds
+from detection_helpers import crowd_and_empty_set
 from torch import nn
 from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_batch_norm_2d builds
 
 from aa_lightning.data.coco import COCODataModule
 from aa_lightning.tasks import RetinaNetDetector
 from aa_lightning.tasks.detection import NormalizePadTransform
-from detection_helpers import crowd_and_empty_set
 
 TINY = dict(backbone="resnet18", fpn_channels=32, freeze_at=0, frozen_bn=False)
 pytestmark = [
@@ -38,10 +39,14 @@ class _Fixed(nn.Module):
 
 def _eval_batch():
     # one image resized from 100x200 (H x W) to 50x100: predictions come back x2 to the original
-    target = {"orig_boxes": torch.tensor([[20.0, 10.0, 80.0, 60.0], [100.0, 20.0, 180.0, 90.0], [0.0, 0.0, 40.0, 40.0]]),
-              "labels": torch.tensor([0, 1, 1]), "iscrowd": torch.tensor([0, 0, 1]),
-              "area": torch.tensor([3000.0, 5600.0, 1600.0]),
-              "orig_size": torch.tensor([100, 200]), "size": torch.tensor([50, 100])}
+    target = {
+        "orig_boxes": torch.tensor([[20.0, 10.0, 80.0, 60.0], [100.0, 20.0, 180.0, 90.0], [0.0, 0.0, 40.0, 40.0]]),
+        "labels": torch.tensor([0, 1, 1]),
+        "iscrowd": torch.tensor([0, 0, 1]),
+        "area": torch.tensor([3000.0, 5600.0, 1600.0]),
+        "orig_size": torch.tensor([100, 200]),
+        "size": torch.tensor([50, 100]),
+    }
     target["boxes"] = target["orig_boxes"] / 2
     return [torch.zeros(3, 50, 100)], [target]
 
@@ -162,11 +167,19 @@ def test_bad_config_values_name_the_key():
 def test_num_classes_must_match_the_data(tmp_path):
     crowd_and_empty_set(tmp_path, "train2017")
     crowd_and_empty_set(tmp_path, "val2017")
-    dm = COCODataModule(root=str(tmp_path), batch_size=1, num_workers=0, train_min_size=64, eval_min_size=64,
-                        hflip_prob=0.0)
+    dm = COCODataModule(
+        root=str(tmp_path), batch_size=1, num_workers=0, train_min_size=64, eval_min_size=64, hflip_prob=0.0
+    )
     wrong = RetinaNetDetector(num_classes=5, **TINY)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     with pytest.raises(ValueError, match=r"num_classes is 5 but the data set has 3 categories \(ids \[1, 5, 90\]\)"):
         trainer.fit(wrong, dm)
 
@@ -178,9 +191,19 @@ def test_overfits_a_few_synthetic_images(tmp_path):
     from aa_lightning.data.synthetic_coco import SyntheticCOCODataModule
 
     pl.seed_everything(0)
-    dm = SyntheticCOCODataModule(root=str(tmp_path), num_train=4, num_val=1, image_size=64, min_object_size=8,
-                                 batch_size=4, num_workers=0, train_min_size=64, eval_min_size=64, max_size=96,
-                                 hflip_prob=0.0)
+    dm = SyntheticCOCODataModule(
+        root=str(tmp_path),
+        num_train=4,
+        num_val=1,
+        image_size=64,
+        min_object_size=8,
+        batch_size=4,
+        num_workers=0,
+        train_min_size=64,
+        eval_min_size=64,
+        max_size=96,
+        hflip_prob=0.0,
+    )
     dm.prepare_data()
     dm.setup("fit")
     images, targets = next(iter(dm.train_dataloader()))

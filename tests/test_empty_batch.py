@@ -1,5 +1,6 @@
 """An empty batch [0, 3, H, W] gives an empty output and defined gradients, as timm's own ResNet does:
 from every attention backend (relative_attention_2d) and from every AA model family."""
+
 from __future__ import annotations
 
 import pytest

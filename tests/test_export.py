@@ -1,4 +1,5 @@
 """ONNX export of AA layers: the backend switch, dynamic batch, onnxruntime and onnx's reference evaluator."""
+
 import json
 import sys
 
@@ -8,8 +9,7 @@ import torch
 from torch import nn
 
 from aa_lightning.export import export_onnx, run_onnx
-from aa_lightning.layers import attention_backend
-from aa_lightning.layers import AugmentedConv2d
+from aa_lightning.layers import AugmentedConv2d, attention_backend
 
 
 def aa_network(positions=("relative", "relative")) -> nn.Module:
@@ -17,12 +17,17 @@ def aa_network(positions=("relative", "relative")) -> nn.Module:
     torch.manual_seed(0)
     first, *rest = positions
     layers = [
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
         AugmentedConv2d(8, 8, 3, 2, dk=8, dv=4, num_heads=2, position=first, feat_size=16, backend="chunked"),
-        nn.BatchNorm2d(8), nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
     ]
     for position in rest:
-        layers.append(AugmentedConv2d(8, 8, 3, 1, dk=8, dv=8, num_heads=4, position=position, feat_size=8, backend="chunked"))
+        layers.append(
+            AugmentedConv2d(8, 8, 3, 1, dk=8, dv=8, num_heads=4, position=position, feat_size=8, backend="chunked")
+        )
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
 
 
@@ -63,7 +68,9 @@ def test_backend_switch_is_restored_after_an_error():
     model = aa_network()
     with pytest.raises(RuntimeError, match="boom"):
         with attention_backend(model, "reference") as count:
-            assert count == 2 and all(m.backend == "reference" for m in model.modules() if isinstance(m, AugmentedConv2d))
+            assert count == 2 and all(
+                m.backend == "reference" for m in model.modules() if isinstance(m, AugmentedConv2d)
+            )
             raise RuntimeError("boom")
     assert all(m.backend == "chunked" for m in model.modules() if isinstance(m, AugmentedConv2d))
 
@@ -94,8 +101,12 @@ def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tm
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = trained(x)
-        by_name = timm.create_model("predict_tiny_aa", pretrained=True, num_classes=4,
-                                    pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=4)).eval()
+        by_name = timm.create_model(
+            "predict_tiny_aa",
+            pretrained=True,
+            num_classes=4,
+            pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=4),
+        ).eval()
         torch.testing.assert_close(by_name(x), expected, rtol=0, atol=0)
         by_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
         torch.testing.assert_close(by_folder(x), expected, rtol=0, atol=0)
@@ -111,7 +122,9 @@ def test_export_command_round_trips_through_timm_and_onnx(checkpoint, images, tm
         assert predict_main(["--ckpt", str(source), "--images", str(images[0]), "--out", str(folder)]) == 0
     from_ckpt, from_export = (json.loads((tmp_path / f / "predictions.json").read_text())[0]["top_k"] for f in "ab")
     assert [p["name"] for p in from_ckpt] == [p["name"] for p in from_export]
-    np.testing.assert_allclose([p["probability"] for p in from_ckpt], [p["probability"] for p in from_export], rtol=1e-5)
+    np.testing.assert_allclose(
+        [p["probability"] for p in from_ckpt], [p["probability"] for p in from_export], rtol=1e-5
+    )
 
 
 def test_export_command_names_both_models_on_a_mismatch(checkpoint, tmp_path, capsys):  # noqa: F811

@@ -1,5 +1,6 @@
 """export / inspect outputs (issue 12, item 10): an unwritable --out is one `error:` line, and an export
 never mixes two checkpoints' files nor overwrites files it did not write."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ def one_error_line(capsys) -> str:
 def test_unwritable_out_is_one_error_line(checkpoint, images, tmp_path, capsys, command):  # noqa: F811
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    run = (lambda out: predict_main(["--ckpt", str(checkpoint), "--images", str(images[0]), "--out", out])) \
-        if command == "predict" else (lambda out: export_main(["--ckpt", str(checkpoint), "--out", out]))
+    run = (
+        (lambda out: predict_main(["--ckpt", str(checkpoint), "--images", str(images[0]), "--out", out]))
+        if command == "predict"
+        else (lambda out: export_main(["--ckpt", str(checkpoint), "--out", out]))
+    )
     assert run(str(blocker / "sub")) == 2
     assert one_error_line(capsys).endswith(f"error: --out {blocker / 'sub'}: cannot write there (Not a directory)")
     assert run(str(blocker)) == 2
@@ -55,7 +59,8 @@ def test_export_never_overwrites_files_it_did_not_write(checkpoint, tmp_path, ca
     assert export_main(["--ckpt", str(checkpoint), "--out", str(out), "--formats", "onnx", "--no-check"]) == 2
     assert one_error_line(capsys).endswith(
         f"error: --out {out} already holds config.json, model.safetensors, not written by python -m "
-        "aa_lightning.export (no export.json of it); choose an empty or new folder, or remove them yourself")
+        "aa_lightning.export (no export.json of it); choose an empty or new folder, or remove them yourself"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"their weights"
 
@@ -68,8 +73,10 @@ def test_predict_never_overwrites_files_it_did_not_write(checkpoint, images, tmp
     shutil.copyfile(images[0], photo)
     before = photo.read_bytes()
     assert predict_main(["--ckpt", str(checkpoint), "--images", str(photo), "--out", str(folder)]) == 2
-    assert one_error_line(capsys).endswith(f"error: --out {folder}: would overwrite cat.png, not written by an earlier "
-                                           "predict run (not in its predictions.json); choose another --out folder")
+    assert one_error_line(capsys).endswith(
+        f"error: --out {folder}: would overwrite cat.png, not written by an earlier "
+        "predict run (not in its predictions.json); choose another --out folder"
+    )
     assert photo.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["cat.png"]
     out = tmp_path / "out"  # an earlier predict run's own figures are replaced
     for _ in range(2):

@@ -1,4 +1,5 @@
 """Faults of train.py that must give a clear error and lose nothing (issue 12, items 2, 3, 6, 8, 10)."""
+
 from __future__ import annotations
 
 import re
@@ -8,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from cli_helpers import REPO, run_cli
-from cli_helpers import aa_recipe
+from cli_helpers import REPO, aa_recipe, run_cli
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -75,8 +74,17 @@ def test_a_rejected_resume_writes_nothing_to_the_run_folder(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "runs" / "tiny_aa"
     before = folder_bytes(run)
-    other = run_cli("--config", str(recipe), "--ckpt_path", "last", "--model.init_args.num_classes", "5",
-                    "--data.init_args.num_classes", "5", cwd=tmp_path)
+    other = run_cli(
+        "--config",
+        str(recipe),
+        "--ckpt_path",
+        "last",
+        "--model.init_args.num_classes",
+        "5",
+        "--data.init_args.num_classes",
+        "5",
+        cwd=tmp_path,
+    )
     assert other.returncode == 1
     assert "num_classes=4" in other.stderr and "num_classes=5" in other.stderr and "last.ckpt" in other.stderr
     assert "Traceback" not in other.stderr
@@ -92,10 +100,13 @@ def test_a_rejected_resume_writes_nothing_to_the_run_folder(tmp_path):
 def test_a_non_finite_loss_stops_the_run_naming_step_value_and_checkpoint(tmp_path):
     """Item 8: base_lr 1e12 diverges; the run stops at the first non-finite loss (the attention callback
     does not crash), naming the step, the value and the last good checkpoint."""
-    recipe = aa_recipe(tmp_path, callbacks=[{"class_path": "aa_lightning.callbacks.AttentionMapLogger",
-                                             "init_args": {"num_images": 2}}])
-    result = run_cli("--config", str(recipe), "--model.init_args.base_lr", "1e12", "--checkpoint_every_n_steps", "1",
-                     cwd=tmp_path)
+    recipe = aa_recipe(
+        tmp_path,
+        callbacks=[{"class_path": "aa_lightning.callbacks.AttentionMapLogger", "init_args": {"num_images": 2}}],
+    )
+    result = run_cli(
+        "--config", str(recipe), "--model.init_args.base_lr", "1e12", "--checkpoint_every_n_steps", "1", cwd=tmp_path
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr and "IndexError" not in result.stderr
@@ -150,8 +161,18 @@ def test_model_kwargs_overrides_merge_into_the_recipes_dict(tmp_path, monkeypatc
     assert _model_kwargs("--config", quickstart, "--config", baseline) == {"depth": 10, "widen_factor": 2}
     # the merged dict is what the model is built with
     monkeypatch.setattr("sys.argv", ["train.py"])
-    cli = AACLI(args=["--config", quickstart, "--model.init_args.model_kwargs", "{aa_k: 0.3}",
-                      "--data.init_args.data_dir", str(tmp_path / "data"), "--runs_dir", str(tmp_path / "runs")])
+    cli = AACLI(
+        args=[
+            "--config",
+            quickstart,
+            "--model.init_args.model_kwargs",
+            "{aa_k: 0.3}",
+            "--data.init_args.data_dir",
+            str(tmp_path / "data"),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     assert dict(cli.model.hparams.model_kwargs) == {**recipe, "aa_k": 0.3}
     assert sum(p.numel() for p in cli.model.parameters()) < 1_000_000  # not a full WRN-28-10
 

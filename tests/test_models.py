@@ -6,6 +6,7 @@ checks at the full default sizes (224, detection's 512x640) run on the ``meta`` 
 TorchScript: the AA models are excluded (as timm excludes its own unscriptable models with
 EXCLUDE_JIT_FILTERS): AugmentedConv2d does not script (see test_aa_layer_does_not_script).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -23,9 +24,16 @@ import aa_lightning  # noqa: F401  (registers the models)
 from aa_lightning.layers import AugmentedConv2d
 
 AA_MODELS = [
-    "aa_resnet26", "aa_resnet34", "aa_resnet50", "aa_resnet101", "aa_resnet152",
+    "aa_resnet26",
+    "aa_resnet34",
+    "aa_resnet50",
+    "aa_resnet101",
+    "aa_resnet152",
     "aa_wrn28_10",
-    "aa_mnasnet_075", "aa_mnasnet_100", "aa_mnasnet_125", "aa_mnasnet_140",
+    "aa_mnasnet_075",
+    "aa_mnasnet_100",
+    "aa_mnasnet_125",
+    "aa_mnasnet_140",
 ]
 OWN_BASELINES = ["wrn28_10", "semnasnet_125"]  # baselines timm lacks, registered here
 MODELS = AA_MODELS + OWN_BASELINES
@@ -79,7 +87,17 @@ def test_model_default_cfgs(name):
     with torch.device("meta"):
         model = timm.create_model(name).eval()
     cfg = model.pretrained_cfg
-    for key in ("input_size", "pool_size", "mean", "std", "first_conv", "classifier", "num_classes", "crop_pct", "interpolation"):
+    for key in (
+        "input_size",
+        "pool_size",
+        "mean",
+        "std",
+        "first_conv",
+        "classifier",
+        "num_classes",
+        "crop_pct",
+        "interpolation",
+    ):
         assert key in cfg, key
     assert cfg["architecture"] == name
     if name in CIFAR_MODELS:
@@ -177,7 +195,9 @@ def _create_fx_model(model, train: bool = False):
     """timm's tests/test_models.py helper: trace with timm's leaf modules / autowrapped functions."""
     from torchvision.models.feature_extraction import NodePathTracer
 
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
     eval_return_nodes, train_return_nodes = [eval_nodes[-1]], [train_nodes[-1]]
     if train:
@@ -191,9 +211,11 @@ def _create_fx_model(model, train: bool = False):
     )
 
 
-FX_CASES = [(name, {}) for name in ["aa_resnet26", "aa_resnet34", "aa_wrn28_10", "aa_mnasnet_075", "wrn28_10"]] + [
-    ("aa_resnet26", {"aa_position": position}) for position in ("none", "sine", "coord")
-] + [("aa_resnet26", {"aa_k": 1.0, "aa_v": 1.0})]
+FX_CASES = (
+    [(name, {}) for name in ["aa_resnet26", "aa_resnet34", "aa_wrn28_10", "aa_mnasnet_075", "wrn28_10"]]
+    + [("aa_resnet26", {"aa_position": position}) for position in ("none", "sine", "coord")]
+    + [("aa_resnet26", {"aa_k": 1.0, "aa_v": 1.0})]
+)
 
 
 @pytest.mark.parametrize("name, extra", FX_CASES)
@@ -236,8 +258,12 @@ def test_model_forward_torchscript(name):
         assert torch.allclose(scripted(x), model(x), atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="AugmentedConv2d does not script: the AA models are "
-                   "excluded from TorchScript (EXCLUDE_JIT_FILTERS); when this passes, drop the exclusion")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="AugmentedConv2d does not script: the AA models are "
+    "excluded from TorchScript (EXCLUDE_JIT_FILTERS); when this passes, drop the exclusion",
+)
 def test_aa_layer_does_not_script():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -4,6 +4,7 @@ A narrow AA-ResNet (aa_resnet50's Bottleneck blocks, one per stage, 8-64 base ch
 has every kind of AA layer the full model has: strided (pooled attention input) and unstrided,
 at three grid sizes. ``benchmarks/compile_check.py`` runs the same check on the full aa_resnet50.
 """
+
 import pytest
 import timm
 import torch

@@ -1,6 +1,7 @@
 """The AA settings as create_model kwargs: where attention goes, its dims, tables, errors.
 
 Structure checks build the networks on the ``meta`` device (no memory, no compute)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,10 +21,16 @@ def augmented(model) -> dict[str, AugmentedConv2d]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AugmentedConv2d)}
 
 
-@pytest.mark.parametrize("name, conv, blocks", [
-    ("aa_resnet26", "conv2", (2, 2, 2)), ("aa_resnet34", "conv1", (4, 6, 3)), ("aa_resnet50", "conv2", (4, 6, 3)),
-    ("aa_resnet101", "conv2", (4, 23, 3)), ("aa_resnet152", "conv2", (8, 36, 3)),
-])
+@pytest.mark.parametrize(
+    "name, conv, blocks",
+    [
+        ("aa_resnet26", "conv2", (2, 2, 2)),
+        ("aa_resnet34", "conv1", (4, 6, 3)),
+        ("aa_resnet50", "conv2", (4, 6, 3)),
+        ("aa_resnet101", "conv2", (4, 23, 3)),
+        ("aa_resnet152", "conv2", (8, 36, 3)),
+    ],
+)
 def test_aa_resnets_augment_the_first_3x3_conv_of_every_block_in_stages_2_to_4(name, conv, blocks):
     layers = augmented(meta(name))
     expected = {f"layer{stage}.{i}.{conv}" for stage, n in zip((2, 3, 4), blocks) for i in range(n)}
@@ -38,9 +45,17 @@ def test_aa_resnets_augment_the_first_3x3_conv_of_every_block_in_stages_2_to_4(n
 def test_paper_ratios_become_dims():
     """ResNet-50: k = 2v = 0.2, Nh 8 -> dk, dv rounded to multiples of 8; ResNet-34: k = v = 0.25."""
     r50 = augmented(meta("aa_resnet50"))
-    assert [(r50[n].dk, r50[n].dv) for n in ("layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2")] == [(24, 16), (48, 24), (104, 48)]
+    assert [(r50[n].dk, r50[n].dv) for n in ("layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2")] == [
+        (24, 16),
+        (48, 24),
+        (104, 48),
+    ]
     r34 = augmented(meta("aa_resnet34"))
-    assert [(r34[n].dk, r34[n].dv) for n in ("layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1")] == [(32, 32), (64, 64), (128, 128)]
+    assert [(r34[n].dk, r34[n].dv) for n in ("layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1")] == [
+        (32, 32),
+        (64, 64),
+        (128, 128),
+    ]
 
 
 def test_aa_wrn_keeps_20_key_dims_per_head():
@@ -57,7 +72,17 @@ def test_aa_wrn_keeps_20_key_dims_per_head():
 def test_aa_mnasnet_augments_the_expansion_convs_at_14x14_and_below():
     model = meta("aa_mnasnet_100")
     layers = augmented(model)
-    expected = ["blocks.3.1", "blocks.3.2", "blocks.3.3", "blocks.4.0", "blocks.4.1", "blocks.5.0", "blocks.5.1", "blocks.5.2", "blocks.6.0"]
+    expected = [
+        "blocks.3.1",
+        "blocks.3.2",
+        "blocks.3.3",
+        "blocks.4.0",
+        "blocks.4.1",
+        "blocks.5.0",
+        "blocks.5.1",
+        "blocks.5.2",
+        "blocks.6.0",
+    ]
     assert model.augmented_blocks == expected and set(layers) == {f"{b}.conv_pw" for b in expected}
     for n, layer in layers.items():
         assert layer.kernel_size == 1 and layer.num_heads == 4 and layer.dv == round(0.05 * layer.out_channels / 4) * 4
@@ -106,7 +131,9 @@ def test_timm_resnet_kwargs_pass_through_layers_and_channels():
     assert set(layers) == {f"layer{s}.{i}.conv1" for s in (2, 3, 4) for i in range(2)}
     assert [layers[f"layer{s}.1.conv1"].rel_h.shape[0] for s in (2, 3, 4)] == [2 * 16 - 1, 2 * 8 - 1, 2 * 4 - 1]
     ours = meta("aa_resnet34", aa_v=0.0, **kwargs).state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in meta("resnet18", **kwargs).state_dict().items()}
+    assert {k: v.shape for k, v in ours.items()} == {
+        k: v.shape for k, v in meta("resnet18", **kwargs).state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("name", ["aa_resnet50", "aa_wrn28_10", "aa_mnasnet_100"])
@@ -124,33 +151,50 @@ def test_non_augmented_keys_line_up_with_timm_resnet50():
     assert all(ours[k].shape == theirs[k].shape for k in shared)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(aa_v=1.5), r"aa_v \(dv / Fout\) must be a number in \[0, 1\]"),
-    (dict(aa_k=0.0), r"aa_k \(dk / Fout\) must be a number > 0"),
-    (dict(aa_heads=0), r"aa_heads \(Nh\) must be an integer >= 1"),
-    (dict(aa_position="absolute"), r"aa_position must be one of \('relative', 'none', 'sine', 'coord'\); got 'absolute'"),
-    (dict(aa_backend="cuda"), r"aa_backend must be one of"),
-    (dict(aa_headz=4), r"unknown AA argument\(s\) \['aa_headz'\]; this model accepts \[.*'aa_heads'.*'aa_stages'.*'img_size'\]"),
-    (dict(aa_k=1.0, aa_v=1.0, aa_heads=7), r"aa_k=1.0, aa_v=1.0, aa_heads=7: v = 1.0 needs dv = Fout = 128 divisible by num_heads = 7"),
-    (dict(aa_stages=(0, 2)), r"aa_stages must be a subset of \(1, 2, 3, 4\)"),
-    (dict(img_size=(224,)), r"img_size must be an int or \(H, W\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(aa_v=1.5), r"aa_v \(dv / Fout\) must be a number in \[0, 1\]"),
+        (dict(aa_k=0.0), r"aa_k \(dk / Fout\) must be a number > 0"),
+        (dict(aa_heads=0), r"aa_heads \(Nh\) must be an integer >= 1"),
+        (
+            dict(aa_position="absolute"),
+            r"aa_position must be one of \('relative', 'none', 'sine', 'coord'\); got 'absolute'",
+        ),
+        (dict(aa_backend="cuda"), r"aa_backend must be one of"),
+        (
+            dict(aa_headz=4),
+            r"unknown AA argument\(s\) \['aa_headz'\]; this model accepts \[.*'aa_heads'.*'aa_stages'.*'img_size'\]",
+        ),
+        (
+            dict(aa_k=1.0, aa_v=1.0, aa_heads=7),
+            r"aa_k=1.0, aa_v=1.0, aa_heads=7: v = 1.0 needs dv = Fout = 128 divisible by num_heads = 7",
+        ),
+        (dict(aa_stages=(0, 2)), r"aa_stages must be a subset of \(1, 2, 3, 4\)"),
+        (dict(img_size=(224,)), r"img_size must be an int or \(H, W\)"),
+    ],
+)
 def test_bad_settings_fail_naming_the_kwarg(kwargs, message):
     with pytest.raises(ValueError, match=message):
         meta("aa_resnet50", **kwargs)
 
 
-
-@pytest.mark.parametrize("name, heads, width", [
-    ("aa_resnet26", 256, 128),  # stage 2's 3x3 convs are 128 wide
-    ("aa_wrn28_10", 200, 160),  # group 1's convs are 160 wide
-    ("aa_mnasnet_100", 500, 480),  # the first augmented conv_pw (80 -> 480); later ones are wider
-])
+@pytest.mark.parametrize(
+    "name, heads, width",
+    [
+        ("aa_resnet26", 256, 128),  # stage 2's 3x3 convs are 128 wide
+        ("aa_wrn28_10", 200, 160),  # group 1's convs are 160 wide
+        ("aa_mnasnet_100", 500, 480),  # the first augmented conv_pw (80 -> 480); later ones are wider
+    ],
+)
 def test_heads_wider_than_a_layer_fail_naming_layer_width_and_heads(name, heads, width):
     """aa_heads > Fout used to give that layer dv = 0 (a plain conv) and a model with fewer, or zero,
     AA layers without a word (aa_dims(64, 0.2, 0.1, 100) == (100, 0))."""
-    with pytest.raises(ValueError, match=rf"AA layer on the .*conv \d+->{width} .*aa_heads={heads}: "
-                                         rf"num_heads = {heads} exceeds the layer's width Fout = {width}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"AA layer on the .*conv \d+->{width} .*aa_heads={heads}: "
+        rf"num_heads = {heads} exceeds the layer's width Fout = {width}",
+    ):
         meta(name, aa_heads=heads)
 
 

@@ -1,5 +1,6 @@
 """Parameter counts and FLOPs: against the paper's tables and against an independent count from
 the paper's layer definition (networks built on the ``meta`` device: no memory, no compute)."""
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,9 @@ def paper_dims(fout: int, k: float, v: float, nh: int, min_dkh: int = 1) -> tupl
     return max(_round_to_heads(k * fout, nh), min_dkh * nh), dv
 
 
-def augmentation_delta(conv: torch.nn.Conv2d, input_hw: tuple[int, int], k: float, v: float, nh: int, min_dkh: int = 1) -> int:
+def augmentation_delta(
+    conv: torch.nn.Conv2d, input_hw: tuple[int, int], k: float, v: float, nh: int, min_dkh: int = 1
+) -> int:
     """Parameters an AAConv adds over the plain ``conv`` it replaces (paper Section 3.3):
     conv branch loses dv filters; qkv 1x1 conv Fin -> 2dk + dv and W_O dv -> dv (with biases);
     relative tables (2H'-1 + 2W'-1) x dkh at the attention grid H' x W'."""
@@ -91,18 +94,23 @@ def resnet_augmented_convs(baseline):
     return convs
 
 
-@pytest.mark.parametrize("name, baseline, kwargs, k, v", [
-    ("aa_resnet26", "resnet26", {}, 0.25, 0.25),
-    ("aa_resnet34", "resnet34", {}, 0.25, 0.25),
-    ("aa_resnet50", "resnet50", {}, 0.2, 0.1),
-    ("aa_resnet101", "resnet101", {}, 0.2, 0.1),
-    ("aa_resnet152", "resnet152", {}, 0.2, 0.1),
-    ("aa_resnet50", "resnet50", {"aa_k": 0.25, "aa_v": 0.25}, 0.25, 0.25),
-    ("aa_resnet50", "resnet50", {"aa_k": 1.0, "aa_v": 1.0}, 1.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "name, baseline, kwargs, k, v",
+    [
+        ("aa_resnet26", "resnet26", {}, 0.25, 0.25),
+        ("aa_resnet34", "resnet34", {}, 0.25, 0.25),
+        ("aa_resnet50", "resnet50", {}, 0.2, 0.1),
+        ("aa_resnet101", "resnet101", {}, 0.2, 0.1),
+        ("aa_resnet152", "resnet152", {}, 0.2, 0.1),
+        ("aa_resnet50", "resnet50", {"aa_k": 0.25, "aa_v": 0.25}, 0.25, 0.25),
+        ("aa_resnet50", "resnet50", {"aa_k": 1.0, "aa_v": 1.0}, 1.0, 1.0),
+    ],
+)
 def test_aa_resnet_counts_follow_the_layer_definition(name, baseline, kwargs, k, v):
     reference = meta(baseline)
-    expected = count_params(reference) + sum(augmentation_delta(c, hw, k, v, 8) for c, hw in resnet_augmented_convs(reference))
+    expected = count_params(reference) + sum(
+        augmentation_delta(c, hw, k, v, 8) for c, hw in resnet_augmented_convs(reference)
+    )
     assert count_params(meta(name, **kwargs)) == expected
 
 
@@ -123,7 +131,10 @@ def test_wrn28_10_is_zagoruyko_komodakis():
     assert count_params(meta("wrn28_10")) == 36_536_884
 
 
-@pytest.mark.parametrize("multiplier, baseline", [("075", "semnasnet_075"), ("100", "semnasnet_100"), ("125", "semnasnet_125"), ("140", "semnasnet_140")])
+@pytest.mark.parametrize(
+    "multiplier, baseline",
+    [("075", "semnasnet_075"), ("100", "semnasnet_100"), ("125", "semnasnet_125"), ("140", "semnasnet_140")],
+)
 def test_aa_mnasnet_overhead_is_the_papers(multiplier, baseline):
     """+0.1M to +0.35M over MnasNet-A1 (paper); exactly the layer definition's count."""
     reference = meta(baseline)

@@ -1,5 +1,6 @@
 """No published weights: pretrained=True fails clearly; local files (timm's pretrained_cfg_overlay,
 aa_lightning.models.load_checkpoint) load, resample relative tables, and reject other models."""
+
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -40,14 +41,22 @@ def test_local_file_through_timm_pretrained_cfg_overlay(tmp_path, suffix):
         save_file(source.state_dict(), str(path))
     else:
         torch.save(source.state_dict(), path)
-    loaded = timm.create_model("aa_resnet26", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **SMALL)
+    loaded = timm.create_model(
+        "aa_resnet26", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **SMALL
+    )
     assert same_weights(source, loaded)
 
 
 def lightning_checkpoint(path, model_name: str, model_kwargs: dict, num_classes: int = 5) -> ImageClassifier:
     """A real checkpoint of this project's ImageClassifier, written by Lightning's Trainer."""
     module = ImageClassifier(model_name, num_classes=num_classes, model_kwargs=model_kwargs)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return module
@@ -63,7 +72,9 @@ def test_load_checkpoint_of_a_lightning_run(tmp_path):
     with torch.no_grad():
         assert torch.equal(module.model.eval()(x), model.eval()(x))
     # timm's own file loading takes the same .ckpt (the 'model.' prefix is stripped by the filter)
-    via_timm = timm.create_model("aa_resnet26", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **SMALL)
+    via_timm = timm.create_model(
+        "aa_resnet26", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **SMALL
+    )
     assert same_weights(module.model, via_timm)
     headless = timm.create_model("aa_resnet26", img_size=32, num_classes=0)
     load_checkpoint(headless, path)  # the classifier is skipped
@@ -81,7 +92,11 @@ def test_load_checkpoint_of_another_model_names_both(tmp_path):
 def test_load_checkpoint_with_other_settings_names_the_differences(tmp_path):
     path = tmp_path / "kv.ckpt"
     lightning_checkpoint(path, "aa_resnet26", {"img_size": 32, "aa_k": 1.0, "aa_v": 1.0})
-    with pytest.raises(ValueError, match=r"'aa_resnet26' with \{.*'aa_k': 1.0.*\}\) does not fit the model 'aa_resnet26'.*shape mismatches.*timm.create_model\('aa_resnet26', \*\*\{"):
+    with pytest.raises(
+        ValueError,
+        match=r"'aa_resnet26' with \{.*'aa_k': 1.0.*\}\) does not fit the model 'aa_resnet26'.*shape mismatches"
+        r".*timm.create_model\('aa_resnet26', \*\*\{",
+    ):
         load_checkpoint(timm.create_model("aa_resnet26", **SMALL), path)
     plain = tmp_path / "plain.pth"
     torch.save(timm.create_model("resnet26", num_classes=5).state_dict(), plain)
@@ -93,7 +108,9 @@ def test_load_checkpoint_with_other_settings_names_the_differences(tmp_path):
     own = partial.state_dict()
     loaded = [k for k in own if k in resnet]
     assert all(torch.equal(own[k], resnet[k]) for k in loaded)
-    assert sorted(set(own) - set(loaded)) == sorted(k for k in own if ".conv2." in k and k.startswith(("layer2", "layer3", "layer4")))
+    assert sorted(set(own) - set(loaded)) == sorted(
+        k for k in own if ".conv2." in k and k.startswith(("layer2", "layer3", "layer4"))
+    )
     with pytest.raises(ValueError, match="shape mismatches"):  # strict=False still refuses wrong shapes
         load_checkpoint(timm.create_model("aa_resnet26", img_size=32, num_classes=7), plain, strict=False)
 
@@ -126,9 +143,10 @@ def test_one_reader_for_lightning_timm_ema_ddp_and_safetensors_files(tmp_path):
     source = timm.create_model("aa_resnet26", **SMALL)
     state = source.state_dict()
     files = {
-        "lightning.ckpt": {"state_dict": {**{f"model.{k}": v for k, v in state.items()},
-                                          "criterion.weight": torch.ones(5)},
-                           "hyper_parameters": {"model_name": "aa_resnet26", "model_kwargs": {"img_size": 32}}},
+        "lightning.ckpt": {
+            "state_dict": {**{f"model.{k}": v for k, v in state.items()}, "criterion.weight": torch.ones(5)},
+            "hyper_parameters": {"model_name": "aa_resnet26", "model_kwargs": {"img_size": 32}},
+        },
         "timm_ema.pth": {"state_dict_ema": {f"module.{k}": v for k, v in state.items()}, "arch": "aa_resnet26"},
         "torchvision.pth": {"model": state, "epoch": 3},
         "plain.pt": state,
@@ -136,8 +154,13 @@ def test_one_reader_for_lightning_timm_ema_ddp_and_safetensors_files(tmp_path):
     for name, contents in files.items():
         torch.save(contents, tmp_path / name)
     save_file(state, str(tmp_path / "weights.safetensors"))
-    for name, model_name in [("lightning.ckpt", "aa_resnet26"), ("timm_ema.pth", "aa_resnet26"),
-                             ("torchvision.pth", None), ("plain.pt", None), ("weights.safetensors", None)]:
+    for name, model_name in [
+        ("lightning.ckpt", "aa_resnet26"),
+        ("timm_ema.pth", "aa_resnet26"),
+        ("torchvision.pth", None),
+        ("plain.pt", None),
+        ("weights.safetensors", None),
+    ]:
         checkpoint = read_checkpoint(tmp_path / name)
         assert checkpoint.state_dict.keys() == state.keys(), name
         assert all(torch.equal(checkpoint.state_dict[k], v) for k, v in state.items()), name

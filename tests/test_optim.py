@@ -1,4 +1,5 @@
 """aa_lightning.optim: the torch schedulers against the schedule's closed form, weight-decay groups, optimizers."""
+
 import math
 
 import pytest
@@ -70,8 +71,12 @@ def test_weight_decay_groups_leave_norms_and_biases_undecayed():
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     decayed = {names[id(p)] for p in decay["params"]}
     undecayed = {names[id(p)] for p in no_decay["params"]}
-    norms = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)
-             for p in ("weight", "bias")}
+    norms = {
+        f"{m}.{p}"
+        for m, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     assert norms and norms <= undecayed and "fc.bias" in undecayed
     assert "conv1.0.weight" in decayed and all(p.ndim > 1 for p in decay["params"])
     assert "fc.weight" not in decayed | undecayed  # frozen parameters are left out

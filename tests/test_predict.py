@@ -1,4 +1,5 @@
 """python -m aa_lightning.predict: predictions and attention overlays of a checkpoint on image files; clear errors."""
+
 import json
 from pathlib import Path
 
@@ -9,11 +10,12 @@ from PIL import Image
 
 from aa_lightning.callbacks.attention_overlay import colormap_table, tile_origin
 from aa_lightning.data import SyntheticCIFARDataModule
-from aa_lightning.predict import load_trained_classifier, main, preprocess, read_image
 from aa_lightning.layers import relative_attention_reference
+from aa_lightning.predict import load_trained_classifier, main, preprocess, read_image
 from aa_lightning.tasks import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 def test_rebuilt_model_matches_the_trained_one(checkpoint):
     classifier = load_trained_classifier(checkpoint)
@@ -22,14 +24,18 @@ def test_rebuilt_model_matches_the_trained_one(checkpoint):
     with torch.no_grad():
         torch.testing.assert_close(classifier.model(x), trained.model(x))
     assert classifier.model_name == "predict_tiny_aa" and classifier.num_classes == 4
-    assert classifier.class_names == [f"plus_at_{a:03d}deg_of_square" for a in (0, 90, 180, 270)]  # the data module's meta file
+    assert classifier.class_names == [
+        f"plus_at_{a:03d}deg_of_square" for a in (0, 90, 180, 270)
+    ]  # the data module's meta file
     assert (classifier.image_size, classifier.resize_size) == (32, 32)
     assert classifier.mean == pytest.approx((0.5071, 0.4865, 0.4409))
 
 
 def test_preprocessing_is_the_validation_transform_on_a_32px_image(checkpoint):
     classifier = load_trained_classifier(checkpoint)
-    data = SyntheticCIFARDataModule(data_dir=str(checkpoint.parent / "data"), num_classes=4, train_size=16, test_size=8, val_split=4)
+    data = SyntheticCIFARDataModule(
+        data_dir=str(checkpoint.parent / "data"), num_classes=4, train_size=16, test_size=8, val_split=4
+    )
     data.setup("validate")
     raw = data.val_set.images[0]
     torch.testing.assert_close(preprocess(raw, classifier), data.val_set[0][0])
@@ -37,8 +43,28 @@ def test_preprocessing_is_the_validation_transform_on_a_32px_image(checkpoint):
 
 def test_predictions_and_overlays_are_written(checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--ckpt", str(checkpoint), "--images", *map(str, images), "--out", str(out), "--layer", "layer1.0.conv1",
-                 "--queries", "0.5,0.5", "0,0.99", "--tile-size", "32", "--top-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(checkpoint),
+                "--images",
+                *map(str, images),
+                "--out",
+                str(out),
+                "--layer",
+                "layer1.0.conv1",
+                "--queries",
+                "0.5,0.5",
+                "0,0.99",
+                "--tile-size",
+                "32",
+                "--top-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     records = json.loads((out / "predictions.json").read_text())
     assert [Path(r["figure"]).name for r in records] == ["wide.png", "gray.png"]
     classifier = load_trained_classifier(checkpoint)
@@ -104,7 +130,10 @@ def test_errors_name_the_checkpoint_and_the_models(checkpoint, images, tmp_path,
     torch.save(state, other)
     assert main(["--ckpt", str(other), "--images", str(images[0])]) == 2
     err = capsys.readouterr().err
-    assert f"{other} ('predict_tiny_aa') does not fit the model 'predict_tiny_aa'" in err and "fc.weight (4, 99) vs (4, 16)" in err
+    assert (
+        f"{other} ('predict_tiny_aa') does not fit the model 'predict_tiny_aa'" in err
+        and "fc.weight (4, 99) vs (4, 16)" in err
+    )
     assert "unexpected (1): extra.weight" in err
 
 

@@ -1,16 +1,17 @@
 """End to end in subprocesses: train.py with the attention callback from YAML writes overlays to
 TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from cli_helpers import REPO, events
+from cli_helpers import run_python as run
 from PIL import Image
 
 from aa_lightning.callbacks.attention_overlay import tile_origin
-from cli_helpers import REPO, events
-from cli_helpers import run_python as run
 
 TINY_AA_WRN = {"depth": 10, "widen_factor": 1, "aa_heads": 2, "aa_min_dkh": 4}  # 3 AA layers, 77k parameters
 
@@ -25,16 +26,45 @@ def trained_run(tmp_path_factory) -> Path:
         "run_name": "tiny",
         "test_ckpt_path": None,
         "trainer": {
-            "max_epochs": 2, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "enable_model_summary": False,
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "enable_model_summary": False,
             "limit_train_batches": 2,
-            "callbacks": [{"class_path": "aa_lightning.callbacks.AttentionMapLogger",
-                           "init_args": {"every_n_epochs": 1, "num_images": 2, "queries": [[0.5, 0.5], [0.2, 0.8]], "tile_size": 48}}],
+            "callbacks": [
+                {
+                    "class_path": "aa_lightning.callbacks.AttentionMapLogger",
+                    "init_args": {
+                        "every_n_epochs": 1,
+                        "num_images": 2,
+                        "queries": [[0.5, 0.5], [0.2, 0.8]],
+                        "tile_size": 48,
+                    },
+                }
+            ],
         },
-        "model": {"class_path": "aa_lightning.tasks.ImageClassifier",
-                  "init_args": {"model_name": "aa_wrn28_10", "model_kwargs": TINY_AA_WRN, "num_classes": 4, "warmup_epochs": 0}},
-        "data": {"class_path": "aa_lightning.data.SyntheticCIFARDataModule",
-                 "init_args": {"data_dir": str(root / "data"), "num_classes": 4, "train_size": 32, "test_size": 8, "val_split": 8,
-                               "batch_size": 8, "num_workers": 0}},
+        "model": {
+            "class_path": "aa_lightning.tasks.ImageClassifier",
+            "init_args": {
+                "model_name": "aa_wrn28_10",
+                "model_kwargs": TINY_AA_WRN,
+                "num_classes": 4,
+                "warmup_epochs": 0,
+            },
+        },
+        "data": {
+            "class_path": "aa_lightning.data.SyntheticCIFARDataModule",
+            "init_args": {
+                "data_dir": str(root / "data"),
+                "num_classes": 4,
+                "train_size": 32,
+                "test_size": 8,
+                "val_split": 8,
+                "batch_size": 8,
+                "num_workers": 0,
+            },
+        },
         "image_grid": {"num_images": 0},
     }
     config = root / "tiny.yaml"
@@ -67,18 +97,32 @@ def image_files(tmp_path_factory) -> list[Path]:
 
 def test_predict_command_writes_predictions_and_overlays(trained_run, image_files, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    result = run("-m", "aa_lightning.predict", "--ckpt", str(ckpt), "--images", str(image_files[0]), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    result = run(
+        "-m",
+        "aa_lightning.predict",
+        "--ckpt",
+        str(ckpt),
+        "--images",
+        str(image_files[0]),
+        "--out",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
     assert record["layer"] == "stages.2.0.conv1"  # the last AA layer
-    assert len(record["top_k"]) == 4 and all(p["name"].startswith("plus_at_") for p in record["top_k"])  # 4 classes < top-5
+    assert len(record["top_k"]) == 4 and all(
+        p["name"].startswith("plus_at_") for p in record["top_k"]
+    )  # 4 classes < top-5
     assert sum(p["probability"] for p in record["top_k"]) == pytest.approx(1.0, abs=1e-5)
     figure = Image.open(tmp_path / "out" / "photo.png")
     width, height = tile_origin(3, 3, tile_size=128, header_lines=1 + 4 + 1)  # 3 default queries x (input + 2 heads)
     assert figure.height == height and figure.width >= width
 
     result = run("-m", "aa_lightning.predict", "--ckpt", str(ckpt), "--images", *map(str, image_files), cwd=tmp_path)
-    assert result.returncode == 2 and f"cannot read image {image_files[1]}" in result.stderr  # more errors: test_predict.py
+    assert (
+        result.returncode == 2 and f"cannot read image {image_files[1]}" in result.stderr
+    )  # more errors: test_predict.py
 
 
 @pytest.mark.slow  # the same export runs in-process in test_export.py; this adds the `python -m` entry point

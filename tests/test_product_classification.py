@@ -1,4 +1,5 @@
 """ImageClassifier's recipe options act on training, checked against numbers computed here."""
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -33,9 +34,17 @@ def test_training_loss_is_the_label_smoothed_cross_entropy(tmp_path, smoothing):
     model = ImageClassifier("test_resnet", num_classes=5, label_smoothing=smoothing, warmup_epochs=0)
     x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,))
     check = _LossCheck(smoothing)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[check])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[check],
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     assert len(check.pairs) == 2
     for loss, expected in check.pairs:

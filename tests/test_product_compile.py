@@ -1,6 +1,7 @@
 """torch.compile with the inductor backend (generated C++ on CPU) of a small AA network: forward and
 backward equal to eager. tests/test_models_compile.py checks graph capture with ``aot_eager``; this
 one runs the code inductor generates, the path a ``torch.compile`` user gets."""
+
 import pytest
 import timm
 import torch
@@ -10,8 +11,15 @@ from aa_lightning.layers import augmented_layers
 
 # aa_resnet50's Bottleneck blocks, one per stage, 8-64 base channels at 64 px: AA layers at 8x8,
 # 4x4 and 2x2 (strided, pooled attention input), each with relative tables
-NARROW = {"layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64), "stem_width": 16, "aa_heads": 2, "img_size": 64,
-          "num_classes": 5, "zero_init_last": False}  # a zero last BN per block would cut the AA layers' gradient
+NARROW = {
+    "layers": (1, 1, 1, 1),
+    "channels": (8, 16, 32, 64),
+    "stem_width": 16,
+    "aa_heads": 2,
+    "img_size": 64,
+    "num_classes": 5,
+    "zero_init_last": False,
+}  # a zero last BN per block would cut the AA layers' gradient
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The product's data contract: a validation split held out of the training set is disjoint from it,
 covers it, and is read without augmentation (for every DataModule that splits one off: the CIFAR
 loader and the built-in set that inherits it)."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,10 +16,13 @@ def _unique_cifar(root, n_train: int = 60, n_test: int = 10, classes: int = 5) -
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
     images[:, 0, 0, 0] = np.arange(n_train)
-    splits = {"train": (images, rng.integers(0, classes, n_train)),
-              "test": (rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n_test))}
-    write_cifar100(root, splits, [f"c{i}" for i in range(classes)], coarse_of_fine=[0] * classes,
-                   coarse_label_names=("a",))
+    splits = {
+        "train": (images, rng.integers(0, classes, n_train)),
+        "test": (rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n_test)),
+    }
+    write_cifar100(
+        root, splits, [f"c{i}" for i in range(classes)], coarse_of_fine=[0] * classes, coarse_label_names=("a",)
+    )
     return images
 
 
@@ -47,8 +51,9 @@ def test_cifar_validation_split_is_disjoint_from_training_and_covers_the_trainin
 
 
 def test_builtin_set_holds_out_a_disjoint_validation_split_of_its_training_file(tmp_path):
-    dm = SyntheticCIFARDataModule(data_dir=str(tmp_path), num_classes=4, train_size=64, test_size=8, val_split=16,
-                                  batch_size=8, num_workers=0)
+    dm = SyntheticCIFARDataModule(
+        data_dir=str(tmp_path), num_classes=4, train_size=64, test_size=8, val_split=16, batch_size=8, num_workers=0
+    )
     dm.prepare_data()
     dm.setup("fit")
     images, labels = read_cifar_split(tmp_path, "train")

@@ -1,5 +1,6 @@
 """The product learns: a tiny Attention-Augmented network trained through ``train.py`` on the built-in
 data set (the quickstart's generator) must classify held-out images far above chance."""
+
 import re
 from pathlib import Path
 
@@ -11,24 +12,55 @@ from cli_helpers import events, run_cli
 TINY_AA_WRN = {"depth": 10, "widen_factor": 1, "aa_stages": [2, 3], "aa_heads": 2, "aa_min_dkh": 4}
 
 
-def tiny_aa_recipe(tmp_path: Path, *, epochs: int = 4, train_size: int = 4400, val_split: int = 400,
-                   test_size: int = 400, num_classes: int = 4, batch_size: int = 64, **trainer: object) -> Path:
+def tiny_aa_recipe(
+    tmp_path: Path,
+    *,
+    epochs: int = 4,
+    train_size: int = 4400,
+    val_split: int = 400,
+    test_size: int = 400,
+    num_classes: int = 4,
+    batch_size: int = 64,
+    **trainer: object,
+) -> Path:
     """The quickstart recipe scaled down: ``num_classes`` relation classes, a tiny AA-WRN."""
     recipe = {
         "seed_everything": 0,
         "runs_dir": str(tmp_path / "runs"),
-        "trainer": {"max_epochs": epochs, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 5,
-                    "num_sanity_val_steps": 0, "enable_model_summary": False, **trainer},
+        "trainer": {
+            "max_epochs": epochs,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 5,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            **trainer,
+        },
         "model": {
             "class_path": "aa_lightning.tasks.ImageClassifier",
-            "init_args": {"model_name": "aa_wrn28_10", "model_kwargs": TINY_AA_WRN, "num_classes": num_classes,
-                          "optimizer": "sgd", "base_lr": 0.4, "reference_batch_size": 256, "nesterov": True,
-                          "weight_decay": 5e-4, "warmup_epochs": 0.3},
+            "init_args": {
+                "model_name": "aa_wrn28_10",
+                "model_kwargs": TINY_AA_WRN,
+                "num_classes": num_classes,
+                "optimizer": "sgd",
+                "base_lr": 0.4,
+                "reference_batch_size": 256,
+                "nesterov": True,
+                "weight_decay": 5e-4,
+                "warmup_epochs": 0.3,
+            },
         },
         "data": {
             "class_path": "aa_lightning.data.SyntheticCIFARDataModule",
-            "init_args": {"data_dir": str(tmp_path / "data"), "num_classes": num_classes, "train_size": train_size,
-                          "test_size": test_size, "val_split": val_split, "batch_size": batch_size, "num_workers": 0},
+            "init_args": {
+                "data_dir": str(tmp_path / "data"),
+                "num_classes": num_classes,
+                "train_size": train_size,
+                "test_size": test_size,
+                "val_split": val_split,
+                "batch_size": batch_size,
+                "num_workers": 0,
+            },
         },
         "image_grid": {"num_images": 0},
     }

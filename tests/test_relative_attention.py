@@ -1,11 +1,12 @@
 """relative_attention_2d: every backend against an independent float64 loop of the equation."""
+
 import os
 
 import pytest
 import torch
+from attention_loop_reference import loop_relative_attention
 
 from aa_lightning.layers import rel_to_abs, relative_attention_2d, resolve_backend
-from attention_loop_reference import loop_relative_attention
 
 EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused"]
 
@@ -175,7 +176,7 @@ def test_triton_backend_scales_q_and_reshapes_for_the_kernel(monkeypatch):
     q, k, v, rel_h, rel_w = make_inputs(2, 3, 4, 5, 6, 2, dtype=torch.float32)
     out = relative_attention_2d(q, k, v, rel_h, rel_w, backend="triton")
     assert out.shape == (2, 3, 4, 5, 2)
-    (kq, kk, kv, kh, kw), = calls
+    ((kq, kk, kv, kh, kw),) = calls
     torch.testing.assert_close(kq, q.reshape(6, 4, 5, 6) * 6**-0.5)
     assert kk.shape == (6, 4, 5, 6) and kv.shape == (6, 4, 5, 2) and kh is rel_h and kw is rel_w
 

@@ -1,6 +1,7 @@
 """Checkpoints, resume and faults of train.py (issue 12): last.ckpt is the last state, a run killed at any
 step resumes bit-identical, SIGTERM / SIGINT save and exit 143 / 130, a resume is validated before the
 run folder is touched, checkpoints are written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -75,10 +76,22 @@ def killed_and_resumed(tmp_path_factory):
 
 def test_last_ckpt_is_the_state_at_the_end_of_the_run_not_of_the_best_epoch(tmp_path):
     """Item 0: the best epoch is the first (monitor 'step', mode min), last.ckpt still holds the end."""
-    recipe = aa_recipe(tmp_path, callbacks=[{"class_path": "fault_probes.FinalWeights",
-                                             "init_args": {"path": str(tmp_path / "final.pt")}}])
-    result = run_cli("--config", str(recipe), "--checkpoint.monitor", "step", "--checkpoint.mode", "min",
-                     "--checkpoint_every_n_steps", "0", cwd=tmp_path, probes=True)
+    recipe = aa_recipe(
+        tmp_path,
+        callbacks=[{"class_path": "fault_probes.FinalWeights", "init_args": {"path": str(tmp_path / "final.pt")}}],
+    )
+    result = run_cli(
+        "--config",
+        str(recipe),
+        "--checkpoint.monitor",
+        "step",
+        "--checkpoint.mode",
+        "min",
+        "--checkpoint_every_n_steps",
+        "0",
+        cwd=tmp_path,
+        probes=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "runs" / "tiny_aa" / "version_0" / "checkpoints"
     best = list(folder.glob("best-*.ckpt"))
@@ -113,8 +126,9 @@ def test_a_resume_starts_from_the_checkpoints_weights_optimizer_lr_and_best_scor
     assert_same_optimizer(snapshot["optimizer"], at_kill["optimizer_states"][0])
     assert snapshot["lr"] == [group["lr"] for group in at_kill["optimizer_states"][0]["param_groups"]]
     assert snapshot["scheduler"] == at_kill["lr_schedulers"][0]
-    saved_best = next(state for key, state in at_kill["callbacks"].items()
-                      if key.startswith("ModelCheckpoint{'monitor': 'val/top1'"))
+    saved_best = next(
+        state for key, state in at_kill["callbacks"].items() if key.startswith("ModelCheckpoint{'monitor': 'val/top1'")
+    )
     assert saved_best["best_model_score"] is not None
     assert torch.equal(snapshot["best_model_score"], saved_best["best_model_score"])
     assert snapshot["best_model_path"] == saved_best["best_model_path"]
@@ -126,9 +140,14 @@ def test_sigterm_and_sigint_save_a_resumable_checkpoint_and_exit_non_zero(tmp_pa
     reached, exits 128 + signal, and the resume ends bit-identical to the uninterrupted run."""
     report = tmp_path / "steps.jsonl"
     recipe = aa_recipe(tmp_path, callbacks=[probe(report)])
-    process = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(recipe), "--checkpoint_every_n_steps", "0"],
-                               cwd=tmp_path, env=python_env(probes=True), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN), "--config", str(recipe), "--checkpoint_every_n_steps", "0"],
+        cwd=tmp_path,
+        env=python_env(probes=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not (report.is_file() and len(report.read_text().splitlines()) >= 2) and process.poll() is None:
         assert time.monotonic() < deadline, "the run reported no training step"
@@ -141,8 +160,9 @@ def test_sigterm_and_sigint_save_a_resumable_checkpoint_and_exit_non_zero(tmp_pa
     assert f"stopped by SIG{signame} after step {stopped_at}" in stderr and "--ckpt_path last" in stderr
     last_path = tmp_path / "runs" / "tiny_aa" / "version_0" / "checkpoints" / "last.ckpt"
     assert load(last_path)["global_step"] == stopped_at
-    resumed = run_cli("--config", str(recipe), "--ckpt_path", "last", "--checkpoint_every_n_steps", "0", cwd=tmp_path,
-                      probes=True)
+    resumed = run_cli(
+        "--config", str(recipe), "--ckpt_path", "last", "--checkpoint_every_n_steps", "0", cwd=tmp_path, probes=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_last = load(reference[0] / "checkpoints" / "last.ckpt")
     assert_same_tensors(load(last_path)["state_dict"], ref_last["state_dict"], "final weights")

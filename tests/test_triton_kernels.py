@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-
-from aa_lightning.layers import relative_attention_2d
 from attention_loop_gradients import loop_relative_attention_autograd
 from attention_loop_reference import loop_relative_attention
 from test_relative_attention import make_inputs
+
+from aa_lightning.layers import relative_attention_2d
 
 pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -24,6 +24,7 @@ own ``tests`` with them.
 Exit status: 0 every applied breakage caught; 1 at least one survived; 2 a broken entry, or the
 unbroken copy already fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,14 @@ class Breakage:
     description: str
     edits: tuple[Edit, ...] = ()
     tests: tuple[str, ...] = ()
-    todo: Optional[str] = None  # why it is not applied yet; the row then reads TODO
+    todo: str | None = None  # why it is not applied yet; the row then reads TODO
     #: run ``tests`` with these pytest arguments in every mode (e.g. ``-m slow``: only a slow test can catch it)
     pytest_args: tuple[str, ...] = ()
 
 
-def breakage(name: str, description: str, file: str, old: str, new: str, tests: Sequence[str] = (),
-             more: Sequence[Edit] = ()) -> Breakage:
+def breakage(
+    name: str, description: str, file: str, old: str, new: str, tests: Sequence[str] = (), more: Sequence[Edit] = ()
+) -> Breakage:
     """A one-edit breakage (``more``: further edits applied together with it)."""
     return Breakage(name, description, (Edit(file, old, new), *more), tuple(tests))
 
@@ -74,116 +76,199 @@ CIFAR = "aa_lightning/data/cifar.py"
 
 BREAKAGES: list[Breakage] = [
     breakage(
-        "loss-times-zero", "the classification loss multiplied by 0 (nothing learns)",
-        CLASSIFICATION, "        return loss\n\n    def _evaluate", "        return loss * 0\n\n    def _evaluate",
-        ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"]),
+        "loss-times-zero",
+        "the classification loss multiplied by 0 (nothing learns)",
+        CLASSIFICATION,
+        "        return loss\n\n    def _evaluate",
+        "        return loss * 0\n\n    def _evaluate",
+        ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"],
+    ),
     breakage(
-        "detection-loss-times-zero", "the RetinaNet loss multiplied by 0",
+        "detection-loss-times-zero",
+        "the RetinaNet loss multiplied by 0",
         "aa_lightning/tasks/detection.py",
-        "        return loss\n\n    def _evaluate", "        return loss * 0\n\n    def _evaluate",
-        ["tests/test_detection_cli.py", "tests/test_detection_model.py"]),
+        "        return loss\n\n    def _evaluate",
+        "        return loss * 0\n\n    def _evaluate",
+        ["tests/test_detection_cli.py", "tests/test_detection_model.py"],
+    ),
     breakage(
-        "relative-terms-dropped", "the relative logits dropped by the CPU default (cpu_kernel) and chunked backends",
-        ATTENTION, 'return _factorized_attention(q, k, v, rel_h, rel_w, kernel=backend == "cpu_kernel")',
+        "relative-terms-dropped",
+        "the relative logits dropped by the CPU default (cpu_kernel) and chunked backends",
+        ATTENTION,
+        'return _factorized_attention(q, k, v, rel_h, rel_w, kernel=backend == "cpu_kernel")',
         "return _content_attention(q, k, v)",
-        ["tests/test_relative_attention.py", "tests/test_augmented_conv.py", "tests/test_cpu_kernel.py"]),
+        ["tests/test_relative_attention.py", "tests/test_augmented_conv.py", "tests/test_cpu_kernel.py"],
+    ),
     breakage(
-        "rel-h-rel-w-swapped", "AugmentedConv2d passes rel_w as the height table and rel_h as the width table",
-        AACONV, "relative_attention_2d(q, k, v, rel_h, rel_w, backend=self.backend)",
+        "rel-h-rel-w-swapped",
+        "AugmentedConv2d passes rel_w as the height table and rel_h as the width table",
+        AACONV,
+        "relative_attention_2d(q, k, v, rel_h, rel_w, backend=self.backend)",
         "relative_attention_2d(q, k, v, rel_w, rel_h, backend=self.backend)",
-        ["tests/test_augmented_conv.py", "tests/test_relative_attention.py"]),
+        ["tests/test_augmented_conv.py", "tests/test_relative_attention.py"],
+    ),
     Breakage(
-        "h-w-swapped-in-relative-index", "the relative-offset index of the width table built over H and vice versa",
-        (Edit(ATTENTION, "r_w = rel_w.to(q.dtype)[relative_offsets_index(w, q.device)]",
-              "r_w = rel_w.to(q.dtype)[relative_offsets_index(h, q.device)]"),
-         Edit(ATTENTION, "r_h = rel_h.to(q.dtype)[relative_offsets_index(h, q.device)]",
-              "r_h = rel_h.to(q.dtype)[relative_offsets_index(w, q.device)]")),
-        ("tests/test_relative_attention.py", "tests/test_augmented_conv.py")),
+        "h-w-swapped-in-relative-index",
+        "the relative-offset index of the width table built over H and vice versa",
+        (
+            Edit(
+                ATTENTION,
+                "r_w = rel_w.to(q.dtype)[relative_offsets_index(w, q.device)]",
+                "r_w = rel_w.to(q.dtype)[relative_offsets_index(h, q.device)]",
+            ),
+            Edit(
+                ATTENTION,
+                "r_h = rel_h.to(q.dtype)[relative_offsets_index(h, q.device)]",
+                "r_h = rel_h.to(q.dtype)[relative_offsets_index(w, q.device)]",
+            ),
+        ),
+        ("tests/test_relative_attention.py", "tests/test_augmented_conv.py"),
+    ),
     breakage(
-        "attention-not-concatenated", "AAConv's attention output zeroed (not concatenated)",
-        AACONV, "return torch.cat([conv_out, attn], dim=1)", "return torch.cat([conv_out, attn * 0], dim=1)",
-        ["tests/test_augmented_conv.py", "tests/test_models.py"]),
+        "attention-not-concatenated",
+        "AAConv's attention output zeroed (not concatenated)",
+        AACONV,
+        "return torch.cat([conv_out, attn], dim=1)",
+        "return torch.cat([conv_out, attn * 0], dim=1)",
+        ["tests/test_augmented_conv.py", "tests/test_models.py"],
+    ),
     breakage(
-        "optimizer-step-skipped", "forward and backward run, the optimizer never steps",
-        CLASSIFICATION, "    def configure_optimizers(self) -> dict[str, Any]:\n",
+        "optimizer-step-skipped",
+        "forward and backward run, the optimizer never steps",
+        CLASSIFICATION,
+        "    def configure_optimizers(self) -> dict[str, Any]:\n",
         "    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):\n"
         "        optimizer_closure()\n\n    def configure_optimizers(self) -> dict[str, Any]:\n",
-        ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"]),
+        ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"],
+    ),
     breakage(
-        "lr-scaling-ignored", "the linear lr scaling (base_lr x global batch / 256) ignored: peak lr = base_lr",
+        "lr-scaling-ignored",
+        "the linear lr scaling (base_lr x global batch / 256) ignored: peak lr = base_lr",
+        "aa_lightning/optim.py",
+        "    return base_lr * global_batch / reference_batch_size, global_batch",
+        "    return base_lr, global_batch",
+        ["tests/test_classification.py", "tests/test_cli.py"],
+    ),
+    breakage(
+        "warmup-ignored",
+        "the linear warm-up skipped (full lr from step 0)",
+        "aa_lightning/optim.py",
+        "    if after == 0:\n        return main",
+        "    if True:\n        return main",
+        ["tests/test_classification.py"],
+    ),
+    breakage(
+        "label-smoothing-ignored",
+        "model.label_smoothing accepted but not applied",
         CLASSIFICATION,
-        "peak_lr = scaled_lr(hp.base_lr, global_batch, hp.reference_batch_size) if hp.reference_batch_size else "
-        "hp.base_lr",
-        "peak_lr = hp.base_lr",
-        ["tests/test_classification.py", "tests/test_cli.py"]),
+        "nn.CrossEntropyLoss(label_smoothing=label_smoothing)",
+        "nn.CrossEntropyLoss()",
+        ["tests/test_product_classification.py", "tests/test_classification.py"],
+    ),
     breakage(
-        "warmup-ignored", "the linear warm-up skipped (full lr from step 0)",
-        "aa_lightning/optim.py", "    if warmup_steps > 0 and step < warmup_steps:", "    if False:",
-        ["tests/test_classification.py"]),
-    breakage(
-        "label-smoothing-ignored", "model.label_smoothing accepted but not applied",
-        CLASSIFICATION, "nn.CrossEntropyLoss(label_smoothing=label_smoothing)", "nn.CrossEntropyLoss()",
-        ["tests/test_product_classification.py", "tests/test_classification.py"]),
-    breakage(
-        "weight-decay-on-norms", "weight decay applied to BatchNorm weights and biases too",
-        "aa_lightning/optim.py", "        if id(p) in no_decay_ids or p.ndim <= 1 or name.endswith(\".bias\"):",
-        "        if False:",
-        ["tests/test_classification.py"]),
+        "weight-decay-on-norms",
+        "weight decay applied to BatchNorm weights and biases too",
+        "aa_lightning/optim.py",
+        "    return param_groups_weight_decay(model, weight_decay)[::-1]",
+        '    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]',
+        ["tests/test_classification.py"],
+    ),
     Breakage(
-        "ddp-metric-sync-off", "top-1 / top-5 not summed across DDP processes (each reports its own shard)",
-        (Edit(CLASSIFICATION, '"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),',
-              '"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", sync_on_compute=False),'),
-         Edit(CLASSIFICATION, '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),',
-              '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", '
-              'sync_on_compute=False),')),
-        ("tests/test_cli.py",)),
+        "ddp-metric-sync-off",
+        "top-1 / top-5 not summed across DDP processes (each reports its own shard)",
+        (
+            Edit(
+                CLASSIFICATION,
+                '"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),',
+                '"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", sync_on_compute=False),',
+            ),
+            Edit(
+                CLASSIFICATION,
+                '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),',
+                '"top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", '
+                "sync_on_compute=False),",
+            ),
+        ),
+        ("tests/test_cli.py",),
+    ),
     breakage(
-        "ddp-eval-padded", "evaluation under DDP with the padding DistributedSampler (some images counted twice)",
+        "ddp-eval-padded",
+        "evaluation under DDP with the padding DistributedSampler (some images counted twice)",
         "aa_lightning/data/loaders.py",
-        "sampler = UnrepeatedDistributedSampler(dataset,", "sampler = torch.utils.data.DistributedSampler(dataset,",
-        ["tests/test_cli.py"]),
+        "sampler = UnrepeatedDistributedSampler(dataset,",
+        "sampler = torch.utils.data.DistributedSampler(dataset,",
+        ["tests/test_cli.py"],
+    ),
     breakage(
-        "val-split-overlaps-train", "half of the held-out validation images also trained on",
-        CIFAR, "train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])",
+        "val-split-overlaps-train",
+        "half of the held-out validation images also trained on",
+        CIFAR,
+        "train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])",
         "train_idx, val_idx = np.sort(order[n_val // 2:]), np.sort(order[:n_val])",
-        ["tests/test_product_data.py", "tests/test_data_cifar.py"]),
+        ["tests/test_product_data.py", "tests/test_data_cifar.py"],
+    ),
     breakage(
-        "val-augmented", "the validation images get the training augmentation (pad-crop, flip)",
-        CIFAR, "self.val_set = ArrayImageDataset(images[val_idx], labels[val_idx], eval_transform)",
+        "val-augmented",
+        "the validation images get the training augmentation (pad-crop, flip)",
+        CIFAR,
+        "self.val_set = ArrayImageDataset(images[val_idx], labels[val_idx], eval_transform)",
         "self.val_set = ArrayImageDataset(images[val_idx], labels[val_idx], train_transform)",
-        ["tests/test_product_data.py", "tests/test_data_cifar.py"]),
+        ["tests/test_product_data.py", "tests/test_data_cifar.py"],
+    ),
     breakage(
-        "checkpoint-monitor-min", "the best checkpoint chosen by the lowest validation top-1",
-        CLASSIFICATION, 'checkpoint_monitor: tuple[str, str] = ("val/top1", "max")',
+        "checkpoint-monitor-min",
+        "the best checkpoint chosen by the lowest validation top-1",
+        CLASSIFICATION,
+        'checkpoint_monitor: tuple[str, str] = ("val/top1", "max")',
         'checkpoint_monitor: tuple[str, str] = ("val/top1", "min")',
-        ["tests/test_cli.py"]),
+        ["tests/test_cli.py"],
+    ),
     breakage(
         "export-without-checkpoint-weights",
         "export / predict write the built model's initial weights (checkpoint not loaded)",
-        "aa_lightning/predict.py", "        load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes",
+        "aa_lightning/predict.py",
+        "        load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes",
         "        pass  # the checkpoint is not loaded",
-        ["tests/test_export.py", "tests/test_predict.py", "tests/test_predict_cli.py"]),
+        ["tests/test_export.py", "tests/test_predict.py", "tests/test_predict_cli.py"],
+    ),
     breakage(
-        "validation-uses-test-set", "a held-out validation split replaced by the test set",
-        CIFAR, '        if stage in (None, "test") or (self.hparams.val_split == 0 and stage in ("fit", "validate")):',
+        "validation-uses-test-set",
+        "a held-out validation split replaced by the test set",
+        CIFAR,
+        '        if stage in (None, "test") or (self.hparams.val_split == 0 and stage in ("fit", "validate")):',
         "        if True:",
         ["tests/test_product_data.py", "tests/test_data_cifar.py"],
-        more=[Edit(CIFAR, "            if self.hparams.val_split == 0:\n                self.val_set = self.test_set",
-                   "            if True:\n                self.val_set = self.test_set")]),
+        more=[
+            Edit(
+                CIFAR,
+                "            if self.hparams.val_split == 0:\n                self.val_set = self.test_set",
+                "            if True:\n                self.val_set = self.test_set",
+            )
+        ],
+    ),
     Breakage(
-        "compiled-attention-wrong-shape", "the CPU kernel's output shape under compile (fake): dkh wide, not dvh",
-        (Edit("aa_lightning/layers/cpu_kernel.py",
-              "    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])",
-              "    return q.new_empty(*q.shape[:3], q.shape[3]), q.new_empty(q.shape[:3])"),),
-        ("tests/test_product_compile.py",), pytest_args=("-m", "slow")),
+        "compiled-attention-wrong-shape",
+        "the CPU kernel's output shape under compile (fake): dkh wide, not dvh",
+        (
+            Edit(
+                "aa_lightning/layers/cpu_kernel.py",
+                "    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])",
+                "    return q.new_empty(*q.shape[:3], q.shape[3]), q.new_empty(q.shape[:3])",
+            ),
+        ),
+        ("tests/test_product_compile.py",),
+        pytest_args=("-m", "slow"),
+    ),
     breakage(
-        "last-ckpt-not-rewritten", "last.ckpt written at the first save point and never rewritten",
+        "last-ckpt-not-rewritten",
+        "last.ckpt written at the first save point and never rewritten",
         "aa_lightning/callbacks/faults.py",
         "    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:\n"
         "        self.save_now(trainer)",
         "    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:\n"
         "        if not self.best_model_path:\n            self.save_now(trainer)",
-        ["tests/test_resume.py", "tests/test_cli.py"]),
+        ["tests/test_resume.py", "tests/test_cli.py"],
+    ),
     breakage(
         "generator-overwrites-foreign-folder",
         "a synthetic data generator takes a non-empty folder without its stamp for its own (and replaces it)",
@@ -191,17 +276,26 @@ BREAKAGES: list[Breakage] = [
         "        if found is None or not is_own_stamp(found):\n            raise ValueError(",
         "        if False:\n            raise ValueError(",
         ["tests/test_data_generators.py"],
-        more=[Edit("aa_lightning/data/generated.py",
-                   "        foreign = [name for name in existing if name not in own]",
-                   "        foreign = []")]),
+        more=[
+            Edit(
+                "aa_lightning/data/generated.py",
+                "        foreign = [name for name in existing if name not in own]",
+                "        foreign = []",
+            )
+        ],
+    ),
 ]
 
 
 # -- the copy -------------------------------------------------------------------------------------------
 def repository_files(repo: Path) -> list[str]:
     """Tracked files plus untracked ones git does not ignore (relative paths)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                         check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    ).stdout
     return sorted({name for name in out.decode().split("\0") if name and (repo / name).is_file()})
 
 
@@ -222,8 +316,9 @@ def check_entry(repo: Path, entry: Breakage) -> list[str]:
             continue
         count = path.read_text().count(edit.old)
         if count != 1:
-            problems.append(f"{entry.name}: the old text occurs {count} times in {edit.file} (must be exactly once): "
-                            f"{edit.old!r}")
+            problems.append(
+                f"{entry.name}: the old text occurs {count} times in {edit.file} (must be exactly once): {edit.old!r}"
+            )
     return problems
 
 
@@ -250,13 +345,18 @@ _FAILURE = re.compile(r"^(FAILED|ERROR) (\S+)", re.MULTILINE)
 
 def run_tests(root: Path, tests: Sequence[str], timeout: float, pytest_args: Sequence[str]) -> tuple[str, str, float]:
     """(``passed`` | ``failed`` | ``timeout``, the first failing test or a note, seconds)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args, *tests]
     start = time.perf_counter()
     try:
-        result = subprocess.run(command, check=False, cwd=root, env=env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            command, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return "timeout", f"no result in {timeout:.0f} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
@@ -275,11 +375,16 @@ def markdown_table(rows: list[tuple[str, str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tests", nargs="+", default=None,
-                        help="test files / node ids to run for every breakage (default: the default suite, tests/)")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        default=None,
+        help="test files / node ids to run for every breakage (default: the default suite, tests/)",
+    )
     parser.add_argument("--quick", action="store_true", help="run each breakage's own test files only")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="apply only these breakages")
     parser.add_argument("--list", action="store_true", help="list the breakages and exit")
@@ -315,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pytest_args = shlex.split(args.pytest_args)
 
-    def tests_of(entry: Optional[Breakage]) -> list[str]:
+    def tests_of(entry: Breakage | None) -> list[str]:
         if args.tests:
             return list(args.tests)
         if entry is not None and entry.pytest_args:

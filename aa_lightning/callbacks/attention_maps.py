@@ -1,7 +1,9 @@
 """AttentionMapLogger: log what the attention heads of one AA layer look at, to TensorBoard."""
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,13 +24,13 @@ def attention_network(pl_module: nn.Module) -> nn.Module:
     return model if isinstance(model, nn.Module) else pl_module
 
 
-def default_layer(network: nn.Module) -> Optional[str]:
+def default_layer(network: nn.Module) -> str | None:
     """The last AugmentedConv2d with an attention branch (the smallest map in the AA networks)."""
     names = list(augmented_layers(network))
     return names[-1] if names else None
 
 
-def first_images(datamodule: Any, num_images: int) -> tuple[Tensor, Optional[Tensor]]:
+def first_images(datamodule: Any, num_images: int) -> tuple[Tensor, Tensor | None]:
     """The first ``num_images`` (images [n, C, H, W], labels [n] or None) of the validation set,
     read from the dataset itself (no sampler, no worker processes) and collated by its loader."""
     loader = datamodule.val_dataloader()
@@ -77,7 +79,7 @@ class AttentionMapLogger(pl.Callback):
         self,
         every_n_epochs: int = 1,
         num_images: int = 4,
-        layer: Optional[str] = None,
+        layer: str | None = None,
         queries: Sequence[tuple[float, float]] = DEFAULT_QUERIES,
         tile_size: int = 96,
         alpha: float = 0.6,
@@ -90,8 +92,12 @@ class AttentionMapLogger(pl.Callback):
             ("tile_size", tile_size, tile_size >= 16, ">= 16"),
             ("alpha", alpha, 0.0 <= alpha <= 1.0, "in [0, 1]"),
             ("upsample", upsample, upsample in UPSAMPLE_MODES, f"one of {UPSAMPLE_MODES}"),
-            ("queries", queries, len(queries) > 0 and all(len(q) == 2 and all(0.0 <= c <= 1.0 for c in q) for q in queries),
-             "a non-empty list of (y, x) fractions in [0, 1]"),
+            (
+                "queries",
+                queries,
+                len(queries) > 0 and all(len(q) == 2 and all(0.0 <= c <= 1.0 for c in q) for q in queries),
+                "a non-empty list of (y, x) fractions in [0, 1]",
+            ),
         ]:
             if not ok:
                 raise ValueError(f"attention_maps.{key} must be {allowed}; got {value!r}")
@@ -104,9 +110,9 @@ class AttentionMapLogger(pl.Callback):
         self.queries = [(float(y), float(x)) for y, x in queries]
         self.tile_size, self.alpha, self.colormap, self.upsample = tile_size, alpha, colormap, upsample
         self.validations = 0  # validation epochs seen (not sanity checks); saved in checkpoints
-        self._layer: Optional[str] = None
-        self._images: Optional[Tensor] = None
-        self._labels: Optional[Tensor] = None
+        self._layer: str | None = None
+        self._images: Tensor | None = None
+        self._labels: Tensor | None = None
 
     # -- set-up: fail fast on a wrong layer name -------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -120,7 +126,9 @@ class AttentionMapLogger(pl.Callback):
                     "(a baseline model?); no attention maps will be logged"
                 )
         elif self.layer not in available:
-            raise ValueError(f"attention_maps.layer: no AugmentedConv2d named {self.layer!r} in the model; AA layers: {available}")
+            raise ValueError(
+                f"attention_maps.layer: no AugmentedConv2d named {self.layer!r} in the model; AA layers: {available}"
+            )
         else:
             self._layer = self.layer
 
@@ -143,11 +151,13 @@ class AttentionMapLogger(pl.Callback):
         for i, figure in enumerate(self.figures(trainer, pl_module)):
             logger.experiment.add_image(f"val/attention_{i}", figure, global_step=trainer.global_step)
 
-    def _fixed_images(self, trainer: pl.Trainer) -> tuple[Tensor, Optional[Tensor]]:
+    def _fixed_images(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
         if self._images is None:
             source = trainer.datamodule
             if source is None:
-                raise RuntimeError("attention_maps needs a LightningDataModule (trainer.datamodule) to pick validation images")
+                raise RuntimeError(
+                    "attention_maps needs a LightningDataModule (trainer.datamodule) to pick validation images"
+                )
             self._images, self._labels = first_images(source, self.num_images)
         return self._images, self._labels
 
@@ -174,8 +184,14 @@ class AttentionMapLogger(pl.Callback):
             header = [f"{self._layer}: {nh} heads on a {gh}x{gw} grid, epoch {trainer.current_epoch}"]
             header += describe_prediction(outputs, labels, b, names)
             figure = attention_figure(
-                shown[b], maps[b], pixels, header=header, tile_size=self.tile_size,
-                colormap=self.colormap, alpha=self.alpha, upsample=self.upsample,
+                shown[b],
+                maps[b],
+                pixels,
+                header=header,
+                tile_size=self.tile_size,
+                colormap=self.colormap,
+                alpha=self.alpha,
+                upsample=self.upsample,
             )
             figures.append(pil_to_tensor(figure))
         return figures
@@ -185,7 +201,7 @@ def class_name(names: Sequence[str], index: int) -> str:
     return names[index] if 0 <= index < len(names) else f"class {index}"
 
 
-def describe_prediction(outputs: Any, labels: Optional[Tensor], b: int, names: Sequence[str]) -> list[str]:
+def describe_prediction(outputs: Any, labels: Tensor | None, b: int, names: Sequence[str]) -> list[str]:
     """'pred <name> (p) | label <name>' for classification logits [B, C]; nothing otherwise."""
     if not isinstance(outputs, Tensor) or outputs.dim() != 2:
         return []

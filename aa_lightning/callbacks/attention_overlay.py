@@ -9,10 +9,12 @@ label under the tile gives that maximum probability (1 / (H' W') would be a unif
 Used by :class:`~aa_lightning.callbacks.AttentionMapLogger` (TensorBoard) and
 ``python -m aa_lightning.predict`` (PNG files).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ TEXT_COLOR = (20, 20, 20)
 BACKGROUND = (255, 255, 255)
 
 
-def denormalize(images: Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> Tensor:
+def denormalize(images: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
     """[B, C, H, W] normalized images -> [0, 1] RGB: ``x * std + mean`` when both match C, else
     per-image min-max scaling (when the normalization is unknown)."""
     images = images.detach().float().cpu()
@@ -49,7 +51,9 @@ def colormap_table(name: str) -> Tensor:
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:
-        raise ValueError(f"unknown colormap {name!r}; any matplotlib colormap, e.g. inferno, viridis, jet, magma") from None
+        raise ValueError(
+            f"unknown colormap {name!r}; any matplotlib colormap, e.g. inferno, viridis, jet, magma"
+        ) from None
     return torch.from_numpy(cmap(np.linspace(0.0, 1.0, 256))[:, :3]).float()
 
 
@@ -65,7 +69,8 @@ def heat_tiles(maps: Tensor, size: int, upsample: Upsample = "nearest") -> Tenso
 
 
 def overlay(image: Tensor, heat: Tensor, colormap: str = "inferno", alpha: float = 0.6) -> Tensor:
-    """image [3, S, S] in [0, 1], heat [N, S, S] in [0, 1] -> [N, 3, S, S] = (1 - alpha) image + alpha colormap(heat)."""
+    """image [3, S, S] in [0, 1], heat [N, S, S] in [0, 1] -> [N, 3, S, S]:
+    (1 - alpha) image + alpha colormap(heat)."""
     table = colormap_table(colormap)
     heat = torch.nan_to_num(heat.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(0, 1)
     colored = table[(heat * 255).round().long()].permute(0, 3, 1, 2)  # [N, 3, S, S]
@@ -106,8 +111,8 @@ def tile_origin(row: int, col: int, *, tile_size: int, header_lines: int, pad: i
 
 def attention_figure(
     image: Tensor,
-    maps: Optional[Tensor],
-    query_pixels: Optional[Tensor],
+    maps: Tensor | None,
+    query_pixels: Tensor | None,
     *,
     header: Sequence[str] = (),
     tile_size: int = 96,
@@ -126,7 +131,9 @@ def attention_figure(
     """
     line = _line_height(tile_size)
     font = _font(line - 4)
-    tile_image = F.interpolate(image[None].float(), size=(tile_size, tile_size), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    tile_image = F.interpolate(
+        image[None].float(), size=(tile_size, tile_size), mode="bilinear", align_corners=False, antialias=True
+    )[0].clamp(0, 1)
     if maps is None:
         nh, nq = 0, 1
     else:
@@ -159,7 +166,9 @@ def attention_figure(
         for c, tile in enumerate(tiles):
             x, y = tile_origin(r, c, tile_size=tile_size, header_lines=len(header), pad=pad)
             canvas.paste(_to_pil(tile), (x, y))
-            draw.rectangle((x + box[0], y + box[1], x + box[2], y + box[3]), outline=QUERY_COLOR, width=max(1, tile_size // 48))
+            draw.rectangle(
+                (x + box[0], y + box[1], x + box[2], y + box[3]), outline=QUERY_COLOR, width=max(1, tile_size // 48)
+            )
             label = f"query ({iy},{ix})" if c == 0 else f"max {peaks[c - 1, r]:.2f}"
             draw.text((x, y + tile_size + 1), label, fill=TEXT_COLOR, font=font)
     return canvas

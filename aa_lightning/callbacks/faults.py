@@ -14,6 +14,7 @@
 - :class:`NonFiniteLossGuard`: a NaN / inf training loss stops the run with :class:`NonFiniteLossError`
   naming the step, the value and the last good checkpoint (before any checkpoint of that step).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ import random
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -77,7 +78,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` with local checkpoints written by :func:`atomic_torch_save`
     (remote ``fsspec`` paths keep Lightning's own writer)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
@@ -91,15 +92,21 @@ class LastCheckpoint(ModelCheckpoint):
     the epoch's validation (so the checkpoint also holds that epoch's best score).
     """
 
-    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 0) -> None:
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0) -> None:
         if every_n_train_steps < 0:
             raise ValueError(
                 f"checkpoint_every_n_steps must be >= 0 (0: at epoch ends only), got {every_n_train_steps}"
             )
         super().__init__(
-            dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1, save_last=False,
-            every_n_train_steps=every_n_train_steps or None, every_n_epochs=None if every_n_train_steps else 1,
-            save_on_train_epoch_end=True, enable_version_counter=False,
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            every_n_train_steps=every_n_train_steps or None,
+            every_n_epochs=None if every_n_train_steps else 1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
         )
 
     @property
@@ -111,8 +118,9 @@ class LastCheckpoint(ModelCheckpoint):
         """The file this callback writes (empty before the first save)."""
         return self.best_model_path
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch-end save follows
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -129,7 +137,7 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def _last_checkpoint(trainer: pl.Trainer) -> Optional[LastCheckpoint]:
+def _last_checkpoint(trainer: pl.Trainer) -> LastCheckpoint | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
 
 
@@ -164,12 +172,17 @@ class ExactResume(pl.Callback):
             iter(fit_loop._data_fetcher)  # a new iterator, from the restored state
 
     def __init__(self) -> None:
-        self._pending: Optional[dict[str, Any]] = None
+        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # loadable with weights_only
+        numpy_state = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }  # loadable with weights_only
         state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
@@ -178,15 +191,23 @@ class ExactResume(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None
         torch.set_rng_state(state["torch"])
         numpy_state = state["numpy"]
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                numpy_state["keys"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
         random.setstate(state["python"])
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -204,7 +225,7 @@ class StopOnSignal(pl.Callback):
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -234,8 +255,9 @@ class StopOnSignal(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if not stop:
             return
@@ -249,7 +271,8 @@ class StopOnSignal(pl.Callback):
         name = signal.Signals(signum).name
         raise RunInterrupted(
             f"stopped by {name} after step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}); "
-            f"saved {saved}; resume with --ckpt_path last (same --run_name)", signum
+            f"saved {saved}; resume with --ckpt_path last (same --run_name)",
+            signum,
         )
 
 
@@ -258,8 +281,9 @@ class NonFiniteLossGuard(pl.Callback):
     any checkpoint of that step is written, with a message naming the step, the value and the last
     good checkpoint."""
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return

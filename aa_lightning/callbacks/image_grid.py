@@ -1,4 +1,5 @@
 """TrainingImageGrid: log a grid of the first augmented training batch to TensorBoard."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,7 +26,9 @@ class TrainingImageGrid(pl.Callback):
         self.num_images, self.nrow = num_images, nrow
         self._logged = False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._logged or self.num_images == 0 or not trainer.is_global_zero:
             return
         self._logged = True

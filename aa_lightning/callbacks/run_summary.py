@@ -1,9 +1,10 @@
 """RunSummary: remember the validation metrics of every epoch; format the end-of-run report."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -15,7 +16,7 @@ def _format_metrics(metrics: dict[str, float], prefix: str) -> str:
     for key, value in metrics.items():
         if not key.startswith(prefix) or key == f"{prefix}images":
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         parts.append(f"{name} {100 * value:.2f}%" if name.startswith("top") else f"{name} {value:.4g}")
     return "  ".join(parts)
 
@@ -43,7 +44,7 @@ class RunSummary(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 
-    def best_record(self, monitor: Optional[str], mode: str) -> Optional[dict[str, Any]]:
+    def best_record(self, monitor: str | None, mode: str) -> dict[str, Any] | None:
         records = [r for r in self.history if monitor in r["metrics"] and math.isfinite(r["metrics"][monitor])]
         if not records:
             return self.history[-1] if self.history else None
@@ -57,13 +58,13 @@ class RunSummary(pl.Callback):
     def report(
         self,
         trainer: pl.Trainer,
-        test_results: Optional[dict[str, float]],
-        tested: Optional[str],
+        test_results: dict[str, float] | None,
+        tested: str | None,
         checkpoints: dict[str, str],
         wall_seconds: float,
     ) -> str:
         """The summary text; ``checkpoints``: ``{"best": path, "last": path}`` as they were after fitting."""
-        ckpt: Optional[ModelCheckpoint] = trainer.checkpoint_callback
+        ckpt: ModelCheckpoint | None = trainer.checkpoint_callback
         monitor, mode = (ckpt.monitor, ckpt.mode) if ckpt is not None else (None, "max")
         best = self.best_record(monitor, mode)
         lines = ["", "=" * 78, "run summary", "-" * 78]

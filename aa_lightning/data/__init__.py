@@ -1,4 +1,5 @@
 """LightningDataModules, data sets and augmentation pipelines."""
+
 from .cifar import CIFAR100DataModule
 from .coco import COCODataModule
 from .imagenet import ImageNetDataModule
@@ -6,5 +7,11 @@ from .streaming import StreamingImageNetDataModule  # litdata is imported in set
 from .synthetic import SyntheticCIFARDataModule
 from .synthetic_coco import SyntheticCOCODataModule
 
-__all__ = ["CIFAR100DataModule", "COCODataModule", "ImageNetDataModule", "SyntheticCIFARDataModule", "SyntheticCOCODataModule",
-           "StreamingImageNetDataModule"]
+__all__ = [
+    "CIFAR100DataModule",
+    "COCODataModule",
+    "ImageNetDataModule",
+    "SyntheticCIFARDataModule",
+    "SyntheticCOCODataModule",
+    "StreamingImageNetDataModule",
+]

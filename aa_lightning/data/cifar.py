@@ -6,10 +6,10 @@ horizontal flip + normalize; evaluation: normalize. ``val_split: N`` holds out N
 images (a seeded random subset) for validation; ``val_split: 0`` validates on the test set, as
 the paper trains on all 50,000 images (pair it with testing the last checkpoint).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,7 +18,13 @@ from torch.utils.data import Dataset
 
 from .cifar_format import BASE_FOLDER, read_cifar_meta, read_cifar_split
 from .loaders import SplitLoaders
-from .transforms import CIFAR100_MEAN, CIFAR100_STD, AlbumentationsTransform, cifar_eval_transform, cifar_train_transform
+from .transforms import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    AlbumentationsTransform,
+    cifar_eval_transform,
+    cifar_train_transform,
+)
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
@@ -65,7 +71,7 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         mean: tuple[float, float, float] = CIFAR100_MEAN,
         std: tuple[float, float, float] = CIFAR100_STD,
         seed: int = 0,
-        pin_memory: Optional[bool] = None,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
@@ -80,7 +86,7 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        self.num_classes: Optional[int] = None
+        self.num_classes: int | None = None
         self.class_names: list[str] = []
         self.train_set = self.val_set = self.test_set = None
 
@@ -108,12 +114,13 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
     def _how_to_get_it(self) -> str:
         return (
             f"Get it either with `--data.download true` (needs internet; torchvision fetches {CIFAR100_URL}) "
-            f"or by downloading that archive and extracting it into {self.data_dir}/ so that {self.folder}/train exists "
+            f"or by downloading that archive and extracting it into {self.data_dir}/ so that {self.folder}/train "
+            "exists "
             "(see data/README.md). For an offline try-out use the built-in data set: "
             "python train.py --config configs/quickstart.yaml"
         )
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         missing = self._missing()
         if missing:
             raise FileNotFoundError(
@@ -124,7 +131,9 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         eval_transform = cifar_eval_transform(self.mean, self.std)
         if stage in (None, "fit", "validate"):
             images, labels = read_cifar_split(self.data_dir, "train", self.num_classes)
-            train_transform = cifar_train_transform(self.mean, self.std, self.hparams.pad, self.hparams.hflip, seed=self.hparams.seed)
+            train_transform = cifar_train_transform(
+                self.mean, self.std, self.hparams.pad, self.hparams.hflip, seed=self.hparams.seed
+            )
             n_val = self.hparams.val_split
             if n_val >= len(labels):
                 raise ValueError(f"data.val_split ({n_val}) must be smaller than the {len(labels)} training images")

@@ -12,14 +12,15 @@ blue values per image, rows in raster order), ``fine_labels``, ``coarse_labels``
 - :func:`write_cifar100` writes Python 2 strings and the classic ``numpy.core`` global names, so
   its files load like the official ones with either encoding, in numpy 1 and numpy 2.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import pickle
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -79,8 +80,10 @@ def read_cifar_split(root: str | Path, split: str, num_classes: int | None = Non
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes if num_classes is not None else False))
     if len(bad):
         allowed = f"0..{num_classes - 1} (the {num_classes} classes of its meta file)" if num_classes else ">= 0"
-        raise ValueError(f"{path}: fine label {int(labels[bad[0]])} of image {int(bad[0])} is outside {allowed}; "
-                         f"{len(bad)} of {len(labels)} labels are")
+        raise ValueError(
+            f"{path}: fine label {int(labels[bad[0]])} of image {int(bad[0])} is outside {allowed}; "
+            f"{len(bad)} of {len(labels)} labels are"
+        )
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
@@ -112,7 +115,9 @@ class _Python2Pickler(pickle._Pickler):
         module = getattr(obj, "__module__", None)
         if module is not None and module.startswith("numpy._core"):
             name = name or obj.__qualname__
-            self.write(pickle.GLOBAL + module.replace("numpy._core", "numpy.core").encode() + b"\n" + name.encode() + b"\n")
+            self.write(
+                pickle.GLOBAL + module.replace("numpy._core", "numpy.core").encode() + b"\n" + name.encode() + b"\n"
+            )
             self.memoize(obj)
             return
         super().save_global(obj, name)
@@ -152,8 +157,10 @@ def write_cifar100(
     folder = Path(root) / BASE_FOLDER
     existing = [str(folder / name) for name in (*splits, "meta") if (folder / name).exists()]
     if existing:
-        raise ValueError(f"refusing to overwrite {', '.join(existing)}: write_cifar100 writes only new files; "
-                         "choose another folder or remove them yourself")
+        raise ValueError(
+            f"refusing to overwrite {', '.join(existing)}: write_cifar100 writes only new files; "
+            "choose another folder or remove them yourself"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     coarse_of_fine = list(coarse_of_fine) if coarse_of_fine is not None else [0] * len(fine_label_names)
     for split, (images, labels) in splits.items():

@@ -26,6 +26,7 @@ resized image, ``labels`` ``[N]`` int64, ``iscrowd`` ``[N]``, ``area`` ``[N]`` (
 ``orig_boxes`` ``[N, 4]`` xyxy in the original image, ``image_id``, ``orig_size`` ``(H, W)`` and
 ``size`` ``(h, w)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import lightning.pytorch as pl
@@ -96,23 +98,30 @@ def load_coco_annotations(path: str | os.PathLike) -> COCO:
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
-        raise ValueError(f"{path}: missing or non-list key(s) {missing}; a COCO instances file has "
-                         "'images', 'annotations' and 'categories' lists")
+        raise ValueError(
+            f"{path}: missing or non-list key(s) {missing}; a COCO instances file has "
+            "'images', 'annotations' and 'categories' lists"
+        )
     try:
         image_ids = {int(im["id"]) for im in data["images"]}
         for im in data["images"]:
             im["file_name"], int(im["width"]), int(im["height"])
         category_ids = {int(c["id"]) for c in data["categories"]}
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: malformed 'images' or 'categories' entry ({e!r}); images need "
-                         "id, file_name, width, height and categories need id, name") from e
+        raise ValueError(
+            f"{path}: malformed 'images' or 'categories' entry ({e!r}); images need "
+            "id, file_name, width, height and categories need id, name"
+        ) from e
     for ann in data["annotations"]:
         where = f"{path}: annotation {ann.get('id', '?') if isinstance(ann, dict) else ann!r}"
         if not isinstance(ann, dict):
             raise ValueError(f"{where} is not an object")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+        ):
             raise ValueError(f"{where}: 'bbox' must be [x, y, width, height] (4 finite numbers); got {bbox!r}")
         if ann.get("image_id") not in image_ids:
             raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
@@ -144,8 +153,14 @@ def _clipped_xywh(bbox: Sequence[float], width: int, height: int) -> tuple[float
 class COCODetection(Dataset):
     """One split of a COCO-format detection set (see the module docstring for samples)."""
 
-    def __init__(self, image_dir: str | os.PathLike, annotation_file: str | os.PathLike, transform,
-                 train: bool, categories: CategoryMapping | None = None):
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        annotation_file: str | os.PathLike,
+        transform,
+        train: bool,
+        categories: CategoryMapping | None = None,
+    ):
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
@@ -159,14 +174,18 @@ class COCODetection(Dataset):
         if train:  # as torchvision's reference: drop images with no usable (non-crowd, non-empty) box
             ids = [i for i in ids if any(self._usable(a, i) for a in self.coco.imgToAnns[i])]
             if not ids:
-                raise ValueError(f"{self.annotation_file}: no training image has a usable box "
-                                 f"({self.describe_boxes()}); training needs images with non-crowd boxes "
-                                 "wider and taller than 1 pixel inside the image")
+                raise ValueError(
+                    f"{self.annotation_file}: no training image has a usable box "
+                    f"({self.describe_boxes()}); training needs images with non-crowd boxes "
+                    "wider and taller than 1 pixel inside the image"
+                )
         self.ids = ids
         if self.box_counts["invalid"]:
             counts = self.box_counts
-            rank_zero_warn(f"{self.annotation_file}: dropped {counts['invalid']} of {counts['total']} "
-                           f"boxes with no area inside their image (e.g. {counts['example']})")
+            rank_zero_warn(
+                f"{self.annotation_file}: dropped {counts['invalid']} of {counts['total']} "
+                f"boxes with no area inside their image (e.g. {counts['example']})"
+            )
 
     def _count_boxes(self) -> dict[str, Any]:
         """Annotations: ``total``, ``crowd``, ``invalid`` (no area left once clipped to the image: dropped),
@@ -180,7 +199,8 @@ class COCODetection(Dataset):
                 counts["invalid"] += 1
                 counts["example"] = counts["example"] or (
                     f"annotation {ann.get('id', '?')}: bbox {ann['bbox']} in the {info['width']}x{info['height']} "
-                    f"image {info['file_name']}")
+                    f"image {info['file_name']}"
+                )
             elif ann.get("iscrowd", 0):
                 counts["crowd"] += 1
             elif w <= 1 or h <= 1:
@@ -194,9 +214,16 @@ class COCODetection(Dataset):
         c = self.box_counts
         if c["total"] == 0:
             return f"'annotations' is empty for its {len(self.coco.imgs)} images"
-        parts = [f"{c[key]} {what}" for key, what in (
-            ("crowd", "crowd (iscrowd=1)"), ("invalid", "with no area inside their image"),
-            ("thin", "1 pixel wide or high or less"), ("usable", "usable")) if c[key]]
+        parts = [
+            f"{c[key]} {what}"
+            for key, what in (
+                ("crowd", "crowd (iscrowd=1)"),
+                ("invalid", "with no area inside their image"),
+                ("thin", "1 pixel wide or high or less"),
+                ("usable", "usable"),
+            )
+            if c[key]
+        ]
         detail = f"; e.g. {c['example']}" if c["example"] else ""
         return f"{c['total']} annotations: " + ", ".join(parts) + detail
 
@@ -215,10 +242,10 @@ class COCODetection(Dataset):
         image = read_rgb_image(path)
         height, width = image.shape[:2]
         if (height, width) != (int(info["height"]), int(info["width"])):
-            raise ValueError(f"{path}: image is {width}x{height} but {self.annotation_file} says "
-                             f"{info['width']}x{info['height']}")
-        anns = [a for a in self.coco.imgToAnns[image_id]
-                if not (self.train and a.get("iscrowd", 0))]
+            raise ValueError(
+                f"{path}: image is {width}x{height} but {self.annotation_file} says {info['width']}x{info['height']}"
+            )
+        anns = [a for a in self.coco.imgToAnns[image_id] if not (self.train and a.get("iscrowd", 0))]
         boxes, labels, keep = [], [], []
         for a in anns:
             x, y, w, h = _clipped_xywh(a["bbox"], width, height)
@@ -226,12 +253,15 @@ class COCODetection(Dataset):
                 boxes.append((x, y, w, h))
                 labels.append(self.categories.to_label(a["category_id"]))
                 keep.append(a)
-        out = self.transform(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                             labels=labels, ann_index=list(range(len(keep))))
+        out = self.transform(
+            image=image,
+            bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            labels=labels,
+            ann_index=list(range(len(keep))),
+        )
         xywh = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         kept = [keep[int(i)] for i in out["ann_index"]]
-        orig = torch.tensor([_clipped_xywh(a["bbox"], width, height) for a in kept],
-                            dtype=torch.float32).reshape(-1, 4)
+        orig = torch.tensor([_clipped_xywh(a["bbox"], width, height) for a in kept], dtype=torch.float32).reshape(-1, 4)
         valid = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)  # RetinaNet rejects degenerate boxes
         xywh, orig = xywh[valid], orig[valid]
         kept = [a for a, v in zip(kept, valid.tolist()) if v]
@@ -241,8 +271,9 @@ class COCODetection(Dataset):
             "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
             "labels": labels,
             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in kept], dtype=torch.int64),
-            "area": torch.tensor([float(a.get("area") or a["bbox"][2] * a["bbox"][3]) for a in kept],
-                                 dtype=torch.float32),
+            "area": torch.tensor(
+                [float(a.get("area") or a["bbox"][2] * a["bbox"][3]) for a in kept], dtype=torch.float32
+            ),
             "orig_boxes": torch.cat([orig[:, :2], orig[:, :2] + orig[:, 2:]], dim=1),
             "image_id": torch.tensor(image_id, dtype=torch.int64),
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
@@ -305,8 +336,7 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         # build the pipelines now so that bad sizes fail at start-up
-        self.train_transform = detection_train_transform(train_min_size, max_size, hflip_prob,
-                                                         min_visibility, seed)
+        self.train_transform = detection_train_transform(train_min_size, max_size, hflip_prob, min_visibility, seed)
         self.eval_transform = detection_eval_transform(eval_min_size, max_size)
         self._categories: CategoryMapping | None = None
         self.train_set = self.val_set = self.test_set = None
@@ -325,8 +355,9 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
             if with_categories is not None:
                 self._categories = with_categories.categories
             else:
-                self._categories = CategoryMapping(load_coco_annotations(
-                    self.annotation_file(self.val_split)).dataset["categories"])
+                self._categories = CategoryMapping(
+                    load_coco_annotations(self.annotation_file(self.val_split)).dataset["categories"]
+                )
         return self._categories
 
     @property
@@ -334,14 +365,20 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
         return len(self.categories)
 
     def _dataset(self, split: str, train: bool) -> COCODetection:
-        return COCODetection(self.image_dir(split), self.annotation_file(split),
-                             self.train_transform if train else self.eval_transform, train=train,
-                             categories=self._categories)
+        return COCODetection(
+            self.image_dir(split),
+            self.annotation_file(split),
+            self.train_transform if train else self.eval_transform,
+            train=train,
+            categories=self._categories,
+        )
 
     def _check_same_categories(self, dataset: COCODetection) -> None:
         if dataset.categories.category_ids != self.categories.category_ids:
-            raise ValueError(f"{dataset.annotation_file} has category ids {dataset.categories.category_ids}, "
-                             f"which differ from the other split's {self.categories.category_ids}")
+            raise ValueError(
+                f"{dataset.annotation_file} has category ids {dataset.categories.category_ids}, "
+                f"which differ from the other split's {self.categories.category_ids}"
+            )
 
     @staticmethod
     def _check_ground_truth(dataset: COCODetection, role: str, split: str) -> None:
@@ -349,7 +386,8 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
         if dataset.box_counts["usable"] + dataset.box_counts["thin"] == 0:
             raise ValueError(
                 f"data.{role}_split {split!r}: {dataset.annotation_file} has no usable ground truth "
-                f"({dataset.describe_boxes()}), so its mAP would be -1; evaluate on a split with non-crowd boxes")
+                f"({dataset.describe_boxes()}), so its mAP would be -1; evaluate on a split with non-crowd boxes"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_set is None:
@@ -370,7 +408,8 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
             self._check_same_categories(self.test_set)
 
     def _loader(self, dataset: COCODetection, train: bool) -> DataLoader:
-        return make_loader(  # under DDP every evaluation image exactly once (repeats would count twice in the COCO metrics)
+        # under DDP every evaluation image exactly once (repeats would count twice in the COCO metrics)
+        return make_loader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,

@@ -13,10 +13,10 @@ batch to a multiple of 32. Keeping normalization in the model means a checkpoint
 Boxes use COCO's ``[x, y, w, h]`` in absolute pixels on the way in (``BboxParams(format="coco")``)
 and come out in the same format, in the coordinates of the resized (and flipped) image.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
-
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A

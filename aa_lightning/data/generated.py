@@ -11,14 +11,16 @@
   fsync'ed, the stamp written last, and the folder renamed into place; a killed generation
   leaves at most that hidden sibling (never a half set under the real name).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["write_generated_set", "read_stamp"]
 

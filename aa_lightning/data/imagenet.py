@@ -10,10 +10,10 @@ domain while the image stays at least as large as needed (``train_size`` / ``res
 on its short side), which cuts decoding time of large photos several-fold. A file that cannot be
 decoded raises an error that names it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -24,6 +24,7 @@ from .images import rgb_array
 from .loaders import SplitLoaders
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
 
+
 class ImageDecodeError(RuntimeError):
     """An image file that cannot be read or decoded."""
 
@@ -32,7 +33,7 @@ class RGBLoader:
     """``path -> uint8 [H, W, 3]`` RGB; with ``min_size`` the JPEG decoder may downscale (draft mode)
     as long as both sides stay >= ``min_size``. 16-bit greyscale is scaled, not clipped (:func:`.images.rgb_array`)."""
 
-    def __init__(self, min_size: Optional[int] = None) -> None:
+    def __init__(self, min_size: int | None = None) -> None:
         self.min_size = min_size
 
     def __call__(self, path: str) -> np.ndarray:
@@ -76,7 +77,7 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         seed: int = 0,
-        pin_memory: Optional[bool] = None,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
@@ -91,7 +92,7 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        self.num_classes: Optional[int] = None
+        self.num_classes: int | None = None
         self.class_names: list[str] = []
         self.train_set = self.val_set = self.test_set = None
 
@@ -105,7 +106,7 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
             )
         return str(folder)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         eval_loader = RGBLoader(hp.resize_size if hp.draft else None)
         eval_transform = imagenet_eval_transform(hp.eval_size, hp.resize_size, self.mean, self.std)
@@ -114,9 +115,12 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         self.class_names = list(self.val_set.classes)
         self.num_classes = len(self.class_names)
         if stage in (None, "fit"):
-            train_transform = imagenet_train_transform(hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed)
+            train_transform = imagenet_train_transform(
+                hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed
+            )
             self.train_set = ImageFolder(
-                self._folder("train", "training"), loader=RGBLoader(hp.train_size if hp.draft else None),
+                self._folder("train", "training"),
+                loader=RGBLoader(hp.train_size if hp.draft else None),
                 transform=train_transform,
             )
             if self.train_set.classes != self.val_set.classes:

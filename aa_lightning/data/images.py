@@ -1,4 +1,5 @@
 """Decoded PIL images as the uint8 RGB arrays every pipeline of this project takes."""
+
 from __future__ import annotations
 
 import numpy as np

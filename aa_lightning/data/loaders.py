@@ -16,10 +16,12 @@ Evaluation loaders under DDP get an ``UnrepeatedDistributedSampler``: every imag
 exactly once over all processes (the default ``DistributedSampler`` pads by repeating images, which
 biases the metrics), and the torchmetrics states are summed across processes at the end of the epoch.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -82,11 +84,11 @@ def make_loader(
     batch_size: int,
     num_workers: int,
     train: bool,
-    trainer: Optional[pl.Trainer] = None,
-    pin_memory: Optional[bool] = None,
+    trainer: pl.Trainer | None = None,
+    pin_memory: bool | None = None,
     persistent_workers: bool = True,
-    collate_fn: Optional[Callable] = None,
-    worker_init_fn: Optional[Callable] = None,
+    collate_fn: Callable | None = None,
+    worker_init_fn: Callable | None = None,
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader with pinned memory on CUDA, persistent workers and exactly-once evaluation under DDP.
@@ -96,15 +98,21 @@ def make_loader(
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=persistent_workers and num_workers > 0, collate_fn=collate_fn,
-                  worker_init_fn=worker_init_fn)
+    common = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=collate_fn,
+        worker_init_fn=worker_init_fn,
+    )
     world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     if train:
         sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
         generator = torch.Generator().manual_seed(seed)  # worker base seeds; torch's global generator is left alone
-        return StatefulDataLoader(SeededSamples(dataset, seed), sampler=sampler, drop_last=True, generator=generator,
-                                  **common)
+        return StatefulDataLoader(
+            SeededSamples(dataset, seed), sampler=sampler, drop_last=True, generator=generator, **common
+        )
     sampler = None
     if world_size > 1:
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)

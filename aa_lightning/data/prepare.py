@@ -16,6 +16,7 @@ A non-empty ``--out`` without the stamp is refused; a finished one is left as it
 ``--overwrite`` is given. Shards for remote training (s3:// etc.) are converted locally and then
 copied, e.g. ``aws s3 sync data/imagenet_litdata s3://bucket/imagenet_litdata``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 STAMP = "aa_lightning_shards.json"
 PARTIAL_MARKER = ".aa_lightning_partial"
@@ -39,7 +41,7 @@ class ConversionError(RuntimeError):
     """Bad ``--src`` / ``--out`` for a conversion."""
 
 
-def read_stamp(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
+def read_stamp(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The stamp of a finished conversion in ``folder`` (a local path), or None."""
     path = Path(folder) / STAMP
     if not path.is_file():
@@ -130,11 +132,11 @@ def _remove_stale_partials(out: Path) -> None:
 def convert_imagenet(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    num_workers: Optional[int] = None,
+    num_workers: int | None = None,
     chunk_bytes: str = "64MB",
     overwrite: bool = False,
     verbose: bool = True,
-) -> Optional[dict[str, Any]]:
+) -> dict[str, Any] | None:
     """Convert ``src/{train,val}/<class>/<image>`` into litdata shards in ``out``; returns the stamp written,
     or None when ``out`` already holds a finished conversion (and ``overwrite`` is False)."""
     src, out = Path(src), Path(out)
@@ -163,8 +165,10 @@ def convert_imagenet(
     (tmp / PARTIAL_MARKER).write_text(f"an unfinished conversion of {src.resolve()} (pid {os.getpid()})\n")
     workers = max(1, num_workers or os.cpu_count() or 1)
     # litdata stages chunks in DATA_OPTIMIZER_*CACHE_FOLDER (default: a shared /tmp/chunks): keep them in tmp
-    cache_env = {"DATA_OPTIMIZER_CACHE_FOLDER": str(tmp / ".cache" / "chunks"),
-                 "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(tmp / ".cache" / "data")}
+    cache_env = {
+        "DATA_OPTIMIZER_CACHE_FOLDER": str(tmp / ".cache" / "chunks"),
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(tmp / ".cache" / "data"),
+    }
     saved_env = {key: os.environ.get(key) for key in cache_env}
     os.environ.update(cache_env)
     try:
@@ -219,7 +223,7 @@ def convert_imagenet(
     return stamp
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m aa_lightning.data.prepare imagenet --src ... --out ...``."""
     parser = argparse.ArgumentParser(prog="python -m aa_lightning.data.prepare", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -18,12 +18,14 @@ a local folder or a URI (``s3://``, ``gs://``, ``azure://`` ...; chunks are cach
 
 litdata is imported when the data are set up, so this module imports without it.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from .imagenet import ImageDecodeError, ImageNetDataModule, RGBLoader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
@@ -51,7 +53,7 @@ class DecodeAndTransform:
     that cannot be decoded raises :class:`ImageDecodeError` naming its source path and the shards.
     """
 
-    def __init__(self, transform: Callable, min_size: Optional[int], shards: str) -> None:
+    def __init__(self, transform: Callable, min_size: int | None, shards: str) -> None:
         self.transform = transform
         self.loader = RGBLoader(min_size)
         self.shards = shards
@@ -93,19 +95,30 @@ class StreamingImageNetDataModule(ImageNetDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         seed: int = 0,
-        pin_memory: Optional[bool] = None,
-        cache_dir: Optional[str] = None,
+        pin_memory: bool | None = None,
+        cache_dir: str | None = None,
         max_cache_size: str = "100GB",
-        storage_options: Optional[dict[str, Any]] = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
-            data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, train_size=train_size,
-            eval_size=eval_size, resize_size=resize_size, min_scale=min_scale, hflip=hflip, draft=draft,
-            mean=mean, std=std, seed=seed, pin_memory=pin_memory, persistent_workers=False,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            train_size=train_size,
+            eval_size=eval_size,
+            resize_size=resize_size,
+            min_scale=min_scale,
+            hflip=hflip,
+            draft=draft,
+            mean=mean,
+            std=std,
+            seed=seed,
+            pin_memory=pin_memory,
+            persistent_workers=False,
         )
         # a URI stays a URI (Path would fold "s3://" to "s3:/"); file:// is a local folder
         self.data_dir = str(data_dir).removeprefix("file://").rstrip("/")
-        self.stamp: Optional[dict[str, Any]] = None
+        self.stamp: dict[str, Any] | None = None
 
     def _uri(self, split: str) -> str:
         return f"{self.data_dir}/{split}"
@@ -132,7 +145,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             )
         return stamp
 
-    def _dataset(self, split: str, transform: Callable, min_size: Optional[int], train: bool) -> Any:
+    def _dataset(self, split: str, transform: Callable, min_size: int | None, train: bool) -> Any:
         hp = self.hparams
         return _litdata().StreamingDataset(
             self._uri(split),
@@ -145,7 +158,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             transform=DecodeAndTransform(transform, min_size, self._uri(split)),
         )
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         _litdata()
         self.stamp = self._read_stamp()

@@ -11,6 +11,7 @@ folder, e.g. real CIFAR-100, it stops with a ``ValueError`` instead of overwriti
 The classes are not mirror-symmetric (a horizontal flip turns "up-left" into "up-right"), so
 horizontal flips are off by default here; the pad-and-crop shift keeps the class.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,9 @@ FORMAT_VERSION = 1
 STAMP = "synthetic.json"
 
 
-def write_synthetic_cifar(data_dir: str, num_classes: int = 10, train_size: int = 10000, test_size: int = 2000, data_seed: int = 0) -> bool:
+def write_synthetic_cifar(
+    data_dir: str, num_classes: int = 10, train_size: int = 10000, test_size: int = 2000, data_seed: int = 0
+) -> bool:
     """Render and write the data set unless ``data_dir`` already holds it; returns True if written.
 
     ``data_dir`` must be missing, empty or a folder this function generated (``synthetic.json``
@@ -33,8 +36,14 @@ def write_synthetic_cifar(data_dir: str, num_classes: int = 10, train_size: int 
     ``cifar-100-python/``) is never overwritten. The set is written into a temporary sibling and
     renamed into place (:func:`.generated.write_generated_set`).
     """
-    spec = {"generator": "relations", "version": FORMAT_VERSION, "num_classes": num_classes,
-            "train_size": train_size, "test_size": test_size, "data_seed": data_seed}
+    spec = {
+        "generator": "relations",
+        "version": FORMAT_VERSION,
+        "num_classes": num_classes,
+        "train_size": train_size,
+        "test_size": test_size,
+        "data_seed": data_seed,
+    }
 
     def write(folder: Path) -> None:
         splits = {
@@ -44,11 +53,16 @@ def write_synthetic_cifar(data_dir: str, num_classes: int = 10, train_size: int 
         names = relation_class_names(num_classes)
         # coarse labels: does the plus lie in the upper (0) or lower (1) half-plane of the square?
         coarse = [0 if 0 <= c * 360 / num_classes < 180 else 1 for c in range(num_classes)]
-        write_cifar100(folder, splits, names, coarse, ("plus_above_square", "plus_below_square"),
-                       filename_prefix="relations")
+        write_cifar100(
+            folder, splits, names, coarse, ("plus_above_square", "plus_below_square"), filename_prefix="relations"
+        )
 
     return write_generated_set(
-        data_dir, STAMP, spec, [f"{BASE_FOLDER}/{name}" for name in ("train", "test", "meta")], write,
+        data_dir,
+        STAMP,
+        spec,
+        [f"{BASE_FOLDER}/{name}" for name in ("train", "test", "meta")],
+        write,
         is_own_stamp=lambda found: found.get("generator") == "relations",
         what="the built-in synthetic data set (SyntheticCIFARDataModule)",
     )
@@ -79,7 +93,10 @@ class SyntheticCIFARDataModule(CIFAR100DataModule):
         if num_classes < 2:
             raise ValueError(f"data.num_classes must be >= 2, got {num_classes}")
         if train_size < num_classes or test_size < num_classes:
-            raise ValueError(f"data.train_size and data.test_size must be >= num_classes ({num_classes}), got {train_size}, {test_size}")
+            raise ValueError(
+                f"data.train_size and data.test_size must be >= num_classes ({num_classes}), "
+                f"got {train_size}, {test_size}"
+            )
         kwargs.pop("download", None)
         super().__init__(data_dir=data_dir, hflip=hflip, download=False, **kwargs)
         self.generation = dict(num_classes=num_classes, train_size=train_size, test_size=test_size, data_seed=data_seed)

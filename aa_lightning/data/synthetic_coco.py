@@ -18,6 +18,7 @@ noise. Annotations are exact: ``segmentation`` is the polygon, rasterized with p
 as COCO computes them. ``SyntheticCOCODataModule`` generates the set on first use and then
 reads it with the ordinary :class:`~aa_lightning.data.coco.COCODataModule`.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,23 @@ def _shape_polygon(name: str, size: float, rng: np.random.Generator) -> np.ndarr
         pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
     elif name == "cross":
         a, b = r, r * 0.33
-        pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b],
-                        [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]], dtype=np.float64)
+        pts = np.array(
+            [
+                [-b, -a],
+                [b, -a],
+                [b, -b],
+                [a, -b],
+                [a, b],
+                [b, b],
+                [b, a],
+                [-b, a],
+                [-b, b],
+                [-a, b],
+                [-a, -b],
+                [-b, -b],
+            ],
+            dtype=np.float64,
+        )
     elif name == "bar":
         ratio = rng.uniform(3.0, 5.0)
         pts = np.array([[-1, -1 / ratio], [1, -1 / ratio], [1, 1 / ratio], [-1, 1 / ratio]]) * r
@@ -89,8 +105,9 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     return img
 
 
-def _render_image(height: int, width: int, max_objects: int, min_object_size: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _render_image(
+    height: int, width: int, max_objects: int, min_object_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     image = _background(height, width, rng)
     occupied = np.zeros((height, width), dtype=bool)
     objects = []
@@ -113,19 +130,29 @@ def _render_image(height: int, width: int, max_objects: int, min_object_size: in
             colour = rng.uniform(0, 255, 3)
             shade = rng.uniform(0.7, 1.0)
             image[mask] = colour * shade + rng.normal(0, 6, size=(int(mask.sum()), 3))
-            objects.append({
-                "category_id": category["id"],
-                "bbox": [float(v) for v in coco_mask.toBbox(rle)],
-                "area": float(coco_mask.area(rle)),
-                "segmentation": [polygon],
-                "iscrowd": 0,
-            })
+            objects.append(
+                {
+                    "category_id": category["id"],
+                    "bbox": [float(v) for v in coco_mask.toBbox(rle)],
+                    "area": float(coco_mask.area(rle)),
+                    "segmentation": [polygon],
+                    "iscrowd": 0,
+                }
+            )
             break
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
 
-def _write_split(root: Path, split: str, num_images: int, image_size: int, max_objects: int,
-                 min_object_size: int, seed: int, split_index: int) -> None:
+def _write_split(
+    root: Path,
+    split: str,
+    num_images: int,
+    image_size: int,
+    max_objects: int,
+    min_object_size: int,
+    seed: int,
+    split_index: int,
+) -> None:
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -136,18 +163,21 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, max_o
         pixels, objects = _render_image(height, width, max_objects, min_object_size, rng)
         image_id = i + 1
         file_name = f"{image_id:012d}.jpg"
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
-                                   [cv2.IMWRITE_JPEG_QUALITY, 92])
+        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {image_dir / file_name}")
         (image_dir / file_name).write_bytes(encoded.tobytes())
-        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height,
-                       "license": 1})
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
     dataset = {
-        "info": {"description": "aa-lightning synthetic shapes (COCO format)", "version": "1.0",
-                 "year": 2024, "contributor": "aa-lightning", "date_created": "n/a"},
+        "info": {
+            "description": "aa-lightning synthetic shapes (COCO format)",
+            "version": "1.0",
+            "year": 2024,
+            "contributor": "aa-lightning",
+            "date_created": "n/a",
+        },
         "licenses": [{"id": 1, "name": "CC0", "url": ""}],
         "images": images,
         "annotations": annotations,
@@ -158,14 +188,16 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, max_o
         json.dump(dataset, f)
 
 
-def check_synthetic_coco_args(num_train: int, num_val: int, image_size: int, max_objects: int,
-                              min_object_size: int) -> None:
+def check_synthetic_coco_args(
+    num_train: int, num_val: int, image_size: int, max_objects: int, min_object_size: int
+) -> None:
     """``ValueError`` naming the parameter when the synthetic set cannot be drawn with these sizes."""
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be >= 1; got {num_train}, {num_val}")
     if image_size < 32 or not 4 <= min_object_size <= image_size // 3:
-        raise ValueError(f"need image_size >= 32 and 4 <= min_object_size <= image_size // 3; "
-                         f"got {image_size}, {min_object_size}")
+        raise ValueError(
+            f"need image_size >= 32 and 4 <= min_object_size <= image_size // 3; got {image_size}, {min_object_size}"
+        )
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1; got {max_objects}")
 
@@ -189,16 +221,26 @@ def generate_synthetic_coco(
     leaves a half set under ``root``.
     """
     check_synthetic_coco_args(num_train, num_val, image_size, max_objects, min_object_size)
-    params = dict(version=_FORMAT_VERSION, num_train=num_train, num_val=num_val, image_size=image_size,
-                  max_objects=max_objects, min_object_size=min_object_size, seed=seed,
-                  train_split=train_split, val_split=val_split)
+    params = dict(
+        version=_FORMAT_VERSION,
+        num_train=num_train,
+        num_val=num_val,
+        image_size=image_size,
+        max_objects=max_objects,
+        min_object_size=min_object_size,
+        seed=seed,
+        train_split=train_split,
+        val_split=val_split,
+    )
 
     def write(folder: Path) -> None:
         _write_split(folder, train_split, num_train, image_size, max_objects, min_object_size, seed, 0)
         _write_split(folder, val_split, num_val, image_size, max_objects, min_object_size, seed, 1)
 
     write_generated_set(
-        root, _META_FILE, params,
+        root,
+        _META_FILE,
+        params,
         [train_split, val_split, *(f"annotations/instances_{split}.json" for split in (train_split, val_split))],
         write,
         is_own_stamp=lambda found: {"version", "num_train", "num_val", "train_split", "val_split"} <= set(found),
@@ -236,13 +278,27 @@ class SyntheticCOCODataModule(COCODataModule):
         seed: int = 0,
         pin_memory: bool = True,
     ):
-        super().__init__(root=root, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, train_min_size=train_min_size,
-                         eval_min_size=eval_min_size, max_size=max_size, hflip_prob=hflip_prob,
-                         min_visibility=min_visibility, seed=seed, pin_memory=pin_memory)
-        self.generator_args = dict(num_train=num_train, num_val=num_val, image_size=image_size,
-                                   max_objects=max_objects, min_object_size=min_object_size,
-                                   seed=generator_seed)
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_min_size=train_min_size,
+            eval_min_size=eval_min_size,
+            max_size=max_size,
+            hflip_prob=hflip_prob,
+            min_visibility=min_visibility,
+            seed=seed,
+            pin_memory=pin_memory,
+        )
+        self.generator_args = dict(
+            num_train=num_train,
+            num_val=num_val,
+            image_size=image_size,
+            max_objects=max_objects,
+            min_object_size=min_object_size,
+            seed=generator_seed,
+        )
         try:  # validate now (fail at start-up, not after the trainer is built)
             check_synthetic_coco_args(num_train, num_val, image_size, max_objects, min_object_size)
         except ValueError as err:

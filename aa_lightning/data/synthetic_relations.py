@@ -12,6 +12,7 @@ Angles are drawn within ``angle_margin`` of each sector's centre so that neighbo
 are separable. Everything is generated from one ``seed`` (numpy PCG64), so the same arguments
 always give the same bytes.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -12,9 +12,10 @@ so a sample's augmentation is the same whichever worker loads it and after a res
 those loaders, the pipeline is re-seeded once in each DataLoader worker from ``torch.initial_seed()``
 (workers differ, epochs differ, reproducible from the seed).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import albumentations as A
 import cv2
@@ -96,7 +97,9 @@ def imagenet_train_transform(
 ) -> AlbumentationsTransform:
     """RandomResizedCrop ``image_size`` (area ``scale``, aspect 3/4-4/3), optional flip, normalize."""
     transforms: list[A.BasicTransform] = [
-        A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR)
+        A.RandomResizedCrop(
+            size=(image_size, image_size), scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR
+        )
     ]
     if hflip:
         transforms.append(A.HorizontalFlip(p=0.5))
@@ -110,5 +113,8 @@ def imagenet_eval_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> AlbumentationsTransform:
     """Resize the short side to ``resize_size``, center crop ``image_size``, normalize."""
-    transforms = [A.SmallestMaxSize(max_size=resize_size, interpolation=cv2.INTER_LINEAR), A.CenterCrop(image_size, image_size)]
+    transforms = [
+        A.SmallestMaxSize(max_size=resize_size, interpolation=cv2.INTER_LINEAR),
+        A.CenterCrop(image_size, image_size),
+    ]
     return AlbumentationsTransform(transforms + _normalize(mean, std))

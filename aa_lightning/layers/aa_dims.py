@@ -3,6 +3,7 @@
 k = dk / Fout (key depth ratio), v = dv / Fout (attention channel ratio), Nh heads,
 dkh = dk / Nh, dvh = dv / Nh (Bello et al., Section 3.3).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,9 +43,7 @@ def aa_dims(out_channels: int, k: float, v: float, num_heads: int, min_dkh: int 
         )
     if v == 1.0:
         if out_channels % num_heads:
-            raise ValueError(
-                f"v = 1.0 needs dv = Fout = {out_channels} divisible by num_heads = {num_heads}"
-            )
+            raise ValueError(f"v = 1.0 needs dv = Fout = {out_channels} divisible by num_heads = {num_heads}")
         dv = out_channels
     else:
         dv = min(max(_round_to_heads(v * out_channels, num_heads), num_heads), out_channels // num_heads * num_heads)

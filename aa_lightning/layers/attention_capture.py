@@ -9,11 +9,12 @@ builds the (HW)x(HW) map. The training path (its outputs and gradients) is uncha
         model(images)
     captures["layer3.0.conv2"].maps  # [B, Nh, nq, H', W'] probabilities, each map sums to 1
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -1,4 +1,5 @@
 """AugmentedConv2d: AAConv(X) = Concat[Conv(X), MHA(X)] (Bello et al., ICCV 2019, Section 3.3)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -106,7 +107,9 @@ class AugmentedConv2d(nn.Module):
             if conv_channels > 0
             else None
         )
-        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 and self.dv else None
+        self.pool = (
+            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 and self.dv else None
+        )
         if self.dv:
             qkv_in = in_channels + (2 if position == "coord" else 0)
             self.qkv = nn.Conv2d(qkv_in, 2 * self.dk + self.dv, 1, bias=qkv_bias, **dd)

@@ -10,6 +10,7 @@ probabilities, and backward recomputes each chunk's softmax (the FlashAttention 
 batched GEMMs), so peak memory is O(B Nh n HW) for any map size and the relative terms cost two
 broadcast additions per logit rather than (H + W) extra multiply-adds.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@
   concatenated to the attention input.
 Both are computed for the runtime size, so they work at any H, W.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,13 +17,17 @@ from torch import Tensor
 def _sine_1d(positions: Tensor, channels: int) -> Tensor:
     """[len(positions), channels] interleaved sin/cos encodings (channels may be odd)."""
     half = (channels + 1) // 2
-    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half, dtype=torch.float32) * 2 / max(channels, 1))
+    freqs = torch.exp(
+        -torch.log(torch.tensor(10000.0)) * torch.arange(half, dtype=torch.float32) * 2 / max(channels, 1)
+    )
     angles = positions.float()[:, None] * freqs[None, :]
     enc = torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(positions), 2 * half)
     return enc[:, :channels]
 
 
-def sine_position_encoding_2d(height: int, width: int, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def sine_position_encoding_2d(
+    height: int, width: int, channels: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """[channels, H, W] 2-D sinusoidal encoding: channels[:C//2] encode y, channels[C//2:] encode x."""
     c_y = channels // 2
     c_x = channels - c_y

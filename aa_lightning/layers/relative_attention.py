@@ -30,6 +30,7 @@ same function; they differ in speed and memory:
 
 Content-only attention (no tables) always goes through ``scaled_dot_product_attention``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -76,8 +77,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cpu_kernel" and device.type != "cpu":
         raise ValueError(f"backend 'cpu_kernel' runs on CPU tensors only; got {device.type} (use 'auto' or 'fused')")
     if backend == "triton" and not _triton_available():
-        raise ValueError("backend 'triton' needs the triton package (it comes with torch's Linux CUDA wheels); "
-                         "use 'auto' or 'chunked'")
+        raise ValueError(
+            "backend 'triton' needs the triton package (it comes with torch's Linux CUDA wheels); "
+            "use 'auto' or 'chunked'"
+        )
     if backend != "auto":
         return backend
     if device.type == "cuda":

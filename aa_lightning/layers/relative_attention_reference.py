@@ -5,6 +5,7 @@ It materializes the (HW)x(HW) logits, exactly as the TF code of Bello et al. (Ap
 [.., L, 2L-1] relative logits into absolute [.., L, L] ones, and the result is tiled over the
 other axis. Memory is O(B Nh (HW)^2): use it for testing and small maps only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,7 @@ def rel_to_abs(x: Tensor) -> Tensor:
     flat = x.reshape(b, nh, length * 2 * length)
     flat = torch.cat([flat, flat.new_zeros(b, nh, length - 1)], dim=2)  # [B, Nh, 2L^2 + L - 1]
     final = flat.reshape(b, nh, length + 1, 2 * length - 1)
-    return final[:, :, :length, length - 1:]
+    return final[:, :, :length, length - 1 :]
 
 
 def relative_logits_1d(q: Tensor, rel_k: Tensor, permute: tuple[int, ...]) -> Tensor:

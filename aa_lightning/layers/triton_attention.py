@@ -16,7 +16,6 @@ triton is imported lazily by :mod:`.relative_attention`; with ``TRITON_INTERPRET
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -200,7 +199,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs, *output)
 
 
-def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
     """The kernels' gradients, then the chain rule through bias_w[i, jx] = q_i . rel_w[jx - ix + W - 1]
     and bias_h[i, jy] = q_i . rel_h[jy - iy + H - 1] in O(HW (H + W) d) torch ops."""
     q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors

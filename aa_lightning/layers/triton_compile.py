@@ -49,6 +49,7 @@ def zoo_attention_shapes() -> list[dict]:
     import timm
 
     import aa_lightning  # noqa: F401  (registers the models)
+
     from .augmented_conv import AugmentedConv2d
 
     rows: dict[tuple[int, int, int, int], list[str]] = {}

@@ -8,6 +8,7 @@
 Every AA model takes the ``aa_*`` kwargs of :mod:`.attention_settings` and ``img_size``.
 No weights are published: see :func:`load_checkpoint`.
 """
+
 from .aa_mnasnet import AAEfficientNet, AAEfficientNetFeatures
 from .aa_resnet import AABasicBlock, AABottleneck
 from .attention_settings import AttentionSettings

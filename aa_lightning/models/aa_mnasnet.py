@@ -15,6 +15,7 @@ width, Fout = 6 Fin). The depthwise conv, SE and projection are unchanged. This 
 threshold (8: also the 28x28 blocks). Keys are timm's (``blocks.S.B.conv_pw.{conv,qkv,proj,...}``
 in the augmented blocks).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -24,7 +25,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._efficientnet_blocks import InvertedResidual
-from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init_weights, resolve_bn_args, round_channels
+from timm.models._efficientnet_builder import (
+    decode_arch_def,
+    efficientnet_init_weights,
+    resolve_bn_args,
+    round_channels,
+)
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 from torch import nn
 
@@ -47,7 +53,9 @@ MNASNET_A1_ARCH = [
 ]
 
 
-def augment_inverted_residuals(blocks: nn.Sequential, attention: AttentionSettings, img_size, min_reduction: int) -> list[str]:
+def augment_inverted_residuals(
+    blocks: nn.Sequential, attention: AttentionSettings, img_size, min_reduction: int
+) -> list[str]:
     """Swap ``conv_pw`` of every InvertedResidual whose input is at >= ``min_reduction`` for an
     AugmentedConv2d (tables sized for ``img_size``); returns the augmented block names."""
     reduction, augmented = 2, []  # the stem has stride 2
@@ -66,7 +74,9 @@ def augment_inverted_residuals(blocks: nn.Sequential, attention: AttentionSettin
 class AAEfficientNet(EfficientNet):
     """timm EfficientNet with attention-augmented inverted residuals (see module doc)."""
 
-    def __init__(self, *, attention: AttentionSettings, img_size, aa_min_reduction: int = MIN_REDUCTION, **kwargs: Any) -> None:
+    def __init__(
+        self, *, attention: AttentionSettings, img_size, aa_min_reduction: int = MIN_REDUCTION, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.augmented_blocks = augment_inverted_residuals(self.blocks, attention, img_size, aa_min_reduction)
 
@@ -74,12 +84,16 @@ class AAEfficientNet(EfficientNet):
 class AAEfficientNetFeatures(EfficientNetFeatures):
     """timm EfficientNetFeatures (``features_only=True``) with the same augmented blocks."""
 
-    def __init__(self, *, attention: AttentionSettings, img_size, aa_min_reduction: int = MIN_REDUCTION, **kwargs: Any) -> None:
+    def __init__(
+        self, *, attention: AttentionSettings, img_size, aa_min_reduction: int = MIN_REDUCTION, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.augmented_blocks = augment_inverted_residuals(self.blocks, attention, img_size, aa_min_reduction)
 
 
-def _create_mnasnet_a1(variant: str, channel_multiplier: float, pretrained: bool = False, augment: bool = True, **kwargs: Any) -> nn.Module:
+def _create_mnasnet_a1(
+    variant: str, channel_multiplier: float, pretrained: bool = False, augment: bool = True, **kwargs: Any
+) -> nn.Module:
     """timm's _gen_mnasnet_a1 + _create_effnet with the AA classes (``augment``) or timm's own."""
     check_weight_source(variant, pretrained, kwargs)
     model_kwargs = dict(
@@ -92,7 +106,9 @@ def _create_mnasnet_a1(variant: str, channel_multiplier: float, pretrained: bool
         model_kwargs["attention"] = AttentionSettings.pop_from(kwargs, MNASNET_AA, model_specific=("aa_min_reduction",))
         min_reduction = kwargs.pop("aa_min_reduction", MIN_REDUCTION)
         if not isinstance(min_reduction, int) or min_reduction < 2:
-            raise ValueError(f"aa_min_reduction must be an integer >= 2 (16: the 14x14 and 7x7 blocks at 224); got {min_reduction!r}")
+            raise ValueError(
+                f"aa_min_reduction must be an integer >= 2 (16: the 14x14 and 7x7 blocks at 224); got {min_reduction!r}"
+            )
         model_kwargs.update(img_size=pop_img_size(variant, kwargs), aa_min_reduction=min_reduction)
     model_kwargs.update(kwargs)
 
@@ -107,7 +123,9 @@ def _create_mnasnet_a1(variant: str, channel_multiplier: float, pretrained: bool
             features_mode = "cls"
     pretrained_strict = model_kwargs.pop("pretrained_strict", True)
     model = build_model_with_cfg(
-        model_cls, variant, pretrained,
+        model_cls,
+        variant,
+        pretrained,
         features_only=features_mode == "cfg",
         pretrained_strict=pretrained_strict and features_mode != "cls",
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -122,20 +140,30 @@ def _create_mnasnet_a1(variant: str, channel_multiplier: float, pretrained: bool
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     """timm's MnasNet ImageNet cfg; no released weights."""
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv_stem", "classifier": "classifier", **kwargs,
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv_stem",
+        "classifier": "classifier",
+        **kwargs,
     }
 
 
 _AA_PAPER = dict(paper_ids="arXiv:1904.09925", paper_name="Attention Augmented Convolutional Networks")
-default_cfgs = generate_default_cfgs({
-    "semnasnet_125": _cfg(paper_ids="arXiv:1807.11626"),
-    "aa_mnasnet_075": _cfg(**_AA_PAPER),
-    "aa_mnasnet_100": _cfg(**_AA_PAPER),
-    "aa_mnasnet_125": _cfg(**_AA_PAPER),
-    "aa_mnasnet_140": _cfg(**_AA_PAPER),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "semnasnet_125": _cfg(paper_ids="arXiv:1807.11626"),
+        "aa_mnasnet_075": _cfg(**_AA_PAPER),
+        "aa_mnasnet_100": _cfg(**_AA_PAPER),
+        "aa_mnasnet_125": _cfg(**_AA_PAPER),
+        "aa_mnasnet_140": _cfg(**_AA_PAPER),
+    }
+)
 
 
 @register_model

@@ -17,10 +17,12 @@ Baselines: timm's own ``resnet26/34/50/101/152``. timm's ResNet kwargs pass thro
 (``layers``, ``channels``, ``stem_width``, ``output_stride``, ...): ``aa_resnet34`` with
 ``layers=(2, 2, 2, 2)`` is an AA-ResNet-18 (the detection quickstart's backbone).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -46,8 +48,17 @@ class AABasicBlock(BasicBlock):
     ``feat_sizes``: ((H, W) of the stage's input, (H, W) of its output) at ``img_size``.
     """
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, *,
-                 attention: AttentionSettings, feat_sizes, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample=None,
+        *,
+        attention: AttentionSettings,
+        feat_sizes,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(inplanes, planes, stride, downsample, **kwargs)
         self.conv1 = attention.augment(self.conv1, _block_input_size(feat_sizes, self.conv1.stride[0]))
 
@@ -58,8 +69,17 @@ class AABottleneck(Bottleneck):
     ``feat_sizes``: ((H, W) of the stage's input, (H, W) of its output) at ``img_size``.
     """
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, *,
-                 attention: AttentionSettings, feat_sizes, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample=None,
+        *,
+        attention: AttentionSettings,
+        feat_sizes,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(inplanes, planes, stride, downsample, **kwargs)
         self.conv2 = attention.augment(self.conv2, _block_input_size(feat_sizes, self.conv2.stride[0]))
 
@@ -79,8 +99,13 @@ def stage_feat_sizes(img_size: Sequence[int], output_stride: int = 32, num_stage
     return sizes
 
 
-def aa_stage_blocks(block: type, attention: AttentionSettings, img_size: Sequence[int],
-                    output_stride: int = 32, stages: Sequence[int] = AUGMENTED_STAGES) -> tuple[Callable, ...]:
+def aa_stage_blocks(
+    block: type,
+    attention: AttentionSettings,
+    img_size: Sequence[int],
+    output_stride: int = 32,
+    stages: Sequence[int] = AUGMENTED_STAGES,
+) -> tuple[Callable, ...]:
     """timm ResNet's per-stage ``block`` tuple: ``block`` in stages not in ``stages`` (1-based),
     its AA version (bound to the stage's feature sizes) in the others."""
     blocks = []
@@ -94,8 +119,14 @@ def aa_stage_blocks(block: type, attention: AttentionSettings, img_size: Sequenc
     return tuple(blocks)
 
 
-def _create_aa_resnet(variant: str, pretrained: bool, block: type, default_layers: Sequence[int],
-                      attention: AttentionSettings, **kwargs: Any) -> ResNet:
+def _create_aa_resnet(
+    variant: str,
+    pretrained: bool,
+    block: type,
+    default_layers: Sequence[int],
+    attention: AttentionSettings,
+    **kwargs: Any,
+) -> ResNet:
     """timm's ResNet built by ``build_model_with_cfg`` with the AA blocks of ``variant``."""
     check_weight_source(variant, pretrained, kwargs)
     attention = AttentionSettings.pop_from(kwargs, attention, model_specific=("aa_stages",))
@@ -106,30 +137,44 @@ def _create_aa_resnet(variant: str, pretrained: bool, block: type, default_layer
     layers = tuple(kwargs.pop("layers", default_layers))  # timm's ResNet kwarg: e.g. (2, 2, 2, 2) for an AA-ResNet-18
     blocks = aa_stage_blocks(block, attention, img_size, kwargs.get("output_stride", 32), stages)
     return build_model_with_cfg(
-        ResNet, variant, pretrained, block=blocks, layers=layers,
-        pretrained_filter_fn=checkpoint_filter_fn, **kwargs,
+        ResNet,
+        variant,
+        pretrained,
+        block=blocks,
+        layers=layers,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
     )
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     """timm ResNet's ImageNet cfg; no released weights (``url`` empty)."""
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1", "classifier": "fc",
-        "paper_ids": "arXiv:1904.09925", "paper_name": "Attention Augmented Convolutional Networks",
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        "paper_ids": "arXiv:1904.09925",
+        "paper_name": "Attention Augmented Convolutional Networks",
         **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "aa_resnet26": _cfg(),
-    "aa_resnet34": _cfg(),
-    "aa_resnet50": _cfg(),
-    "aa_resnet101": _cfg(),
-    "aa_resnet152": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "aa_resnet26": _cfg(),
+        "aa_resnet34": _cfg(),
+        "aa_resnet50": _cfg(),
+        "aa_resnet101": _cfg(),
+        "aa_resnet152": _cfg(),
+    }
+)
 
 
 @register_model

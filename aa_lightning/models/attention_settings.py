@@ -14,11 +14,13 @@
 - ``img_size``: the input (H, W) the relative tables are sized for (default: the model's
   pretrained cfg ``input_size``); other runtime sizes resample the tables in the layer.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from timm.models import resolve_pretrained_cfg
 from torch import nn
@@ -47,7 +49,7 @@ class AttentionSettings:
     min_dkh: int = 1
     position: str = "relative"
     backend: str = "auto"
-    rel_init_std: Optional[float] = None
+    rel_init_std: float | None = None
 
     def __post_init__(self) -> None:
         def fail(kwarg: str, allowed: str, got: Any) -> None:
@@ -55,7 +57,12 @@ class AttentionSettings:
 
         if not isinstance(self.v, (int, float)) or not 0.0 <= self.v <= 1.0:
             fail("aa_v (dv / Fout)", "a number in [0, 1] (0: plain convs, 1: fully attentional)", self.v)
-        if not isinstance(self.k, (int, float)) or not math.isfinite(self.k) or self.k < 0 or (self.v > 0 and self.k <= 0):
+        if (
+            not isinstance(self.k, (int, float))
+            or not math.isfinite(self.k)
+            or self.k < 0
+            or (self.v > 0 and self.k <= 0)
+        ):
             fail("aa_k (dk / Fout)", "a number > 0 (when aa_v > 0)", self.k)
         if not isinstance(self.heads, int) or self.heads < 1:
             fail("aa_heads (Nh)", "an integer >= 1", self.heads)
@@ -69,11 +76,15 @@ class AttentionSettings:
             fail("aa_rel_init_std", "a number > 0 or None (dkh**-0.5)", self.rel_init_std)
 
     @classmethod
-    def pop_from(cls, kwargs: dict[str, Any], defaults: "AttentionSettings", model_specific: Sequence[str] = ()) -> "AttentionSettings":
+    def pop_from(
+        cls, kwargs: dict[str, Any], defaults: AttentionSettings, model_specific: Sequence[str] = ()
+    ) -> AttentionSettings:
         """Remove the ``aa_*`` keys from create_model ``kwargs``; settings = ``defaults`` updated by
         them. Any other ``aa_*`` key (a typo) fails, naming the accepted ones (``model_specific``
         are accepted too and left to the caller; timm's ``aa_layer`` (anti-aliasing) passes)."""
-        unknown = sorted(k for k in kwargs if k.startswith("aa_") and k not in KWARGS and k not in model_specific and k != "aa_layer")
+        unknown = sorted(
+            k for k in kwargs if k.startswith("aa_") and k not in KWARGS and k not in model_specific and k != "aa_layer"
+        )
         if unknown:
             accepted = sorted([*KWARGS, *model_specific, "img_size"])
             raise ValueError(f"unknown AA argument(s) {unknown}; this model accepts {accepted}")
@@ -93,19 +104,25 @@ class AttentionSettings:
             where = f"{layer}: " if layer else ""
             raise ValueError(f"{where}aa_k={self.k}, aa_v={self.v}, aa_heads={self.heads}: {err}") from None
 
-    def augment(self, conv: nn.Conv2d, feat_size: tuple[int, int], name: Optional[str] = None) -> nn.Module:
+    def augment(self, conv: nn.Conv2d, feat_size: tuple[int, int], name: str | None = None) -> nn.Module:
         """An :class:`AugmentedConv2d` with ``conv``'s Fin, Fout, kernel, stride, dilation and
         groups; ``feat_size`` = the (H, W) of ``conv``'s input. ``conv`` itself when aa_v = 0 (no
         attention asked for); a requested AA layer that cannot exist (aa_heads > Fout) is a
         ValueError naming the layer (``name``, else its conv's shape), its width and the heads."""
-        layer = "AA layer " + (name or (
-            f"on the {conv.kernel_size[0]}x{conv.kernel_size[1]} conv {conv.in_channels}->{conv.out_channels} "
-            f"(stride {conv.stride[0]}, input {feat_size[0]}x{feat_size[1]})"))
+        layer = "AA layer " + (
+            name
+            or (
+                f"on the {conv.kernel_size[0]}x{conv.kernel_size[1]} conv {conv.in_channels}->{conv.out_channels} "
+                f"(stride {conv.stride[0]}, input {feat_size[0]}x{feat_size[1]})"
+            )
+        )
         dk, dv = self.dims(conv.out_channels, layer)
         if dv == 0:
             if self.v > 0:  # aa_dims never gives this; a requested layer must not vanish silently
-                raise ValueError(f"{layer}: aa_v={self.v} with width {conv.out_channels} and aa_heads={self.heads} "
-                                 "leaves no attention channels")
+                raise ValueError(
+                    f"{layer}: aa_v={self.v} with width {conv.out_channels} and aa_heads={self.heads} "
+                    "leaves no attention channels"
+                )
             return conv
         return AugmentedConv2d(
             conv.in_channels,
@@ -133,7 +150,9 @@ def pop_img_size(variant: str, kwargs: dict[str, Any]) -> tuple[int, int]:
     img_size = kwargs.pop("img_size", None)
     if img_size is None:
         cfg = resolve_pretrained_cfg(
-            variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+            variant,
+            pretrained_cfg=kwargs.get("pretrained_cfg"),
+            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
         )
         img_size = cfg.input_size[-2:]
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

@@ -8,9 +8,10 @@ them) and A V (2 Nh (HW)^2 dvh). Not counted: softmax, normalization, activation
 additions. The AA layers run ``backend="reference"`` (explicit matmuls) while counting, so the
 count does not depend on which fused kernel a backend would use.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,6 @@ from ..layers import attention_backend
 def count_params(model: nn.Module) -> int:
     """Number of parameters (all, trainable or not)."""
     return sum(p.numel() for p in model.parameters())
-
 
 
 def count_flops_by_op(model: nn.Module, input_size: Sequence[int], backend: str = "reference") -> dict[str, int]:

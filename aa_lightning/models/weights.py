@@ -12,11 +12,12 @@
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: no code is unpickled.
 """
+
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from timm.models import resolve_pretrained_cfg
@@ -42,7 +43,9 @@ def check_weight_source(variant: str, pretrained: bool, kwargs: dict[str, Any]) 
     if not pretrained:
         return
     cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
     )
     if cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id or cfg.source == "local-dir":
         return
@@ -94,12 +97,12 @@ class Checkpoint(NamedTuple):
 
     path: Path
     state_dict: dict[str, Tensor]
-    model_name: Optional[str]
+    model_name: str | None
     model_kwargs: dict[str, Any]
     contents: dict[str, Any]
 
 
-def _find_model_name(hparams: Any) -> Optional[str]:
+def _find_model_name(hparams: Any) -> str | None:
     """The timm model a checkpoint's hyper-parameters name (top level first, then nested ``init_args``)."""
     if isinstance(hparams, dict):
         for key in MODEL_NAME_KEYS:
@@ -152,13 +155,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, state, name, dict(model_kwargs), contents)
 
 
-def check_model_name(checkpoint: Checkpoint, name: Optional[str], hint: str) -> None:
+def check_model_name(checkpoint: Checkpoint, name: str | None, hint: str) -> None:
     """Raise ``ValueError`` naming both models when ``checkpoint`` records another model than ``name``."""
     if checkpoint.model_name and name and checkpoint.model_name != name:
         raise ValueError(f"{checkpoint.path} is a checkpoint of '{checkpoint.model_name}', not of '{name}': {hint}")
 
 
-def model_name_of(model: nn.Module) -> Optional[str]:
+def model_name_of(model: nn.Module) -> str | None:
     """The timm architecture name a model was created as (``pretrained_cfg['architecture']``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture")
@@ -179,22 +182,32 @@ def fitted_state_dict(
     if getattr(model, "num_classes", None) == 0:  # headless model: drop the checkpoint's classifier
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        state_dict = {k: v for k, v in state_dict.items()
-                      if k in own or not any(k.startswith(c + ".") for c in classifier)}
+        state_dict = {
+            k: v for k, v in state_dict.items() if k in own or not any(k.startswith(c + ".") for c in classifier)
+        }
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
     if shapes or (strict and (missing or unexpected)):
-        described = (f"'{saved_name}'" + (f" with {saved_kwargs}" if saved_kwargs else "")
-                     if saved_name else "the checkpoint's model")
+        described = (
+            f"'{saved_name}'" + (f" with {saved_kwargs}" if saved_kwargs else "")
+            if saved_name
+            else "the checkpoint's model"
+        )
         details = "; ".join(
             f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
             for label, items in (("missing keys", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
             if items
         )
-        hint = (f"; build the model as timm.create_model('{saved_name}', **{saved_kwargs})"
-                if saved_name and saved_kwargs else "")
+        hint = (
+            f"; build the model as timm.create_model('{saved_name}', **{saved_kwargs})"
+            if saved_name and saved_kwargs
+            else ""
+        )
         name = model_name_of(model) or type(model).__name__
         raise ValueError(f"{checkpoint.path} ({described}) does not fit the {what} '{name}': {details}{hint}")
     return state_dict
@@ -214,7 +227,10 @@ def load_checkpoint(model: nn.Module, path: str | Path | Checkpoint, strict: boo
     """
     checkpoint = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     saved = checkpoint.model_name
-    check_model_name(checkpoint, model_name_of(model),
-                     f"create timm.create_model('{saved}', **{checkpoint.model_kwargs or {}}) to load it")
+    check_model_name(
+        checkpoint,
+        model_name_of(model),
+        f"create timm.create_model('{saved}', **{checkpoint.model_kwargs or {}}) to load it",
+    )
     model.load_state_dict(fitted_state_dict(model, checkpoint, strict), strict=strict)
     return model

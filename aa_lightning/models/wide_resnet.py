@@ -11,10 +11,12 @@ Pre-activation block (BN-ReLU-conv ordering, as the WRN paper and code):
 AA-WRN-28-10: ``conv1`` of every block is an AugmentedConv2d with relative attention, Nh = 8,
 k = 2v = 0.2 and at least 20 key dims per head (dk >= 160), tables sized for 32x32 inputs.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from timm.layers import BatchNormAct2d, create_classifier
@@ -32,7 +34,9 @@ WRN_AA = AttentionSettings(k=0.2, v=0.1, heads=8, min_dkh=20)
 class PreActBlock(nn.Module):
     """WRN basic block: [B, in_chs, H, W] -> [B, out_chs, H / stride, W / stride]."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.0, device=None, dtype=None) -> None:
+    def __init__(
+        self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.0, device=None, dtype=None
+    ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = BatchNormAct2d(in_chs, **dd)
@@ -40,7 +44,9 @@ class PreActBlock(nn.Module):
         self.norm2 = BatchNormAct2d(out_chs, **dd)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
-        self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd) if stride != 1 or in_chs != out_chs else None
+        self.shortcut = (
+            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd) if stride != 1 or in_chs != out_chs else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_pre = self.norm1(x)
@@ -57,8 +63,18 @@ class AAPreActBlock(PreActBlock):
     ``feat_sizes``: ((H, W) of the group's input, (H, W) of its output) at ``img_size``.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.0, *,
-                 attention: AttentionSettings, feat_sizes, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        drop_rate: float = 0.0,
+        *,
+        attention: AttentionSettings,
+        feat_sizes,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(in_chs, out_chs, stride, drop_rate, device=device, dtype=dtype)
         self.conv1 = attention.augment(self.conv1, feat_sizes[0] if stride > 1 else feat_sizes[1])
 
@@ -85,7 +101,7 @@ class WideResNet(nn.Module):
         drop_rate: float = 0.0,
         block_drop_rate: float = 0.0,
         stem_width: int = 16,
-        block: Union[Callable[..., nn.Module], Sequence[Callable[..., nn.Module]]] = PreActBlock,
+        block: Callable[..., nn.Module] | Sequence[Callable[..., nn.Module]] = PreActBlock,
         device=None,
         dtype=None,
     ) -> None:
@@ -135,7 +151,10 @@ class WideResNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -145,7 +164,7 @@ class WideResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New head with ``num_classes`` (0: none) and optionally another pooling ('' : none)."""
         self.num_classes = num_classes
         if global_pool is None:
@@ -160,12 +179,12 @@ class WideResNet(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Features of the stem and each group (timm's intermediates API); ``norm`` applies the
         final BN-ReLU to the last group's features."""
         assert output_fmt in ("NCHW",), "Output shape must be NCHW."
@@ -187,7 +206,9 @@ class WideResNet(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the stages (and norm / head) after the last feature ``indices`` need."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         self.stages = self.stages[:max_index]
@@ -218,25 +239,38 @@ class WideResNet(nn.Module):
 def _create_wrn(variant: str, pretrained: bool = False, **kwargs: Any) -> WideResNet:
     check_weight_source(variant, pretrained, kwargs)
     return build_model_with_cfg(
-        WideResNet, variant, pretrained,
+        WideResNet,
+        variant,
+        pretrained,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-        pretrained_filter_fn=checkpoint_filter_fn, **kwargs,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
     )
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     """CIFAR-100 cfg (32x32, 100 classes, CIFAR-100 mean/std); no released weights."""
     return {
-        "url": "", "num_classes": 100, "input_size": (3, 32, 32), "pool_size": (8, 8),
-        "crop_pct": 1.0, "interpolation": "bilinear", "mean": CIFAR100_MEAN, "std": CIFAR100_STD,
-        "first_conv": "stem", "classifier": "fc", **kwargs,
+        "url": "",
+        "num_classes": 100,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR100_MEAN,
+        "std": CIFAR100_STD,
+        "first_conv": "stem",
+        "classifier": "fc",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "wrn28_10": _cfg(paper_ids="arXiv:1605.07146", paper_name="Wide Residual Networks"),
-    "aa_wrn28_10": _cfg(paper_ids="arXiv:1904.09925", paper_name="Attention Augmented Convolutional Networks"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "wrn28_10": _cfg(paper_ids="arXiv:1605.07146", paper_name="Wide Residual Networks"),
+        "aa_wrn28_10": _cfg(paper_ids="arXiv:1904.09925", paper_name="Attention Augmented Convolutional Networks"),
+    }
+)
 
 
 @register_model
@@ -255,8 +289,13 @@ def aa_wrn28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     img_size = pop_img_size("aa_wrn28_10", kwargs)
     reductions = (1, 1, 2, 4)  # group inputs / outputs
     blocks = tuple(
-        partial(AAPreActBlock, attention=attention, feat_sizes=(grid(img_size, reductions[i]), grid(img_size, reductions[i + 1])))
-        if i + 1 in stages else PreActBlock
+        partial(
+            AAPreActBlock,
+            attention=attention,
+            feat_sizes=(grid(img_size, reductions[i]), grid(img_size, reductions[i + 1])),
+        )
+        if i + 1 in stages
+        else PreActBlock
         for i in range(3)
     )
     return _create_wrn("aa_wrn28_10", pretrained, **dict(dict(depth=28, widen_factor=10, block=blocks), **kwargs))

@@ -1,4 +1,5 @@
 """LightningModules: image classification and RetinaNet detection."""
+
 from .classification import ImageClassifier
 from .detection import RetinaNetDetector
 

@@ -13,10 +13,12 @@
 The checkpoint carries ``model_name`` and ``model_kwargs`` (``save_hyperparameters``), so
 ``ImageClassifier.load_from_checkpoint(path)`` rebuilds the same network.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import timm
@@ -42,7 +44,10 @@ def build_timm_model(model_name: str, num_classes: int, model_kwargs: dict[str, 
     """``timm.create_model`` with errors that name the config keys."""
     if not timm.is_model(model_name):
         aa_models = ", ".join(timm.list_models("aa_*")) or "none registered"
-        raise ValueError(f"model.model_name: unknown timm model {model_name!r} (AA models: {aa_models}; any timm.list_models() name works)")
+        raise ValueError(
+            f"model.model_name: unknown timm model {model_name!r} "
+            f"(AA models: {aa_models}; any timm.list_models() name works)"
+        )
     try:
         return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_kwargs)
     except TypeError as err:
@@ -74,10 +79,10 @@ class ImageClassifier(pl.LightningModule):
         self,
         model_name: str = "aa_resnet50",
         num_classes: int = 1000,
-        model_kwargs: Optional[dict[str, Any]] = None,
+        model_kwargs: dict[str, Any] | None = None,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         base_lr: float = 0.1,
-        reference_batch_size: Optional[int] = 256,
+        reference_batch_size: int | None = 256,
         momentum: float = 0.9,
         nesterov: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -93,7 +98,12 @@ class ImageClassifier(pl.LightningModule):
         for key, value, ok, allowed in [
             ("num_classes", num_classes, num_classes >= 2, ">= 2"),
             ("base_lr", base_lr, base_lr > 0, "> 0"),
-            ("reference_batch_size", reference_batch_size, reference_batch_size is None or reference_batch_size > 0, "> 0 or null"),
+            (
+                "reference_batch_size",
+                reference_batch_size,
+                reference_batch_size is None or reference_batch_size > 0,
+                "> 0 or null",
+            ),
             ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
             ("warmup_epochs", warmup_epochs, warmup_epochs >= 0, ">= 0"),
             ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
@@ -128,7 +138,8 @@ class ImageClassifier(pl.LightningModule):
         for key in ("model_name", "num_classes"):
             if key in saved and saved[key] != self.hparams[key]:
                 raise ValueError(
-                    f"checkpoint was trained with {key}={saved[key]!r} but this run builds {key}={self.hparams[key]!r}; "
+                    f"checkpoint was trained with {key}={saved[key]!r} but this run builds "
+                    f"{key}={self.hparams[key]!r}; "
                     "use the checkpoint's config or a matching checkpoint"
                 )
 
@@ -138,7 +149,9 @@ class ImageClassifier(pl.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, targets)
         self.train_metrics.update(logits, targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(targets))
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(targets)
+        )
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -146,7 +159,9 @@ class ImageClassifier(pl.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> None:
         images, targets = batch
         logits = self(images)
-        self.log(f"{stage}/loss", self.criterion(logits, targets), on_epoch=True, sync_dist=True, batch_size=len(targets))
+        self.log(
+            f"{stage}/loss", self.criterion(logits, targets), on_epoch=True, sync_dist=True, batch_size=len(targets)
+        )
         metrics.update(logits, targets)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
@@ -164,7 +179,9 @@ class ImageClassifier(pl.LightningModule):
         hp = self.hparams
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
-            raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+            raise ValueError(
+                "the learning-rate schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
+            )
         total_steps = int(total_steps)
         if not math.isfinite(self.trainer.num_training_batches):
             # A max_steps run does not load the data to estimate its length, and the warm-up is given in epochs.
@@ -172,7 +189,9 @@ class ImageClassifier(pl.LightningModule):
             # estimated_stepping_batches itself calls for a max_epochs run.
             self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
-        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total_steps
+        steps_per_epoch = (
+            max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total_steps
+        )
         lr, global_batch = peak_lr(hp.base_lr, hp.reference_batch_size, self.trainer)
         scaling = f" x global batch {global_batch} / {hp.reference_batch_size}" if global_batch else " (not scaled)"
         rank_zero_info(

@@ -18,13 +18,15 @@ Batches are ``(images, targets)`` from :func:`aa_lightning.data.coco.collate_det
 for training in the resized image, ``orig_boxes``/``area``/``iscrowd`` for evaluation in the
 original image, where COCO's metrics (and their small/medium/large areas) are defined.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -45,18 +47,23 @@ class NormalizePadTransform(GeneralizedRCNNTransform):
 
     def __init__(self, image_mean: Sequence[float], image_std: Sequence[float], size_divisible: int = 32):
         # min_size/max_size are required by the parent but never used: resize() is the identity
-        super().__init__(min_size=1, max_size=1, image_mean=list(image_mean), image_std=list(image_std),
-                         size_divisible=size_divisible)
+        super().__init__(
+            min_size=1,
+            max_size=1,
+            image_mean=list(image_mean),
+            image_std=list(image_std),
+            size_divisible=size_divisible,
+        )
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         return image, target
 
 
-def anchor_generator(sizes: Sequence[int], scales_per_octave: int,
-                     aspect_ratios: Sequence[float]) -> AnchorGenerator:
+def anchor_generator(sizes: Sequence[int], scales_per_octave: int, aspect_ratios: Sequence[float]) -> AnchorGenerator:
     """Lin et al.'s anchors: per level, base size s x 2^(i/scales_per_octave) for each ratio."""
-    per_level = tuple(tuple(int(round(s * 2 ** (i / scales_per_octave))) for i in range(scales_per_octave))
-                      for s in sizes)
+    per_level = tuple(
+        tuple(int(round(s * 2 ** (i / scales_per_octave))) for i in range(scales_per_octave)) for s in sizes
+    )
     return AnchorGenerator(per_level, (tuple(aspect_ratios),) * len(per_level))
 
 
@@ -139,24 +146,46 @@ class RetinaNetDetector(pl.LightningModule):
         self._validate(locals())
         self.save_hyperparameters()
         backbone_module = TimmFPNBackbone(
-            backbone, out_indices, fpn_channels, p6p7_from, freeze_at, frozen_bn,
-            backbone_checkpoint, backbone_kwargs, backbone_pretrained, channels_last)
+            backbone,
+            out_indices,
+            fpn_channels,
+            p6p7_from,
+            freeze_at,
+            frozen_bn,
+            backbone_checkpoint,
+            backbone_kwargs,
+            backbone_pretrained,
+            channels_last,
+        )
         if (frozen_bn or freeze_at > 0) and not (backbone_checkpoint or backbone_pretrained):
             rank_zero_warn(
                 f"model.init_args: freeze_at={freeze_at}, frozen_bn={frozen_bn} freeze a randomly initialized "
                 "backbone; set backbone_checkpoint (an ImageNet classifier of this project) or "
-                "freeze_at: 0 and frozen_bn: false to train from scratch")
+                "freeze_at: 0 and frozen_bn: false to train from scratch"
+            )
         anchors = anchor_generator(anchor_sizes, anchor_scales_per_octave, aspect_ratios)
         head = RetinaNetHead(
-            fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
-            norm_layer=(lambda c: nn.GroupNorm(32, c)) if head_norm == "group" else None)
+            fpn_channels,
+            anchors.num_anchors_per_location()[0],
+            num_classes,
+            norm_layer=(lambda c: nn.GroupNorm(32, c)) if head_norm == "group" else None,
+        )
         self.model = RetinaNet(
-            backbone_module, num_classes, anchor_generator=anchors, head=head,
-            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
-            fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh, topk_candidates=topk_candidates)
+            backbone_module,
+            num_classes,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            fg_iou_thresh=fg_iou_thresh,
+            bg_iou_thresh=bg_iou_thresh,
+            topk_candidates=topk_candidates,
+        )
         cfg = backbone_module.pretrained_cfg
-        self.model.transform = NormalizePadTransform(cfg.get("mean", (0.485, 0.456, 0.406)),
-                                                     cfg.get("std", (0.229, 0.224, 0.225)))
+        self.model.transform = NormalizePadTransform(
+            cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+        )
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.val_map = DistributedMeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
@@ -206,7 +235,8 @@ class RetinaNetDetector(pl.LightningModule):
         if len(categories) != self.hparams.num_classes:
             raise ValueError(
                 f"model.init_args.num_classes is {self.hparams.num_classes} but the data set has "
-                f"{len(categories)} categories (ids {categories.category_ids}); set num_classes to {len(categories)}")
+                f"{len(categories)} categories (ids {categories.category_ids}); set num_classes to {len(categories)}"
+            )
         self.category_ids = list(categories.category_ids)
         self.category_names = list(categories.names)
 
@@ -216,8 +246,10 @@ class RetinaNetDetector(pl.LightningModule):
         # the backbone's initialization again; where it came from is kept beside
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
-            checkpoint["backbone_init"] = {"checkpoint": hparams.get("backbone_checkpoint"),
-                                           "pretrained": hparams.get("backbone_pretrained", False)}
+            checkpoint["backbone_init"] = {
+                "checkpoint": hparams.get("backbone_checkpoint"),
+                "pretrained": hparams.get("backbone_pretrained", False),
+            }
             hparams["backbone_checkpoint"], hparams["backbone_pretrained"] = None, False
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -241,17 +273,26 @@ class RetinaNetDetector(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
-    def _evaluate(self, batch: tuple[list[Tensor], list[dict]], metric: DistributedMeanAveragePrecision,
-                  ) -> list[dict[str, Tensor]]:
+    def _evaluate(
+        self,
+        batch: tuple[list[Tensor], list[dict]],
+        metric: DistributedMeanAveragePrecision,
+    ) -> list[dict[str, Tensor]]:
         images, targets = batch
         detections = self.model(images)
         preds = []
         for det, t in zip(detections, targets):
             scale = (t["orig_size"].flip(0) / t["size"].flip(0)).to(det["boxes"]).repeat(2)  # (sx, sy, sx, sy)
-            preds.append({"boxes": det["boxes"].float() * scale, "scores": det["scores"].float(),
-                          "labels": det["labels"]})
-        metric.update(preds, [{"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"],
-                               "area": t["area"]} for t in targets])
+            preds.append(
+                {"boxes": det["boxes"].float() * scale, "scores": det["scores"].float(), "labels": det["labels"]}
+            )
+        metric.update(
+            preds,
+            [
+                {"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "area": t["area"]}
+                for t in targets
+            ],
+        )
         return detections
 
     def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> list[dict[str, Tensor]]:
@@ -287,6 +328,7 @@ class RetinaNetDetector(pl.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         lr, _ = peak_lr(hp.base_lr, hp.reference_batch_size, self.trainer)
         optimizer = build_optimizer(self, hp.optimizer, lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.betas)
-        scheduler = warmup_schedule(optimizer, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio,
-                                    hp.lr_milestone_steps, hp.lr_gamma)
+        scheduler = warmup_schedule(
+            optimizer, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio, hp.lr_milestone_steps, hp.lr_gamma
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

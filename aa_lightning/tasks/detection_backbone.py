@@ -15,11 +15,13 @@ file, read by the model zoo's :func:`~aa_lightning.models.weights.read_checkpoin
 the named backbone (bar the classifier; relative tables of another ``img_size`` are resampled):
 anything else fails naming the checkpoint's model and the backbone.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import timm
 import torch
@@ -53,8 +55,10 @@ def create_feature_backbone(
     if checkpoint and pretrained:
         raise ValueError("model.init_args: set backbone_checkpoint or backbone_pretrained, not both")
     if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"model.init_args.backbone: unknown timm model '{name}' (import aa_lightning "
-                         "registers the aa_* models; see timm.list_models())")
+        raise ValueError(
+            f"model.init_args.backbone: unknown timm model '{name}' (import aa_lightning "
+            "registers the aa_* models; see timm.list_models())"
+        )
     kwargs: dict[str, Any] = dict(features_only=True, out_indices=tuple(out_indices), **model_kwargs)
     if checkpoint:
         state = backbone_weights(name, model_kwargs, checkpoint)
@@ -69,8 +73,10 @@ def freeze_backbone_stages(body: nn.Module, freeze_at: int) -> None:
     to ``freeze_at - 1`` (Detectron's FREEZE_AT: 2 = stem + stage 1 (res2), the usual choice)."""
     info = body.feature_info.info
     if not 0 <= freeze_at <= len(info):
-        raise ValueError(f"model.init_args.freeze_at must be in 0..{len(info)} (0: train everything, "
-                         f"1: freeze the stem, k: stem + stages 1..k-1); got {freeze_at}")
+        raise ValueError(
+            f"model.init_args.freeze_at must be in 0..{len(info)} (0: train everything, "
+            f"1: freeze the stem, k: stem + stages 1..k-1); got {freeze_at}"
+        )
     if freeze_at == 0:
         return
     last = info[freeze_at - 1]["module"]
@@ -119,7 +125,7 @@ class TimmFPNBackbone(nn.Module):
         self.out_channels = out_channels
         self.pretrained_cfg = self.body.pretrained_cfg
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.body(x)

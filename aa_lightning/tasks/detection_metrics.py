@@ -12,9 +12,11 @@ torchmetrics has no public hook for this: its ``dist_sync_fn`` argument is still
 element, so the private ``Metric._sync_dist`` is overridden (checked against torchmetrics 1.x; the slow DDP test
 with uneven shards, tests/test_detection_cli.py, fails if its signature or role changes).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +26,7 @@ from torchmetrics.detection import MeanAveragePrecision
 class DistributedMeanAveragePrecision(MeanAveragePrecision):
     """``MeanAveragePrecision`` with a per-process (not per-image) gather of its list states."""
 
-    def _sync_dist(self, dist_sync_fn: Optional[Callable] = None, process_group: Optional[Any] = None) -> None:
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
         group = process_group or self.process_group
         world_size = dist.get_world_size(group)
         for attr in self._reductions:
