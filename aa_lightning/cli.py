@@ -99,11 +99,11 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"--ckpt_path: {path} is empty (0 bytes): not a checkpoint (a write that was killed?)")
     try:
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no code unpickled
         except RuntimeError as err:
             if "mmap" not in str(err):
                 raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # an old, non-zip file
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
     except Exception as err:  # EOFError, UnpicklingError, zip errors ... of a truncated or foreign file
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         raise CheckpointError(
@@ -406,7 +406,9 @@ class AACLI(LightningCLI):
             checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
             check_checkpoint_fits(checkpoint, Path(cfg.ckpt_path), self.model, cfg.model)
             del checkpoint
-        self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=cfg.ckpt_path)
+        # weights_only: a checkpoint handed in by path loads without unpickling code (this project's checkpoints
+        # hold tensors and plain containers only, the random states included)
+        self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         results = None
         tested = cfg.test_ckpt_path
         ckpt = self.trainer.checkpoint_callback
@@ -418,7 +420,7 @@ class AACLI(LightningCLI):
                 tested = None
             elif tested == "last" and checkpoints.get("last"):
                 tested = checkpoints["last"]
-            output = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested)
+            output = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested, weights_only=True)
             results = output[0] if output else {}
         if self.trainer.is_global_zero:
             report = self.run_summary.report(
