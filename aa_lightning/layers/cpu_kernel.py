@@ -20,8 +20,12 @@ probabilities from it and accumulates every gradient in one pass over the keys. 
   tables; used for float64 (tests, gradcheck) and for float32 where the per-dims build fails.
 
 Each is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
-second per build) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a
-hash of the source, the flags and the CPU's features, and loaded with ctypes. The work is split
+second per build) into ``$AA_LIGHTNING_CACHE/kernels`` (default ``~/.cache/aa_lightning``; created
+with mode 0700), keyed by a hash of the source, the flags, the compiler and the CPU's features,
+and loaded with ctypes -- only from a folder and a file that belong to this user and are not
+group/world-writable (anything else is refused: the chunked backend runs, with a warning). A
+failed build leaves a ``.failed`` file under the same key, so that DDP processes and later runs
+do not retry it. The work is split
 into ``torch.get_num_threads()`` ranges of whole (batch, head) slices, run on OpenMP threads:
 built with ``-fopenmp``, the library resolves ``libgomp.so.1`` to the copy torch has already
 loaded, so the kernel shares torch's thread pool instead of fighting its spinning workers for
@@ -42,6 +46,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -73,18 +78,97 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(source: Path, target: Path, flags: list[str]) -> bool:
-    """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")  # $CC: a path or a name
-    if compiler is None:
-        _log.info("aa_lightning CPU kernel: no C compiler found; using the chunked backend")
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
+_ANNOUNCED: set[str] = set()
+_CHUNKED = "attention runs on the slower chunked backend"  # what runs without the generic kernel
+
+
+def _fallback(consequence: str, reason: str) -> None:
+    """Announce at WARNING, once per process for each ``consequence``, that a compiled kernel is
+    not used and why (the first reason met is the one given)."""
+    if consequence not in _ANNOUNCED:
+        _ANNOUNCED.add(consequence)
+        _log.warning("aa_lightning CPU kernel: %s; %s", reason, consequence)
+
+
+def _unsafe(path: Path) -> Optional[str]:
+    """Why ``path`` (the cache folder or a library in it) must not be trusted, or None: it is
+    owned by another user or is group/world-writable, so someone else could have put the code
+    there that ctypes would run in this process."""
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owner or mode bits to check
+        return None
+    st = path.lstat()
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        return f"{path} is neither a regular file nor a folder"
+    return None
+
+
+def _safe_cache_dir(consequence: str) -> Optional[Path]:
+    """The cache folder, created with mode 0700 if missing; None (after a warning) if it cannot be
+    created or is not safe to load code from (:func:`_unsafe`)."""
+    folder = _cache_dir()
+    try:
+        for path in (folder.parent, folder):  # only the folders this project owns get mode 0700
+            if not path.is_dir():
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = _unsafe(folder)
+    except OSError as err:
+        reason = f"cannot use the cache folder {folder}: {err}"
+    if reason is not None:
+        _fallback(consequence, f"refusing the kernel cache: {reason}")
+        return None
+    return folder
+
+
+def _compiler() -> Optional[str]:
+    """The C compiler: ``$CC`` (a path or a name), else cc, gcc or clang on the PATH."""
+    name = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return None if name is None else (shutil.which(name) or name)
+
+
+def _compiler_identity(compiler: str) -> bytes:
+    """The compiler's path, size and mtime: part of the cache key, so a failed build is retried
+    with another or an upgraded compiler, and a library is never taken for another compiler's."""
+    try:
+        st = os.stat(compiler)
+        return f"{compiler} {st.st_size} {st.st_mtime_ns}".encode()
+    except OSError:
+        return compiler.encode()
+
+
+def _write_atomic(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file beside it (flush, fsync, os.replace)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> bool:
+    """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once). A
+    failure is recorded in ``target`` with the suffix ``.failed`` (the compiler's message), so
+    that other processes, and later runs, do not retry the same build."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, result.stderr[-2000:])
+        try:
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, check=False)
+            returncode, message = result.returncode, result.stderr[-2000:]
+        except OSError as err:  # $CC names no runnable program
+            returncode, message = -1, str(err)
+        if returncode != 0:
+            _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, message)
+            _write_atomic(target.with_suffix(".failed"),
+                          f"{compiler} {' '.join(flags)} {source} (exit {returncode}):\n{message}\n")
             return False
         os.replace(built, target)
     return True
@@ -130,27 +214,52 @@ def _cpu_signature() -> bytes:
     return f"{sys.platform} {platform.machine()} {platform.processor()}".encode()
 
 
-def _build(source: Path, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
-    """Load ``source`` built with ``defines``, compiling it into the cache first if needed."""
+def _build(source: Path, consequence: str, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
+    """Load ``source`` built with ``defines``, compiling it into the cache first if needed.
+
+    The cache folder and a cached library are used only if they belong to this user and are not
+    group/world-writable; a build that failed before (same source, flags, compiler and CPU) is
+    not retried (delete its ``.failed`` file to retry). Where nothing loads, the fallback is
+    announced once per process at WARNING with ``consequence`` (what runs instead)."""
     if os.environ.get("AA_LIGHTNING_CPU_KERNEL", "1") == "0":
         return None
+    compiler = _compiler()
+    if compiler is None:
+        _fallback(consequence, "no C compiler found (set $CC)")
+        return None
+    folder = _safe_cache_dir(consequence)
+    if folder is None:
+        return None
     text = source.read_bytes()
+    failed = []
     # -march=native and -fopenmp are not accepted everywhere
     for flags in (_FLAGS + _OPENMP + _NATIVE, _FLAGS + _OPENMP, _FLAGS + _NATIVE, _FLAGS):
         flags = flags + list(defines)
-        key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
-        target = _cache_dir() / f"{source.stem}_{key}.so"
+        key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature() + _compiler_identity(compiler))
+        target = folder / f"{source.stem}_{key.hexdigest()[:16]}.so"
         try:
-            if target.is_file() or _compile(source, target, flags):
-                return ctypes.CDLL(str(target))
+            if target.with_suffix(".failed").exists() and not target.exists():
+                failed.append(target.with_suffix(".failed"))
+                continue
+            if not target.exists() and not _compile(compiler, source, target, flags):
+                failed.append(target.with_suffix(".failed"))
+                continue
+            reason = _unsafe(target)
+            if reason is not None:
+                _fallback(consequence, f"refusing to load {reason}")
+                return None
+            return ctypes.CDLL(str(target))
         except OSError as err:  # unwritable cache, a library that does not load
             _log.info("aa_lightning CPU kernel: %s", err)
+            failed.append(target)
+    _fallback(consequence, f"{compiler} could not build {source.name} (see {failed[-1]}; delete the .failed "
+              "files beside it to retry)")
     return None
 
 
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
-    lib = _build(_SOURCE)
+    lib = _build(_SOURCE, _CHUNKED)
     return None if lib is None else _bind(lib)
 
 
@@ -159,7 +268,8 @@ def _tiled_library(dkh: int, dvh: int) -> Optional[ctypes.CDLL]:
     """The float32 kernel built for these head dims; None where it cannot be (then the generic one runs)."""
     if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
         return None
-    lib = _build(_TILED_SOURCE, (f"-DAA_D={dkh}", f"-DAA_DV={dvh}"))
+    lib = _build(_TILED_SOURCE, "float32 attention runs on the generic compiled kernel",
+                 (f"-DAA_D={dkh}", f"-DAA_DV={dvh}"))
     return None if lib is None else _bind_tiled(lib)
 
 
