@@ -399,11 +399,11 @@ def tiled_fits(dkh: int, positions: int) -> bool:
     """Whether the tiled kernel beats the generic one for this head dim on a grid of ``positions``.
 
     It keeps 4 query rows x dkh products per key vector in registers; from dkh 16 gcc no longer
-    unrolls its loops over dkh (and unrolled, the backward spills), so on large grids the generic
-    kernel is faster (``benchmarks/kernel_benchmark.py`` on the 2-core
-    AVX-512 VM, forward + backward, tiled vs generic: 28x28 dkh 3 1.4x, 14x14 dkh 17 1.4x,
-    7x7 dkh 24 2.0x, 32x32 dkh 12 1.0x, 16x16 dkh 16 0.87x, 32x32 dkh 20 0.68x). Plain
-    arithmetic, so torch.compile with dynamic shapes turns it into a guard."""
+    unrolls its loops over dkh (and unrolled, the backward spills), so on large grids, where the
+    per-key work dominates, the generic kernel is faster; on small grids the tiled kernel's
+    in-kernel tables win at any head dim. The thresholds come from ``benchmarks/kernel_benchmark.py``
+    (measurements in docs/benchmarks.md, "Which float32 kernel runs"). Plain arithmetic, so
+    torch.compile with dynamic shapes turns it into a guard."""
     return dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS
 
 
