@@ -53,22 +53,28 @@ static inline vf vmax(vf a, vf b) { const vi m = a > b; return (vf)(((vi)a & m) 
 static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
 static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
 
-/* e^x for x <= ~0 (logits minus their row max or log-sum-exp): x = n ln2 + r, |r| <= ln2/2,
- * e^r by a degree-6 polynomial (Estrin's scheme), 2^n through the exponent bits. Lanes below
- * -87.3 (-inf included) are set to exactly 0, as softmax underflows in float. */
-static inline vf vexp(vf x) {
-    const vi under = x < -87.3f;
+/* Logits are computed in base 2: q (and so the relative tables) is multiplied by log2(e) once per
+ * row, so that softmax needs 2^x, whose range reduction is one rounding (no ln2 multiply-subtracts).
+ * The saved log-sum-exp and every gradient stay in natural units. */
+#define LOG2E 1.44269504088896341f
+#define LN2 0.693147180559945309f
+
+/* 2^x for x <= ~0 (base-2 logits minus their row max or log-sum-exp): x = n + r, |r| <= 1/2,
+ * 2^r = e^(r ln2) by its degree-6 Taylor polynomial (Estrin's scheme; within ~2 ulp, as the
+ * natural-base form with |r ln2| <= ln2/2 was), 2^n added to the exponent bits: the integer n is
+ * read from the low bits of x + 1.5 * 2^23, where adding the magic constant rounded it. Lanes
+ * below -125 (-inf included) are set to exactly 0, as softmax underflows in float. */
+static inline vf vexp2(vf x) {
+    const vi under = x < -125.0f;
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    const vf n = (x * 1.44269504088896341f + magic) - magic;
-    vf r = x - n * 0.693145751953125f; /* ln2 in two parts: the high part is exact in n * it */
-    r = r - n * 1.428606765330187e-06f;
+    const vf t = x + magic;
+    const vf r = x - (t - magic);
     const vf r2 = r * r;
-    vf t = r * (1.0f / 120.0f) + 1.0f / 24.0f;
-    t = r2 * (1.0f / 720.0f) + t;
-    t = r2 * t + (r * (1.0f / 6.0f) + 0.5f);
-    const vf p = r2 * t + (r + 1.0f);
-    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(p * (vf)bits) & ~under);
+    vf u = r * 1.3333558146428443e-3f + 9.6181291076284772e-3f;             /* ln2^5/5!, ln2^4/4! */
+    u = r2 * 1.5403530393381609e-4f + u;                                    /* ln2^6/6! */
+    u = r2 * u + (r * 5.5504108664821580e-2f + 2.4022650695910071e-1f);     /* ln2^3/3!, ln2^2/2! */
+    const vf p = r2 * u + (r * 6.9314718055994531e-1f + 1.0f);              /* ln2, 1 */
+    return (vf)(((vi)p + ((vi)t << 23)) & ~under);
 }
 
 /* The rows of one tile, with their relative-bias rows computed into scratch. Rows past L read
@@ -99,12 +105,12 @@ static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, 
         for (long jx = 0; jx < Wp; ++jx) {
             float acc = jx < W ? 0.0f : -INFINITY;
             for (int d = 0; d < D && jx < W; ++d) acc += t.q[r][d] * rel_w[(jx - ix + W - 1) * D + d];
-            t.bw[r][jx] = acc;
+            t.bw[r][jx] = acc * LOG2E;
         }
         for (long jy = 0; jy < H; ++jy) {
             float acc = 0.0f;
             for (int d = 0; d < D; ++d) acc += t.q[r][d] * rel_h[(jy - iy + H - 1) * D + d];
-            t.bh[r][jy] = acc;
+            t.bh[r][jy] = acc * LOG2E;
         }
     }
     return t;
@@ -130,7 +136,7 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
             const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
             vf qs[R][D], m[R];
             for (int r = 0; r < R; ++r) {
-                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d]);
+                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
                 m[r] = splat(-INFINITY);
             }
             for (long jy = 0; jy < H; ++jy) {
@@ -156,7 +162,7 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
                 vf v[DV];
                 for (int c = 0; c < DV; ++c) v[c] = load(vTs + c * Ls + j);
                 for (int r = 0; r < R; ++r) {
-                    const vf p = vexp(load(logits + r * Ls + j) - m[r]);
+                    const vf p = vexp2(load(logits + r * Ls + j) - m[r]);
                     sum[r] += p;
                     for (int c = 0; c < DV; ++c) acc[r][c] += p * v[c];
                 }
@@ -166,7 +172,7 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
                 if (i < 0) continue;
                 const float total = hsum(sum[r]);
                 for (int c = 0; c < DV; ++c) out[i * DV + c] = hsum(acc[r][c]) / total;
-                lse[i] = m[r][0] + logf(total);
+                lse[i] = (m[r][0] + log2f(total)) * LN2;
             }
         }
     }
@@ -205,8 +211,8 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                     dd += i >= 0 ? g[c] * out[i * DV + c] : 0.0f;
                 }
                 dot[r] = splat(dd);
-                lses[r] = splat(i >= 0 ? lse[i] : 0.0f);
-                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d]);
+                lses[r] = splat(i >= 0 ? lse[i] * LOG2E : 0.0f);
+                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
                 gbwr[r] = gbias + r * (Wp + H);
                 gbhr[r] = gbwr[r] + Wp;
                 memset(gbwr[r], 0, sizeof(float) * Wp);
@@ -225,12 +231,12 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                     for (int r = 0; r < R; ++r) {
                         vf l = load(t.bw[r] + jx) + b[r];
                         for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                        const vf p = vexp(l); /* P_ij = exp(l_ij - lse_i) */
+                        const vf p = vexp2(l); /* P_ij = exp(l_ij - lse_i), in base 2 */
                         vf dp = -dot[r];
                         for (int c = 0; c < DV; ++c) { dp += gs[r][c] * v[c]; gv[c] += p * gs[r][c]; }
                         const vf ds = p * dp; /* dS = P (dO . v_j - D_i) */
                         store(dsrow + r * Ls + j, ds);
-                        for (int d = 0; d < D; ++d) gk[d] += ds * qs[r][d];
+                        for (int d = 0; d < D; ++d) gk[d] += ds * qs[r][d]; /* log2(e) dK: scaled below */
                         store(gbwr[r] + jx, load(gbwr[r] + jx) + ds);
                         rowsum[r] += ds;
                     }
@@ -268,6 +274,7 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 for (int d = 0; d < D; ++d) gq[i * D + d] = dq[r][d];
             }
         }
+        for (long j = 0; j < D * Ls; ++j) gkTs[j] *= LN2; /* dK was accumulated with log2(e) q */
     }
 }
 
