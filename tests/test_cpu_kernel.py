@@ -54,6 +54,7 @@ TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
     (1, 1, 7, 3, 2, 7),   # dvh > dkh; L = 21: a partial tile of 1 row
     (1, 2, 3, 5, 1, 1),   # one-dim heads
     (1, 1, 1, 1, 2, 2),   # a single position
+    (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10): the split backward; L = 30: a partial tile of 2 rows
 ]
 
 
@@ -107,7 +108,7 @@ def test_the_kernels_refuse_mixed_or_unsupported_dtypes():
 def test_the_tiled_kernel_is_used_where_it_is_the_faster_one():
     assert cpu_kernel.use_tiled(torch.float32, 3, 2, 28 * 28)  # aa_resnet50 stage 2
     assert cpu_kernel.use_tiled(torch.float32, 24, 12, 7 * 7)  # small grids: any head dims
-    assert not cpu_kernel.use_tiled(torch.float32, 20, 2, 32 * 32)  # aa_wrn28_10 group 1: generic is faster
+    assert cpu_kernel.use_tiled(torch.float32, 20, 2, 32 * 32)  # aa_wrn28_10 group 1: the split backward
     assert not cpu_kernel.use_tiled(torch.float64, 3, 2, 28 * 28)  # float64: the generic kernel
 
 

@@ -62,7 +62,7 @@ _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("factorized_attention.c")
 _TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
 _TILED_MAX_DIM = 64  # head dims above this use the generic kernel
-_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = 12, 196  # where the tiled kernel wins: see use_tiled
+_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = _TILED_MAX_DIM, 196  # where the tiled kernel wins: see tiled_fits
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-to-zero. These flags allow the vectorized loops without that side effect.
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -398,12 +398,11 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 def tiled_fits(dkh: int, positions: int) -> bool:
     """Whether the tiled kernel beats the generic one for this head dim on a grid of ``positions``.
 
-    It keeps 4 query rows x dkh products per key vector in registers; from dkh 16 gcc no longer
-    unrolls its loops over dkh (and unrolled, the backward spills), so on large grids, where the
-    per-key work dominates, the generic kernel is faster; on small grids the tiled kernel's
-    in-kernel tables win at any head dim. The thresholds come from ``benchmarks/kernel_benchmark.py``
-    (measurements in docs/benchmarks.md, "Which float32 kernel runs"). Plain arithmetic, so
-    torch.compile with dynamic shapes turns it into a guard."""
+    It keeps 4 query rows x dkh products per key vector in registers; from dkh 9 its backward
+    splits the per-key work into passes with few live vectors (see the C source), so that it
+    wins at every head dim it is built for, large grids included. The thresholds come from
+    ``benchmarks/kernel_benchmark.py`` (measurements in docs/benchmarks.md, "Which float32
+    kernel runs"). Plain arithmetic, so torch.compile with dynamic shapes turns it into a guard."""
     return dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS
 
 

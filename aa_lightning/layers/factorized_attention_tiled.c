@@ -14,7 +14,8 @@
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, one pass over the keys recomputes p_ij from lse_i and accumulates
  *             dV, dK, the bias gradients and dS (kept in scratch); short passes give dQ = dS K
- *             plus the tables' share, and the tables' gradients d rel_w, d rel_h.
+ *             plus the tables' share, and the tables' gradients d rel_w, d rel_h. From D 9 the
+ *             logits and dK get passes of their own (SPLIT_DK below).
  * The (HW)^2 logits never reach memory: a tile's scratch holds R rows of them.
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
@@ -40,7 +41,20 @@
 #endif
 #define D AA_D
 #define DV AA_DV
-#define R 4     /* query rows per tile */
+#ifndef AA_R
+#define AA_R 4
+#endif
+#define R AA_R  /* query rows per tile */
+#ifndef AA_SPLIT_DK
+#define AA_SPLIT_DK (D > 8)
+#endif
+/* From D 9 the backward's per-key state (k, dK, 4 rows of q) no longer fits the registers: then it
+ * runs in short passes over the tile's scratch row, each with few live vectors -- the logits (as in
+ * forward), then P, dS, dV and the bias gradients, then dK = dS^T q, then dQ = dS K. */
+#define SPLIT_DK AA_SPLIT_DK
+/* Loops over the head dims are unrolled (gcc stops by itself from D ~ 16), so that a key's vectors
+ * stay in registers rather than in a stack array; the pragma is ignored by compilers without it. */
+#define UNROLL _Pragma("GCC unroll 64")
 #define VW 8    /* floats per SIMD vector (AVX; two SSE halves elsewhere) */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
@@ -143,9 +157,11 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D];
+                    UNROLL
                     for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
                     for (int r = 0; r < R; ++r) {
                         vf l = load(t.bw[r] + jx) + t.bh[r][jy];
+                        UNROLL
                         for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
                         store(logits + r * Ls + j, l);
                         m[r] = vmax(l, m[r]);
@@ -160,10 +176,12 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
             }
             for (long j = 0; j < Lp; j += VW) {
                 vf v[DV];
+                UNROLL
                 for (int c = 0; c < DV; ++c) v[c] = load(vTs + c * Ls + j);
                 for (int r = 0; r < R; ++r) {
                     const vf p = vexp2(load(logits + r * Ls + j) - m[r]);
                     sum[r] += p;
+                    UNROLL
                     for (int c = 0; c < DV; ++c) acc[r][c] += p * v[c];
                 }
             }
@@ -217,6 +235,20 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 gbhr[r] = gbwr[r] + Wp;
                 memset(gbwr[r], 0, sizeof(float) * Wp);
             }
+            for (long jy = 0; jy < H && SPLIT_DK; ++jy) { /* the tile's logits minus lse, as in forward */
+                for (long jx = 0; jx < Wp; jx += VW) {
+                    const long j = jy * Wp + jx;
+                    vf k[D];
+                    UNROLL
+                    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
+                    for (int r = 0; r < R; ++r) {
+                        vf l = load(t.bw[r] + jx) + (t.bh[r][jy] - lses[r]);
+                        UNROLL
+                        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+                        store(dsrow + r * Ls + j, l);
+                    }
+                }
+            }
             for (long jy = 0; jy < H; ++jy) {
                 vf b[R], rowsum[R];
                 for (int r = 0; r < R; ++r) {
@@ -226,24 +258,45 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D], v[DV], gk[D], gv[DV];
-                    for (int d = 0; d < D; ++d) { k[d] = load(kTs + d * Ls + j); gk[d] = splat(0.0f); }
+                    UNROLL
+                    for (int d = 0; d < D && !SPLIT_DK; ++d) { k[d] = load(kTs + d * Ls + j); gk[d] = splat(0.0f); }
+                    UNROLL
                     for (int c = 0; c < DV; ++c) { v[c] = load(vTs + c * Ls + j); gv[c] = splat(0.0f); }
                     for (int r = 0; r < R; ++r) {
-                        vf l = load(t.bw[r] + jx) + b[r];
-                        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+                        vf l;
+                        if (SPLIT_DK) {
+                            l = load(dsrow + r * Ls + j);
+                        } else {
+                            l = load(t.bw[r] + jx) + b[r];
+                            UNROLL
+                            for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+                        }
                         const vf p = vexp2(l); /* P_ij = exp(l_ij - lse_i), in base 2 */
                         vf dp = -dot[r];
+                        UNROLL
                         for (int c = 0; c < DV; ++c) { dp += gs[r][c] * v[c]; gv[c] += p * gs[r][c]; }
                         const vf ds = p * dp; /* dS = P (dO . v_j - D_i) */
                         store(dsrow + r * Ls + j, ds);
-                        for (int d = 0; d < D; ++d) gk[d] += ds * qs[r][d]; /* log2(e) dK: scaled below */
+                        UNROLL
+                        for (int d = 0; d < D && !SPLIT_DK; ++d) gk[d] += ds * qs[r][d]; /* log2(e) dK: scaled below */
                         store(gbwr[r] + jx, load(gbwr[r] + jx) + ds);
                         rowsum[r] += ds;
                     }
-                    for (int d = 0; d < D; ++d) store(gkTs + d * Ls + j, load(gkTs + d * Ls + j) + gk[d]);
+                    UNROLL
+                    for (int d = 0; d < D && !SPLIT_DK; ++d) store(gkTs + d * Ls + j, load(gkTs + d * Ls + j) + gk[d]);
+                    UNROLL
                     for (int c = 0; c < DV; ++c) store(gvTs + c * Ls + j, load(gvTs + c * Ls + j) + gv[c]);
                 }
                 for (int r = 0; r < R; ++r) gbhr[r][jy] = hsum(rowsum[r]);
+            }
+            for (int d = 0; d < D && SPLIT_DK; ++d) { /* dK += dS^T (log2(e) q), one head dim at a time */
+                vf qd[R];
+                for (int r = 0; r < R; ++r) qd[r] = qs[r][d];
+                for (long j = 0; j < Lp; j += VW) {
+                    vf a = load(gkTs + d * Ls + j);
+                    for (int r = 0; r < R; ++r) a += load(dsrow + r * Ls + j) * qd[r];
+                    store(gkTs + d * Ls + j, a);
+                }
             }
             float dq[R][D];
             for (int d = 0; d < D; ++d) { /* dQ = dS K */
