@@ -73,8 +73,8 @@ def tiled_at(revision: str) -> Attention:
     path.write_text(source)
 
     @functools.cache
-    def library(dkh: int, dvh: int):
-        lib = cpu_kernel._build(path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}"))
+    def library(dkh: int, dvh: int, wide: bool = False):
+        lib = cpu_kernel._build(path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())))
         if lib is None:
             raise SystemExit(f"the tiled kernel of {revision} does not build here")
         return cpu_kernel._bind_tiled(lib)

@@ -55,6 +55,8 @@ TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
     (1, 2, 3, 5, 1, 1),   # one-dim heads
     (1, 1, 1, 1, 2, 2),   # a single position
     (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10): the split backward; L = 30: a partial tile of 2 rows
+    (1, 2, 3, 11, 13, 3),  # W = 11: 16-float vectors on AVX-512, split backward
+    (1, 1, 2, 20, 3, 2),   # W = 20: padded to 32 columns for 16-float vectors, to 24 for 8-float ones
 ]
 
 
@@ -91,6 +93,15 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
     assert cpu_kernel._tiled_library(cpu_kernel._TILED_MAX_DIM + 1, 2) is None  # huge heads: generic
+
+
+@needs_kernel
+def test_wide_vectors_where_the_cpu_has_avx512_and_the_rows_fill_them():
+    """16-float vectors (rows padded to 16 columns) on AVX-512 CPUs for grids wider than 8; the
+    numbers of that build are checked by the W = 9, 11 and 20 shapes above."""
+    wide = cpu_kernel._has_avx512()
+    assert cpu_kernel._vector_width(cpu_kernel._tiled_library_for(3, 2, 9)) == (16 if wide else 8)
+    assert cpu_kernel._vector_width(cpu_kernel._tiled_library_for(3, 2, 8)) == 8
 
 
 @needs_kernel

@@ -196,6 +196,9 @@ def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
     for size in (lib.aa_tiled_scratch, lib.aa_tiled_row_stride):
         size.argtypes = [long, long]
         size.restype = long
+    if hasattr(lib, "aa_tiled_vector_width"):
+        lib.aa_tiled_vector_width.argtypes = []
+        lib.aa_tiled_vector_width.restype = long
     lib.aa_openmp.restype = ctypes.c_int
     return lib
 
@@ -264,13 +267,34 @@ def _library() -> Optional[ctypes.CDLL]:
 
 
 @functools.cache
-def _tiled_library(dkh: int, dvh: int) -> Optional[ctypes.CDLL]:
-    """The float32 kernel built for these head dims; None where it cannot be (then the generic one runs)."""
+def _tiled_library(dkh: int, dvh: int, wide: bool = False) -> Optional[ctypes.CDLL]:
+    """The float32 kernel built for these head dims (``wide``: on 16-float AVX-512 vectors instead
+    of 8); None where it cannot be (then the generic one runs)."""
     if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
         return None
     lib = _build(_TILED_SOURCE, "float32 attention runs on the generic compiled kernel",
-                 (f"-DAA_D={dkh}", f"-DAA_DV={dvh}"))
+                 (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())))
     return None if lib is None else _bind_tiled(lib)
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    return b" avx512f " in _cpu_signature().replace(b"\n", b" ")
+
+
+def _tiled_library_for(dkh: int, dvh: int, w: int) -> Optional[ctypes.CDLL]:
+    """The build for a grid ``w`` columns wide: 16-float vectors where the CPU has AVX-512 and a
+    grid row fills more than 8 of them (narrower rows would be half padding), else 8-float ones."""
+    wide = _has_avx512() and w > 8
+    return (wide and _tiled_library(dkh, dvh, True)) or _tiled_library(dkh, dvh)
+
+
+def _vector_width(lib: ctypes.CDLL) -> int:
+    """Floats per vector of a tiled build: the grid rows are padded to a multiple of it."""
+    try:
+        return lib.aa_tiled_vector_width()
+    except AttributeError:  # a build from before the width was a parameter (benchmarks' --against)
+        return 8
 
 
 def available() -> bool:
@@ -418,28 +442,27 @@ def use_tiled(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
     return tiled_fits(dkh, positions) and tiled_builds(dtype, dkh, dvh)
 
 
-def _padded_width(w: int) -> int:
-    return -(-w // 8) * 8
+def _padded_width(w: int, vw: int = 8) -> int:
+    return -(-w // vw) * vw
 
 
-def _to_rows(t: Tensor, row_stride: int) -> Tensor:
+def _to_rows(t: Tensor, row_stride: int, vw: int) -> Tensor:
     """[BH, H, W, C] -> [BH, C, row_stride]: the H x Wp grid, zero-padded."""
     batch_heads, h, w, c = t.shape
-    grid = F.pad(t.permute(0, 3, 1, 2), (0, _padded_width(w) - w)).reshape(batch_heads, c, -1)
+    grid = F.pad(t.permute(0, 3, 1, 2), (0, _padded_width(w, vw) - w)).reshape(batch_heads, c, -1)
     return F.pad(grid, (0, row_stride - grid.shape[2])).contiguous()
 
 
-def _from_rows(t: Tensor, h: int, w: int) -> Tensor:
+def _from_rows(t: Tensor, h: int, w: int, vw: int) -> Tensor:
     """[BH, C, row_stride] -> [BH, H, W, C]."""
-    wp = _padded_width(w)
+    wp = _padded_width(w, vw)
     return t[..., : h * wp].unflatten(2, (h, wp))[..., :w].permute(0, 2, 3, 1).contiguous()
 
 
-def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
+def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     """``aa_tiled_<direction>`` over all BH slices; ``tensors``: the kernel's array arguments in its order."""
     q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, Ls], vt [BH, DV, Ls]
-    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2])
-    lib = _tiled_library(d, dv)
+    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2], _vector_width(lib))
     function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
     zeros = q.new_zeros(wp + h + d + dv)
     stride = lib.aa_tiled_scratch(h, wp)
@@ -448,16 +471,18 @@ def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
         *pointers, first, end, h, w, wp, zeros.data_ptr(), parts, scratch[part0].data_ptr(), stride))
 
 
-def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> list[Tensor]:
-    """The kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
+def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[ctypes.CDLL, list[Tensor]]:
+    """The library for these inputs and the kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
     if any(t.dtype != torch.float32 for t in (q, k, v, rel_h, rel_w)):
         raise TypeError(f"the tiled CPU attention kernel takes float32 tensors, got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}")
-    lib = _tiled_library(q.shape[3], v.shape[3])
+    lib = _tiled_library_for(q.shape[3], v.shape[3], q.shape[2])
     if lib is None:
         raise RuntimeError(f"the tiled CPU attention kernel for dkh {q.shape[3]}, dvh {v.shape[3]} is not available "
                            "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)")
-    row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2]))
-    return [q.contiguous(), _to_rows(k, row_stride), _to_rows(v, row_stride), rel_w.contiguous(), rel_h.contiguous()]
+    vw = _vector_width(lib)
+    row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2], vw))
+    return lib, [q.contiguous(), _to_rows(k, row_stride, vw), _to_rows(v, row_stride, vw), rel_w.contiguous(),
+                 rel_h.contiguous()]
 
 
 @torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
@@ -467,7 +492,8 @@ def relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     batch_heads, h, w, d = q.shape
     out = q.new_empty(batch_heads, h, w, v.shape[3])
     lse = q.new_empty(batch_heads, h, w)
-    _run_tiled("forward", [*_tiled_inputs(q, k, v, rel_h, rel_w), out, lse])
+    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
+    _run_tiled(lib, "forward", [*inputs, out, lse])
     return out, lse
 
 
@@ -482,12 +508,13 @@ def relative_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, rel_h, rel_w) of :func:`relative_attention_op`'s ``out``."""
     batch_heads, h, w, d = q.shape
-    inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
+    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
     grads = [t.new_empty(t.shape) for t in inputs[:3]]
     grad_rel = [q.new_empty(batch_heads, *rel_w.shape), q.new_empty(batch_heads, *rel_h.shape)]  # per slice
-    _run_tiled("backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
+    _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
-    return grad_q, _from_rows(grad_kt, h, w), _from_rows(grad_vt, h, w), grad_rel[1].sum(0), grad_rel[0].sum(0)
+    vw = _vector_width(lib)
+    return grad_q, _from_rows(grad_kt, h, w, vw), _from_rows(grad_vt, h, w, vw), grad_rel[1].sum(0), grad_rel[0].sum(0)
 
 
 @relative_attention_backward_op.register_fake

@@ -55,7 +55,10 @@
 /* Loops over the head dims are unrolled (gcc stops by itself from D ~ 16), so that a key's vectors
  * stay in registers rather than in a stack array; the pragma is ignored by compilers without it. */
 #define UNROLL _Pragma("GCC unroll 64")
-#define VW 8    /* floats per SIMD vector (AVX; two SSE halves elsewhere) */
+#ifndef AA_VW
+#define AA_VW 8
+#endif
+#define VW AA_VW /* floats per SIMD vector: 8 (AVX; two SSE halves elsewhere) or 16 (AVX-512) */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
@@ -134,6 +137,8 @@ static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, 
  * the grid, so that the D + DV rows one key vector is read from fall in different L1 sets (a
  * 32 x 32 grid is exactly 4 KiB: unpadded, its rows would all compete for one set's 8 ways). */
 long aa_tiled_row_stride(long H, long Wp) { return H * Wp + 16; }
+
+long aa_tiled_vector_width(void) { return VW; }
 
 long aa_tiled_scratch(long H, long Wp) { return 2 * R * (Wp + H) + R * aa_tiled_row_stride(H, Wp); }
 
