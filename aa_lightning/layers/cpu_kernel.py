@@ -12,8 +12,10 @@ probabilities from it and accumulates every gradient in one pass over the keys. 
 
 - ``factorized_attention_tiled.c``, the float32 path (:func:`cpu_kernel_relative_attention`,
   op ``aa_lightning::relative_attention``): built once per head-dim pair (dkh, dvh) with the
-  dims as compile-time constants, so each key's vectors live in registers; four query rows
-  share every key load and gradient store; the bias rows are computed from q, rel_w and rel_h
+  dims as compile-time constants, so each key's vectors live in registers (16-float vectors
+  where the CPU has AVX-512 and grid rows are wider than 8, else 8-float ones); logits in base 2
+  (log2(e) folded into q), so the softmax's exponential is a cheap 2^x; four query rows share
+  every key load and gradient store; the bias rows are computed from q, rel_w and rel_h
   inside the kernel (no [BH, HW, W + H] table tensors to build, copy and differentiate).
 - ``factorized_attention.c`` (:func:`cpu_kernel_attention`, op
   ``aa_lightning::factorized_attention``): any dims, float32 and float64, on precomputed
