@@ -8,20 +8,29 @@ for:
   generic   the any-dims kernel on relative tables built in torch (the fallback when the
             per-dims build fails)
   chunked   the same factorization in plain torch ops (``backend="chunked"``)
-The variants take turns round by round; each number is the median round. ns/logit divides by
-B Nh (HW)^2.
+  tiled@REV the tiled kernel as it was at git revision REV (``--against REV``), built from that
+            revision's C source the same way: a change to the kernel measured against the old one
+The variants take turns round by round; each number is the median round, and "rounds" gives the
+spread of the per-round ratios (the rounds alternate, so round t of each variant ran side by side).
+ns/logit divides by B Nh (HW)^2.
 
 Usage:  python benchmarks/kernel_benchmark.py --model aa_resnet50 --batch 8 --out-dir docs/benchmarks
+        python benchmarks/kernel_benchmark.py --model aa_wrn28_10 --against HEAD~3 --variants tiled generic --threads 1
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from datetime import date
-from typing import Callable
+from typing import Callable, Iterator
 
 import timm
 import torch
@@ -56,6 +65,27 @@ VARIANTS: dict[str, Attention] = {
 }
 
 
+def tiled_at(revision: str) -> Attention:
+    """The tiled kernel built from ``revision``'s C source (``git show``), run through the same op."""
+    source = subprocess.run(["git", "show", f"{revision}:aa_lightning/layers/factorized_attention_tiled.c"],
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="aa_kernel_")) / "factorized_attention_tiled.c"
+    path.write_text(source)
+
+    @functools.cache
+    def library(dkh: int, dvh: int, wide: bool = False):
+        lib = cpu_kernel._build(path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())))
+        if lib is None:
+            raise SystemExit(f"the tiled kernel of {revision} does not build here")
+        return cpu_kernel._bind_tiled(lib)
+
+    def run(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+        return _tiled(q, k, v, rel_h, rel_w)
+
+    run.tiled_library = library  # measure() swaps it in around forward and backward
+    return run
+
+
 def attention_shapes(model_name: str, batch: int) -> list[tuple[int, int, int, int, int, int]]:
     """Distinct (B, Nh, H, W, dkh, dvh) of the model's AA layers, in network order."""
     model = timm.create_model(model_name)
@@ -76,7 +106,20 @@ def time_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def measure(shape: tuple[int, ...], rounds: int) -> list[dict]:
+@contextlib.contextmanager
+def _library_of(attention: Attention) -> Iterator[None]:
+    """Inside the block, the tiled op runs ``attention``'s own build of the kernel, if it has one."""
+    library = getattr(attention, "tiled_library", None)
+    current = cpu_kernel._tiled_library
+    if library is not None:
+        cpu_kernel._tiled_library = library
+    try:
+        yield
+    finally:
+        cpu_kernel._tiled_library = current
+
+
+def measure(shape: tuple[int, ...], rounds: int, variants: dict[str, Attention]) -> list[dict]:
     b, nh, h, w, dkh, dvh = shape
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(b, nh, h, w, dkh, generator=g) * dkh**-0.5).requires_grad_()
@@ -87,18 +130,19 @@ def measure(shape: tuple[int, ...], rounds: int) -> list[dict]:
     grad = torch.randn(b * nh, h * w, dvh, generator=g)
 
     def forward(attention: Attention) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _library_of(attention):
             attention(*inputs)
 
     def train(attention: Attention) -> None:
-        out = attention(*inputs).reshape(grad.shape)
-        torch.autograd.grad(out, inputs, grad)
+        with _library_of(attention):
+            out = attention(*inputs).reshape(grad.shape)
+            torch.autograd.grad(out, inputs, grad)
 
-    times = {name: {"forward": [], "forward+backward": []} for name in VARIANTS}
-    for name, attention in VARIANTS.items():  # warm-up (builds the kernels)
+    times = {name: {"forward": [], "forward+backward": []} for name in variants}
+    for name, attention in variants.items():  # warm-up (builds the kernels)
         forward(attention), train(attention)
     for _ in range(rounds):
-        for name, attention in VARIANTS.items():
+        for name, attention in variants.items():
             times[name]["forward"].append(time_ms(lambda: forward(attention)))
             times[name]["forward+backward"].append(time_ms(lambda: train(attention)))
     logits = b * nh * (h * w) ** 2
@@ -107,20 +151,30 @@ def measure(shape: tuple[int, ...], rounds: int) -> list[dict]:
         for pass_, values in by_pass.items():
             ms = statistics.median(values)
             rows.append({"B": b, "Nh": nh, "HxW": f"{h}x{w}", "dkh": dkh, "dvh": dvh, "variant": name, "pass": pass_,
-                         "ms": round(ms, 2), "ns_per_logit": round(ms * 1e6 / logits, 3)})
+                         "ms": round(ms, 2), "ns_per_logit": round(ms * 1e6 / logits, 3),
+                         "rounds_ms": [round(t, 3) for t in values]})
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| HxW | dkh | dvh | pass | tiled ms (ns/logit) | generic ms | chunked ms | generic / tiled | chunked / tiled |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], variants: list[str]) -> str:
+    """One line per shape and pass: the tiled kernel's time, the others' and their time / tiled time
+    (the median rounds', then the min..max of the per-round ratios)."""
+    others = [v for v in variants if v != "tiled"]
+    lines = ["| HxW | dkh | dvh | pass | tiled ms (ns/logit) | " + " | ".join(f"{v} ms" for v in others)
+             + "".join(f" | {v} / tiled (rounds)" for v in others) + " |",
+             "|---|---|---|---|---|" + "---|" * (2 * len(others))]
     keyed = {(r["HxW"], r["pass"], r["variant"]): r for r in rows}
     for (hw, pass_, variant), r in keyed.items():
         if variant != "tiled":
             continue
-        gen, chk = keyed[(hw, pass_, "generic")]["ms"], keyed[(hw, pass_, "chunked")]["ms"]
-        lines.append(f"| {hw} | {r['dkh']} | {r['dvh']} | {pass_} | {r['ms']:.1f} ({r['ns_per_logit']:.2f}) | {gen:.1f} | "
-                     f"{chk:.1f} | {gen / r['ms']:.2f} | {chk / r['ms']:.2f} |")
+        cells, ratios = [], []
+        for v in others:
+            o = keyed[(hw, pass_, v)]
+            per_round = [a / b for a, b in zip(o["rounds_ms"], r["rounds_ms"])]
+            cells.append(f"{o['ms']:.1f}")
+            ratios.append(f"{o['ms'] / r['ms']:.2f} ({min(per_round):.2f}..{max(per_round):.2f})")
+        lines.append(f"| {hw} | {r['dkh']} | {r['dvh']} | {pass_} | {r['ms']:.1f} ({r['ns_per_logit']:.2f}) | "
+                     + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 
@@ -131,7 +185,15 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out-dir", default=None, help="also write <name>.json and <name>.md here")
     p.add_argument("--name", default="kernels")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--against", metavar="REV", help="also time the tiled kernel of this git revision (tiled@REV)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = {name: VARIANTS[name] for name in dict.fromkeys(["tiled", *args.variants])}
+    if args.against:
+        variants[f"tiled@{args.against}"] = tiled_at(args.against)
     if not cpu_kernel.available():
         raise SystemExit("the CPU kernel is not available here (no C compiler, or AA_LIGHTNING_CPU_KERNEL=0)")
     header = (f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
@@ -140,8 +202,8 @@ def main(argv=None) -> None:
     print(header)
     rows = []
     for shape in attention_shapes(args.model, args.batch):
-        rows += measure(shape, args.rounds)
-    table = markdown(rows)
+        rows += measure(shape, args.rounds, variants)
+    table = markdown(rows, list(variants))
     print(table)
     if args.out_dir:
         write_report(args.out_dir, args.name, header, rows, table, command_line("kernel_benchmark.py", argv))

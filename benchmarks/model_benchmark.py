@@ -11,6 +11,14 @@ Usage:
   python benchmarks/model_benchmark.py --device cuda --dtype bfloat16 --channels-last both --compile both
   python benchmarks/model_benchmark.py --variant 'aa_resnet50_s34=aa_resnet50:{"aa_stages": [3, 4]}' \
       --pairs aa_resnet50:resnet50 aa_resnet50_s34:resnet50 --peers --channels-last yes --modes train
+  python benchmarks/model_benchmark.py --preset goals --out-dir docs/benchmarks --name models_cpu_goals
+
+Every pair also gets its FLOP limit: baseline GFLOPs / AA GFLOPs from the project's model table
+(``benchmarks/model_table.py``, counted on the meta device), the ratio a perfect implementation
+of the AA model would reach if time followed FLOPs. ``--preset goals`` measures the groups of the
+CPU performance issue (16) only: fp32 NCHW and channels_last with aa_resnet50 / resnet50,
+aa_wrn28_10 / wrn28_10 and aa_resnet50 with attention in all four stages; bf16 autocast
+channels_last aa_resnet50 / resnet50; and adds the issue's goals table.
 """
 from __future__ import annotations
 
@@ -27,7 +35,26 @@ import timm
 import torch
 
 import aa_lightning  # noqa: F401  (registers the AA models)
+from model_table import Row
+from model_table import measure as count_model
 from report import command_line, write_report
+
+ALL_STAGES = 'aa_resnet50_all=aa_resnet50:{"aa_stages": [1, 2, 3, 4]}'
+# (dtype, channels_last, models) groups of --preset goals, and the issue's goals:
+# (AA model, baseline, dtype, channels_last or None for both, goal)
+GOAL_GROUPS = [
+    ("float32", False, ["aa_resnet50", "resnet50", "aa_wrn28_10", "wrn28_10", "aa_resnet50_all"]),
+    ("float32", True, ["aa_resnet50", "resnet50", "aa_wrn28_10", "wrn28_10"]),
+    ("bfloat16", True, ["aa_resnet50", "resnet50"]),
+]
+GOALS = [
+    ("aa_resnet50", "resnet50", "float32", False, 0.95),
+    ("aa_resnet50", "resnet50", "float32", True, 0.95),
+    ("aa_wrn28_10", "wrn28_10", "float32", False, 0.78),
+    ("aa_wrn28_10", "wrn28_10", "float32", True, 0.78),
+    ("aa_resnet50", "resnet50", "bfloat16", True, 0.92),
+    ("aa_resnet50_all", "resnet50", "float32", False, 0.80),
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,9 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", default="no", choices=["no", "yes", "both"])
     p.add_argument("--compile", default="no", choices=["no", "yes", "both"])
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--preset", choices=["goals"], default=None,
+                   help="goals: the groups and the goals table of the CPU performance issue (overrides the model, "
+                        "dtype and memory-format options)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="models")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.preset == "goals":
+        args.pairs = ["aa_resnet50:resnet50", "aa_wrn28_10:wrn28_10", "aa_resnet50_all:resnet50"]
+        args.peers, args.variant, args.compile = [], [*args.variant, ALL_STAGES], "no"
+    return args
 
 
 def _choices(flag: str) -> list[bool]:
@@ -107,14 +141,32 @@ def make_step(model, runner, mode: str, batch: int, input_size, num_classes: int
     return step
 
 
+def groups(args: argparse.Namespace) -> list[tuple[str, bool, bool, str, list[str]]]:
+    """(dtype, channels_last, compiled, mode, models) of every group measured."""
+    if args.preset == "goals":
+        return [(dtype, cl, False, mode, models) for dtype, cl, models in GOAL_GROUPS for mode in args.modes]
+    models = list(dict.fromkeys([m for pair in args.pairs for m in pair.split(":")] + list(args.peers)))
+    return [(dtype, cl, compiled, mode, models) for dtype, cl, compiled, mode in itertools.product(
+        args.dtype, _choices(args.channels_last), _choices(args.compile), args.modes)]
+
+
+def flop_limits(args: argparse.Namespace) -> dict[str, float]:
+    """{AA model: baseline GFLOPs / AA GFLOPs} for every pair, from the model table's counts."""
+    variants = parse_variants(args.variant)
+
+    def gflops(name: str) -> float:
+        model_name, kwargs = variants.get(name, (name, {}))
+        size = timm.get_pretrained_cfg(model_name).input_size
+        return count_model(Row(name, model_name, tuple(size), kwargs)).gflops
+
+    return {aa: gflops(base) / gflops(aa) for aa, base in (pair.split(":") for pair in args.pairs)}
+
+
 def measure(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     variants = parse_variants(args.variant)
-    models = list(dict.fromkeys([m for pair in args.pairs for m in pair.split(":")] + list(args.peers)))
     rows = []
-    for dtype_name, channels_last, compiled, mode in itertools.product(
-        args.dtype, _choices(args.channels_last), _choices(args.compile), args.modes
-    ):
+    for dtype_name, channels_last, compiled, mode, models in groups(args):
         dtype = getattr(torch, dtype_name)
         steps = {}
         for name in models:
@@ -133,6 +185,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             row = {
                 "model": name, "mode": mode, "dtype": dtype_name, "channels_last": channels_last, "compile": compiled,
                 "input": "x".join(map(str, steps[name][1][1:])), "img_per_s": statistics.median(rounds[name]),
+                "rounds_img_per_s": [round(x, 3) for x in rounds[name]],
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -140,19 +193,41 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = ["| mode | dtype | channels_last | compile | model | input | images/s | AA / baseline |", "|---|---|---|---|---|---|---|---|"]
+def _ratio_spread(aa: dict, base: dict) -> str:
+    """min..max of the per-round ratios (the rounds alternate, so round t of both ran side by side)."""
+    ratios = [a / b for a, b in zip(aa.get("rounds_img_per_s", []), base.get("rounds_img_per_s", []))]
+    return f"{min(ratios):.2f}..{max(ratios):.2f}" if ratios else ""
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, limits: dict[str, float]) -> str:
+    lines = ["| mode | dtype | channels_last | compile | model | input | images/s | AA / baseline | rounds' ratios | FLOP limit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     index = {(r["mode"], r["dtype"], r["channels_last"], r["compile"], r["model"]): r for r in rows}
     baseline_of = {pair.split(":")[0]: pair.split(":")[1] for pair in args.pairs}
     for r in rows:
         base = baseline_of.get(r["model"])
-        ratio = ""
+        ratio = spread = limit = ""
         if base:
             b = index.get((r["mode"], r["dtype"], r["channels_last"], r["compile"], base))
             ratio = f"**{r['img_per_s'] / b['img_per_s']:.2f}** (vs {base})" if b else ""
+            spread = _ratio_spread(r, b) if b else ""
+            limit = f"{limits[r['model']]:.3f}"
         lines.append(
-            f"| {r['mode']} | {r['dtype']} | {r['channels_last']} | {r['compile']} | {r['model']} | {r['input']} | {r['img_per_s']:.1f} | {ratio} |"
+            f"| {r['mode']} | {r['dtype']} | {r['channels_last']} | {r['compile']} | {r['model']} | {r['input']} | "
+            f"{r['img_per_s']:.1f} | {ratio} | {spread} | {limit} |"
         )
+    if args.preset == "goals":
+        lines += ["", "| model | memory format | dtype | train | inference | goal | FLOP limit | met |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for aa, base, dtype, cl, goal in GOALS:
+            got = {}
+            for mode in args.modes:
+                a, b = (index.get((mode, dtype, cl, False, m)) for m in (aa, base))
+                got[mode] = a["img_per_s"] / b["img_per_s"] if a and b else None
+            cells = [f"{got[m]:.2f}x" if got.get(m) is not None else "" for m in ("train", "infer")]
+            met = "yes" if all(v is not None and v >= goal for v in got.values()) else "no"
+            lines.append(f"| {aa} / {base} | {'channels_last' if cl else 'NCHW'} | {dtype} | {cells[0]} | {cells[1]} | "
+                         f">= {goal:.2f}x | {limits[aa]:.3f}x | {met} |")
     return "\n".join(lines)
 
 
@@ -164,8 +239,10 @@ def main(argv=None) -> None:
         f"timm {timm.__version__}; batch {args.batch}; {args.rounds} rounds x {args.steps} steps (median round); {date.today()}"
     )
     print(header)
+    limits = flop_limits(args)
+    print("FLOP limits:", json.dumps({k: round(v, 4) for k, v in limits.items()}), flush=True)
     rows = measure(args)
-    table = markdown(rows, args)
+    table = markdown(rows, args, limits)
     print(table)
     write_report(args.out_dir, args.name, header, rows, table, command_line("model_benchmark.py", argv))
 

@@ -4,7 +4,9 @@ Its numbers are checked with every other backend in test_relative_attention.py (
 reference, gradcheck, float32 gradients, bf16 autocast); here the float32 kernel built per head
 dims is checked on the shapes its tiling makes awkward (padded grid rows, partial row tiles)."""
 import os
+import logging
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,9 @@ TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
     (1, 1, 7, 3, 2, 7),   # dvh > dkh; L = 21: a partial tile of 1 row
     (1, 2, 3, 5, 1, 1),   # one-dim heads
     (1, 1, 1, 1, 2, 2),   # a single position
+    (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10): the split backward; L = 30: a partial tile of 2 rows
+    (1, 2, 3, 11, 13, 3),  # W = 11: 16-float vectors on AVX-512, split backward
+    (1, 1, 2, 20, 3, 2),   # W = 20: padded to 32 columns for 16-float vectors, to 24 for 8-float ones
 ]
 
 
@@ -91,6 +96,15 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
 
 
 @needs_kernel
+def test_wide_vectors_where_the_cpu_has_avx512_and_the_rows_fill_them():
+    """16-float vectors (rows padded to 16 columns) on AVX-512 CPUs for grids wider than 8; the
+    numbers of that build are checked by the W = 9, 11 and 20 shapes above."""
+    wide = cpu_kernel._has_avx512()
+    assert cpu_kernel._vector_width(cpu_kernel._tiled_library_for(3, 2, 9)) == (16 if wide else 8)
+    assert cpu_kernel._vector_width(cpu_kernel._tiled_library_for(3, 2, 8)) == 8
+
+
+@needs_kernel
 def test_the_kernels_refuse_mixed_or_unsupported_dtypes():
     q = torch.randn(2, 3, 4, 2)
     rel_h, rel_w = torch.randn(5, 2), torch.randn(7, 2)
@@ -105,7 +119,7 @@ def test_the_kernels_refuse_mixed_or_unsupported_dtypes():
 def test_the_tiled_kernel_is_used_where_it_is_the_faster_one():
     assert cpu_kernel.use_tiled(torch.float32, 3, 2, 28 * 28)  # aa_resnet50 stage 2
     assert cpu_kernel.use_tiled(torch.float32, 24, 12, 7 * 7)  # small grids: any head dims
-    assert not cpu_kernel.use_tiled(torch.float32, 20, 2, 32 * 32)  # aa_wrn28_10 group 1: generic is faster
+    assert cpu_kernel.use_tiled(torch.float32, 20, 2, 32 * 32)  # aa_wrn28_10 group 1: the split backward
     assert not cpu_kernel.use_tiled(torch.float64, 3, 2, 28 * 28)  # float64: the generic kernel
 
 
@@ -149,7 +163,7 @@ def test_loading_the_kernel_leaves_denormals_alone():
 
 
 def _run(code: str, **env: str) -> str:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip()
@@ -169,8 +183,99 @@ def test_the_kernel_can_be_switched_off(tmp_path):
 
 @needs_kernel
 def test_a_fresh_cache_builds_the_kernel(tmp_path):
-    assert _run(CHECK, AA_LIGHTNING_CACHE=str(tmp_path)) == "True cpu_kernel"
-    assert len(list((tmp_path / "kernels").glob("factorized_attention_*.so"))) == 1
+    """Into folders that only this user can read, list or write (mode 0700)."""
+    cache = tmp_path / "new"
+    assert _run(CHECK, AA_LIGHTNING_CACHE=str(cache)) == "True cpu_kernel"
+    assert len(list((cache / "kernels").glob("factorized_attention_*.so"))) == 1
+    for folder in (cache, cache / "kernels"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def _build_in(cache: Path, monkeypatch) -> object:
+    """cpu_kernel._build of the generic kernel with ``cache`` as $AA_LIGHTNING_CACHE, as a fresh process would."""
+    monkeypatch.setenv("AA_LIGHTNING_CACHE", str(cache))
+    monkeypatch.setattr(cpu_kernel, "_ANNOUNCED", set())
+    return cpu_kernel._build(cpu_kernel._SOURCE, cpu_kernel._CHUNKED)
+
+
+def _unsafe_file(library: Path, monkeypatch) -> str:
+    library.chmod(0o775)
+    return "group- or world-writable"
+
+
+def _world_writable_file(library: Path, monkeypatch) -> str:
+    library.chmod(0o757)
+    return "group- or world-writable"
+
+
+def _unsafe_folder(library: Path, monkeypatch) -> str:
+    library.parent.chmod(0o777)
+    return "group- or world-writable"
+
+
+def _another_users_file(library: Path, monkeypatch) -> str:
+    if os.getuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    os.chown(library, 65534, -1)
+    return "owned by uid 65534"
+
+
+def _another_users_folder(library: Path, monkeypatch) -> str:
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(library).st_uid + 1)  # seen as another user
+    return "not by this user"
+
+
+@needs_kernel
+@pytest.mark.parametrize("tamper", [_unsafe_file, _world_writable_file, _unsafe_folder, _another_users_file,
+                                    _another_users_folder])
+def test_a_library_others_could_have_written_is_refused(tamper, tmp_path, monkeypatch, caplog):
+    """A cached library (or its folder) that another user owns or may write is never loaded or
+    replaced: the chunked backend runs, and a WARNING names the file and why."""
+    built = Path(cpu_kernel._library()._name)  # the same key in any cache folder: copy, don't compile
+    (tmp_path / "kernels").mkdir(mode=0o700)
+    library = tmp_path / "kernels" / built.name
+    shutil.copy(built, library)
+    assert _build_in(tmp_path, monkeypatch) is not None
+    content = library.read_bytes()
+    why = tamper(library, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        assert _build_in(tmp_path, monkeypatch) is None
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert why in record.getMessage() and "kernels" in record.getMessage() and "chunked" in record.getMessage()
+    assert library.read_bytes() == content  # not overwritten
+    assert [p.name for p in library.parent.iterdir()] == [library.name]  # nothing built beside it
+    if tamper is _unsafe_file:  # a fresh process: auto falls back to chunked
+        assert _run(CHECK, AA_LIGHTNING_CACHE=str(tmp_path)) == "False chunked"
+
+
+def test_a_failed_build_is_remembered_and_announced_once(tmp_path, monkeypatch, caplog):
+    """A compiler that fails runs once per flag set, not once per process (DDP ranks, later runs);
+    each process announces the fallback once at WARNING; another compiler builds afresh."""
+    calls = tmp_path / "calls"
+    failing = tmp_path / "cc-that-fails"
+    failing.write_text(f'#!/bin/sh\necho x >> {calls}\necho "no such luck" >&2\nexit 1\n')
+    failing.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CC", str(failing))
+    with caplog.at_level(logging.INFO, logger=cpu_kernel.__name__):
+        assert _build_in(cache, monkeypatch) is None
+    attempts = len(calls.read_text().splitlines())
+    assert attempts == 4  # with / without -fopenmp and -march=native
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not build factorized_attention.c" in warnings[0], warnings
+    failed = list((cache / "kernels").glob("*.failed"))
+    assert len(failed) == 4 and all("no such luck" in f.read_text() for f in failed)
+    # the next process (another DDP rank, a later run): no compiler run, one warning on stderr
+    code = CHECK + "; cpu_kernel._build(cpu_kernel._SOURCE, cpu_kernel._CHUNKED)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "AA_LIGHTNING_CACHE": str(cache), "CC": str(failing)})
+    assert result.stdout.strip() == "False chunked", result.stderr[-2000:]
+    assert result.stderr.count("could not build factorized_attention.c") == 1, result.stderr
+    assert len(calls.read_text().splitlines()) == attempts
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if real is not None and cpu_kernel.available():
+        monkeypatch.setenv("CC", real)
+        assert _build_in(cache, monkeypatch) is not None
 
 
 @needs_kernel

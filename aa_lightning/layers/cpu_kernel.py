@@ -12,16 +12,22 @@ probabilities from it and accumulates every gradient in one pass over the keys. 
 
 - ``factorized_attention_tiled.c``, the float32 path (:func:`cpu_kernel_relative_attention`,
   op ``aa_lightning::relative_attention``): built once per head-dim pair (dkh, dvh) with the
-  dims as compile-time constants, so each key's vectors live in registers; four query rows
-  share every key load and gradient store; the bias rows are computed from q, rel_w and rel_h
+  dims as compile-time constants, so each key's vectors live in registers (16-float vectors
+  where the CPU has AVX-512 and grid rows are wider than 8, else 8-float ones); logits in base 2
+  (log2(e) folded into q), so the softmax's exponential is a cheap 2^x; four query rows share
+  every key load and gradient store; the bias rows are computed from q, rel_w and rel_h
   inside the kernel (no [BH, HW, W + H] table tensors to build, copy and differentiate).
 - ``factorized_attention.c`` (:func:`cpu_kernel_attention`, op
   ``aa_lightning::factorized_attention``): any dims, float32 and float64, on precomputed
   tables; used for float64 (tests, gradcheck) and for float32 where the per-dims build fails.
 
 Each is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
-second per build) into ``$AA_LIGHTNING_CACHE`` (default ``~/.cache/aa_lightning``), keyed by a
-hash of the source, the flags and the CPU's features, and loaded with ctypes. The work is split
+second per build) into ``$AA_LIGHTNING_CACHE/kernels`` (default ``~/.cache/aa_lightning``; created
+with mode 0700), keyed by a hash of the source, the flags, the compiler and the CPU's features,
+and loaded with ctypes -- only from a folder and a file that belong to this user and are not
+group/world-writable (anything else is refused: the chunked backend runs, with a warning). A
+failed build leaves a ``.failed`` file under the same key, so that DDP processes and later runs
+do not retry it. The work is split
 into ``torch.get_num_threads()`` ranges of whole (batch, head) slices, run on OpenMP threads:
 built with ``-fopenmp``, the library resolves ``libgomp.so.1`` to the copy torch has already
 loaded, so the kernel shares torch's thread pool instead of fighting its spinning workers for
@@ -42,6 +48,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -57,7 +64,7 @@ _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("factorized_attention.c")
 _TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
 _TILED_MAX_DIM = 64  # head dims above this use the generic kernel
-_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = 12, 196  # where the tiled kernel wins: see use_tiled
+_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = _TILED_MAX_DIM, 196  # where the tiled kernel wins: see tiled_fits
 # No -ffast-math: linked into a shared library it would switch the whole process to
 # flush-to-zero. These flags allow the vectorized loops without that side effect.
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -73,18 +80,97 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(source: Path, target: Path, flags: list[str]) -> bool:
-    """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")  # $CC: a path or a name
-    if compiler is None:
-        _log.info("aa_lightning CPU kernel: no C compiler found; using the chunked backend")
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
+_ANNOUNCED: set[str] = set()
+_CHUNKED = "attention runs on the slower chunked backend"  # what runs without the generic kernel
+
+
+def _fallback(consequence: str, reason: str) -> None:
+    """Announce at WARNING, once per process for each ``consequence``, that a compiled kernel is
+    not used and why (the first reason met is the one given)."""
+    if consequence not in _ANNOUNCED:
+        _ANNOUNCED.add(consequence)
+        _log.warning("aa_lightning CPU kernel: %s; %s", reason, consequence)
+
+
+def _unsafe(path: Path) -> Optional[str]:
+    """Why ``path`` (the cache folder or a library in it) must not be trusted, or None: it is
+    owned by another user or is group/world-writable, so someone else could have put the code
+    there that ctypes would run in this process."""
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owner or mode bits to check
+        return None
+    st = path.lstat()
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        return f"{path} is neither a regular file nor a folder"
+    return None
+
+
+def _safe_cache_dir(consequence: str) -> Optional[Path]:
+    """The cache folder, created with mode 0700 if missing; None (after a warning) if it cannot be
+    created or is not safe to load code from (:func:`_unsafe`)."""
+    folder = _cache_dir()
+    try:
+        for path in (folder.parent, folder):  # only the folders this project owns get mode 0700
+            if not path.is_dir():
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = _unsafe(folder)
+    except OSError as err:
+        reason = f"cannot use the cache folder {folder}: {err}"
+    if reason is not None:
+        _fallback(consequence, f"refusing the kernel cache: {reason}")
+        return None
+    return folder
+
+
+def _compiler() -> Optional[str]:
+    """The C compiler: ``$CC`` (a path or a name), else cc, gcc or clang on the PATH."""
+    name = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return None if name is None else (shutil.which(name) or name)
+
+
+def _compiler_identity(compiler: str) -> bytes:
+    """The compiler's path, size and mtime: part of the cache key, so a failed build is retried
+    with another or an upgraded compiler, and a library is never taken for another compiler's."""
+    try:
+        st = os.stat(compiler)
+        return f"{compiler} {st.st_size} {st.st_mtime_ns}".encode()
+    except OSError:
+        return compiler.encode()
+
+
+def _write_atomic(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` through a temporary file beside it (flush, fsync, os.replace)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> bool:
+    """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once). A
+    failure is recorded in ``target`` with the suffix ``.failed`` (the compiler's message), so
+    that other processes, and later runs, do not retry the same build."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, result.stderr[-2000:])
+        try:
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, check=False)
+            returncode, message = result.returncode, result.stderr[-2000:]
+        except OSError as err:  # $CC names no runnable program
+            returncode, message = -1, str(err)
+        if returncode != 0:
+            _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, message)
+            _write_atomic(target.with_suffix(".failed"),
+                          f"{compiler} {' '.join(flags)} {source} (exit {returncode}):\n{message}\n")
             return False
         os.replace(built, target)
     return True
@@ -112,6 +198,9 @@ def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
     for size in (lib.aa_tiled_scratch, lib.aa_tiled_row_stride):
         size.argtypes = [long, long]
         size.restype = long
+    if hasattr(lib, "aa_tiled_vector_width"):
+        lib.aa_tiled_vector_width.argtypes = []
+        lib.aa_tiled_vector_width.restype = long
     lib.aa_openmp.restype = ctypes.c_int
     return lib
 
@@ -130,37 +219,84 @@ def _cpu_signature() -> bytes:
     return f"{sys.platform} {platform.machine()} {platform.processor()}".encode()
 
 
-def _build(source: Path, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
-    """Load ``source`` built with ``defines``, compiling it into the cache first if needed."""
+def _build(source: Path, consequence: str, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
+    """Load ``source`` built with ``defines``, compiling it into the cache first if needed.
+
+    The cache folder and a cached library are used only if they belong to this user and are not
+    group/world-writable; a build that failed before (same source, flags, compiler and CPU) is
+    not retried (delete its ``.failed`` file to retry). Where nothing loads, the fallback is
+    announced once per process at WARNING with ``consequence`` (what runs instead)."""
     if os.environ.get("AA_LIGHTNING_CPU_KERNEL", "1") == "0":
         return None
+    compiler = _compiler()
+    if compiler is None:
+        _fallback(consequence, "no C compiler found (set $CC)")
+        return None
+    folder = _safe_cache_dir(consequence)
+    if folder is None:
+        return None
     text = source.read_bytes()
+    failed = []
     # -march=native and -fopenmp are not accepted everywhere
     for flags in (_FLAGS + _OPENMP + _NATIVE, _FLAGS + _OPENMP, _FLAGS + _NATIVE, _FLAGS):
         flags = flags + list(defines)
-        key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
-        target = _cache_dir() / f"{source.stem}_{key}.so"
+        key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature() + _compiler_identity(compiler))
+        target = folder / f"{source.stem}_{key.hexdigest()[:16]}.so"
         try:
-            if target.is_file() or _compile(source, target, flags):
-                return ctypes.CDLL(str(target))
+            if target.with_suffix(".failed").exists() and not target.exists():
+                failed.append(target.with_suffix(".failed"))
+                continue
+            if not target.exists() and not _compile(compiler, source, target, flags):
+                failed.append(target.with_suffix(".failed"))
+                continue
+            reason = _unsafe(target)
+            if reason is not None:
+                _fallback(consequence, f"refusing to load {reason}")
+                return None
+            return ctypes.CDLL(str(target))
         except OSError as err:  # unwritable cache, a library that does not load
             _log.info("aa_lightning CPU kernel: %s", err)
+            failed.append(target)
+    _fallback(consequence, f"{compiler} could not build {source.name} (see {failed[-1]}; delete the .failed "
+              "files beside it to retry)")
     return None
 
 
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
-    lib = _build(_SOURCE)
+    lib = _build(_SOURCE, _CHUNKED)
     return None if lib is None else _bind(lib)
 
 
 @functools.cache
-def _tiled_library(dkh: int, dvh: int) -> Optional[ctypes.CDLL]:
-    """The float32 kernel built for these head dims; None where it cannot be (then the generic one runs)."""
+def _tiled_library(dkh: int, dvh: int, wide: bool = False) -> Optional[ctypes.CDLL]:
+    """The float32 kernel built for these head dims (``wide``: on 16-float AVX-512 vectors instead
+    of 8); None where it cannot be (then the generic one runs)."""
     if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
         return None
-    lib = _build(_TILED_SOURCE, (f"-DAA_D={dkh}", f"-DAA_DV={dvh}"))
+    lib = _build(_TILED_SOURCE, "float32 attention runs on the generic compiled kernel",
+                 (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())))
     return None if lib is None else _bind_tiled(lib)
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    return b" avx512f " in _cpu_signature().replace(b"\n", b" ")
+
+
+def _tiled_library_for(dkh: int, dvh: int, w: int) -> Optional[ctypes.CDLL]:
+    """The build for a grid ``w`` columns wide: 16-float vectors where the CPU has AVX-512 and a
+    grid row fills more than 8 of them (narrower rows would be half padding), else 8-float ones."""
+    wide = _has_avx512() and w > 8
+    return (wide and _tiled_library(dkh, dvh, True)) or _tiled_library(dkh, dvh)
+
+
+def _vector_width(lib: ctypes.CDLL) -> int:
+    """Floats per vector of a tiled build: the grid rows are padded to a multiple of it."""
+    try:
+        return lib.aa_tiled_vector_width()
+    except AttributeError:  # a build from before the width was a parameter (benchmarks' --against)
+        return 8
 
 
 def available() -> bool:
@@ -288,12 +424,11 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 def tiled_fits(dkh: int, positions: int) -> bool:
     """Whether the tiled kernel beats the generic one for this head dim on a grid of ``positions``.
 
-    It keeps 4 query rows x dkh products per key vector in registers; from dkh 16 gcc no longer
-    unrolls its loops over dkh (and unrolled, the backward spills), so on large grids the generic
-    kernel is faster (``benchmarks/kernel_benchmark.py`` on the 2-core
-    AVX-512 VM, forward + backward, tiled vs generic: 28x28 dkh 3 1.4x, 14x14 dkh 17 1.4x,
-    7x7 dkh 24 2.0x, 32x32 dkh 12 1.0x, 16x16 dkh 16 0.87x, 32x32 dkh 20 0.68x). Plain
-    arithmetic, so torch.compile with dynamic shapes turns it into a guard."""
+    It keeps 4 query rows x dkh products per key vector in registers; from dkh 9 its backward
+    splits the per-key work into passes with few live vectors (see the C source), so that it
+    wins at every head dim it is built for, large grids included. The thresholds come from
+    ``benchmarks/kernel_benchmark.py`` (measurements in docs/benchmarks.md, "Which float32
+    kernel runs"). Plain arithmetic, so torch.compile with dynamic shapes turns it into a guard."""
     return dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS
 
 
@@ -309,28 +444,27 @@ def use_tiled(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
     return tiled_fits(dkh, positions) and tiled_builds(dtype, dkh, dvh)
 
 
-def _padded_width(w: int) -> int:
-    return -(-w // 8) * 8
+def _padded_width(w: int, vw: int = 8) -> int:
+    return -(-w // vw) * vw
 
 
-def _to_rows(t: Tensor, row_stride: int) -> Tensor:
+def _to_rows(t: Tensor, row_stride: int, vw: int) -> Tensor:
     """[BH, H, W, C] -> [BH, C, row_stride]: the H x Wp grid, zero-padded."""
     batch_heads, h, w, c = t.shape
-    grid = F.pad(t.permute(0, 3, 1, 2), (0, _padded_width(w) - w)).reshape(batch_heads, c, -1)
+    grid = F.pad(t.permute(0, 3, 1, 2), (0, _padded_width(w, vw) - w)).reshape(batch_heads, c, -1)
     return F.pad(grid, (0, row_stride - grid.shape[2])).contiguous()
 
 
-def _from_rows(t: Tensor, h: int, w: int) -> Tensor:
+def _from_rows(t: Tensor, h: int, w: int, vw: int) -> Tensor:
     """[BH, C, row_stride] -> [BH, H, W, C]."""
-    wp = _padded_width(w)
+    wp = _padded_width(w, vw)
     return t[..., : h * wp].unflatten(2, (h, wp))[..., :w].permute(0, 2, 3, 1).contiguous()
 
 
-def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
+def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     """``aa_tiled_<direction>`` over all BH slices; ``tensors``: the kernel's array arguments in its order."""
     q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, Ls], vt [BH, DV, Ls]
-    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2])
-    lib = _tiled_library(d, dv)
+    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2], _vector_width(lib))
     function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
     zeros = q.new_zeros(wp + h + d + dv)
     stride = lib.aa_tiled_scratch(h, wp)
@@ -339,16 +473,18 @@ def _run_tiled(direction: str, tensors: list[Tensor]) -> None:
         *pointers, first, end, h, w, wp, zeros.data_ptr(), parts, scratch[part0].data_ptr(), stride))
 
 
-def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> list[Tensor]:
-    """The kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
+def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[ctypes.CDLL, list[Tensor]]:
+    """The library for these inputs and the kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
     if any(t.dtype != torch.float32 for t in (q, k, v, rel_h, rel_w)):
         raise TypeError(f"the tiled CPU attention kernel takes float32 tensors, got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}")
-    lib = _tiled_library(q.shape[3], v.shape[3])
+    lib = _tiled_library_for(q.shape[3], v.shape[3], q.shape[2])
     if lib is None:
         raise RuntimeError(f"the tiled CPU attention kernel for dkh {q.shape[3]}, dvh {v.shape[3]} is not available "
                            "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)")
-    row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2]))
-    return [q.contiguous(), _to_rows(k, row_stride), _to_rows(v, row_stride), rel_w.contiguous(), rel_h.contiguous()]
+    vw = _vector_width(lib)
+    row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2], vw))
+    return lib, [q.contiguous(), _to_rows(k, row_stride, vw), _to_rows(v, row_stride, vw), rel_w.contiguous(),
+                 rel_h.contiguous()]
 
 
 @torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
@@ -358,7 +494,8 @@ def relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     batch_heads, h, w, d = q.shape
     out = q.new_empty(batch_heads, h, w, v.shape[3])
     lse = q.new_empty(batch_heads, h, w)
-    _run_tiled("forward", [*_tiled_inputs(q, k, v, rel_h, rel_w), out, lse])
+    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
+    _run_tiled(lib, "forward", [*inputs, out, lse])
     return out, lse
 
 
@@ -373,12 +510,13 @@ def relative_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (q, k, v, rel_h, rel_w) of :func:`relative_attention_op`'s ``out``."""
     batch_heads, h, w, d = q.shape
-    inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
+    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
     grads = [t.new_empty(t.shape) for t in inputs[:3]]
     grad_rel = [q.new_empty(batch_heads, *rel_w.shape), q.new_empty(batch_heads, *rel_h.shape)]  # per slice
-    _run_tiled("backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
+    _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
-    return grad_q, _from_rows(grad_kt, h, w), _from_rows(grad_vt, h, w), grad_rel[1].sum(0), grad_rel[0].sum(0)
+    vw = _vector_width(lib)
+    return grad_q, _from_rows(grad_kt, h, w, vw), _from_rows(grad_vt, h, w, vw), grad_rel[1].sum(0), grad_rel[0].sum(0)
 
 
 @relative_attention_backward_op.register_fake

@@ -14,7 +14,8 @@
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, one pass over the keys recomputes p_ij from lse_i and accumulates
  *             dV, dK, the bias gradients and dS (kept in scratch); short passes give dQ = dS K
- *             plus the tables' share, and the tables' gradients d rel_w, d rel_h.
+ *             plus the tables' share, and the tables' gradients d rel_w, d rel_h. From D 9 the
+ *             logits and dK get passes of their own (SPLIT_DK below).
  * The (HW)^2 logits never reach memory: a tile's scratch holds R rows of them.
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
@@ -40,8 +41,24 @@
 #endif
 #define D AA_D
 #define DV AA_DV
-#define R 4     /* query rows per tile */
-#define VW 8    /* floats per SIMD vector (AVX; two SSE halves elsewhere) */
+#ifndef AA_R
+#define AA_R 4
+#endif
+#define R AA_R  /* query rows per tile */
+#ifndef AA_SPLIT_DK
+#define AA_SPLIT_DK (D > 8)
+#endif
+/* From D 9 the backward's per-key state (k, dK, 4 rows of q) no longer fits the registers: then it
+ * runs in short passes over the tile's scratch row, each with few live vectors -- the logits (as in
+ * forward), then P, dS, dV and the bias gradients, then dK = dS^T q, then dQ = dS K. */
+#define SPLIT_DK AA_SPLIT_DK
+/* Loops over the head dims are unrolled (gcc stops by itself from D ~ 16), so that a key's vectors
+ * stay in registers rather than in a stack array; the pragma is ignored by compilers without it. */
+#define UNROLL _Pragma("GCC unroll 64")
+#ifndef AA_VW
+#define AA_VW 8
+#endif
+#define VW AA_VW /* floats per SIMD vector: 8 (AVX; two SSE halves elsewhere) or 16 (AVX-512) */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
@@ -53,22 +70,28 @@ static inline vf vmax(vf a, vf b) { const vi m = a > b; return (vf)(((vi)a & m) 
 static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
 static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
 
-/* e^x for x <= ~0 (logits minus their row max or log-sum-exp): x = n ln2 + r, |r| <= ln2/2,
- * e^r by a degree-6 polynomial (Estrin's scheme), 2^n through the exponent bits. Lanes below
- * -87.3 (-inf included) are set to exactly 0, as softmax underflows in float. */
-static inline vf vexp(vf x) {
-    const vi under = x < -87.3f;
+/* Logits are computed in base 2: q (and so the relative tables) is multiplied by log2(e) once per
+ * row, so that softmax needs 2^x, whose range reduction is one rounding (no ln2 multiply-subtracts).
+ * The saved log-sum-exp and every gradient stay in natural units. */
+#define LOG2E 1.44269504088896341f
+#define LN2 0.693147180559945309f
+
+/* 2^x for x <= ~0 (base-2 logits minus their row max or log-sum-exp): x = n + r, |r| <= 1/2,
+ * 2^r = e^(r ln2) by its degree-6 Taylor polynomial (Estrin's scheme; within ~2 ulp, as the
+ * natural-base form with |r ln2| <= ln2/2 was), 2^n added to the exponent bits: the integer n is
+ * read from the low bits of x + 1.5 * 2^23, where adding the magic constant rounded it. Lanes
+ * below -125 (-inf included) are set to exactly 0, as softmax underflows in float. */
+static inline vf vexp2(vf x) {
+    const vi under = x < -125.0f;
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    const vf n = (x * 1.44269504088896341f + magic) - magic;
-    vf r = x - n * 0.693145751953125f; /* ln2 in two parts: the high part is exact in n * it */
-    r = r - n * 1.428606765330187e-06f;
+    const vf t = x + magic;
+    const vf r = x - (t - magic);
     const vf r2 = r * r;
-    vf t = r * (1.0f / 120.0f) + 1.0f / 24.0f;
-    t = r2 * (1.0f / 720.0f) + t;
-    t = r2 * t + (r * (1.0f / 6.0f) + 0.5f);
-    const vf p = r2 * t + (r + 1.0f);
-    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(p * (vf)bits) & ~under);
+    vf u = r * 1.3333558146428443e-3f + 9.6181291076284772e-3f;             /* ln2^5/5!, ln2^4/4! */
+    u = r2 * 1.5403530393381609e-4f + u;                                    /* ln2^6/6! */
+    u = r2 * u + (r * 5.5504108664821580e-2f + 2.4022650695910071e-1f);     /* ln2^3/3!, ln2^2/2! */
+    const vf p = r2 * u + (r * 6.9314718055994531e-1f + 1.0f);              /* ln2, 1 */
+    return (vf)(((vi)p + ((vi)t << 23)) & ~under);
 }
 
 /* The rows of one tile, with their relative-bias rows computed into scratch. Rows past L read
@@ -99,12 +122,12 @@ static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, 
         for (long jx = 0; jx < Wp; ++jx) {
             float acc = jx < W ? 0.0f : -INFINITY;
             for (int d = 0; d < D && jx < W; ++d) acc += t.q[r][d] * rel_w[(jx - ix + W - 1) * D + d];
-            t.bw[r][jx] = acc;
+            t.bw[r][jx] = acc * LOG2E;
         }
         for (long jy = 0; jy < H; ++jy) {
             float acc = 0.0f;
             for (int d = 0; d < D; ++d) acc += t.q[r][d] * rel_h[(jy - iy + H - 1) * D + d];
-            t.bh[r][jy] = acc;
+            t.bh[r][jy] = acc * LOG2E;
         }
     }
     return t;
@@ -114,6 +137,8 @@ static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, 
  * the grid, so that the D + DV rows one key vector is read from fall in different L1 sets (a
  * 32 x 32 grid is exactly 4 KiB: unpadded, its rows would all compete for one set's 8 ways). */
 long aa_tiled_row_stride(long H, long Wp) { return H * Wp + 16; }
+
+long aa_tiled_vector_width(void) { return VW; }
 
 long aa_tiled_scratch(long H, long Wp) { return 2 * R * (Wp + H) + R * aa_tiled_row_stride(H, Wp); }
 
@@ -130,16 +155,18 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
             const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
             vf qs[R][D], m[R];
             for (int r = 0; r < R; ++r) {
-                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d]);
+                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
                 m[r] = splat(-INFINITY);
             }
             for (long jy = 0; jy < H; ++jy) {
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D];
+                    UNROLL
                     for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
                     for (int r = 0; r < R; ++r) {
                         vf l = load(t.bw[r] + jx) + t.bh[r][jy];
+                        UNROLL
                         for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
                         store(logits + r * Ls + j, l);
                         m[r] = vmax(l, m[r]);
@@ -154,10 +181,12 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
             }
             for (long j = 0; j < Lp; j += VW) {
                 vf v[DV];
+                UNROLL
                 for (int c = 0; c < DV; ++c) v[c] = load(vTs + c * Ls + j);
                 for (int r = 0; r < R; ++r) {
-                    const vf p = vexp(load(logits + r * Ls + j) - m[r]);
+                    const vf p = vexp2(load(logits + r * Ls + j) - m[r]);
                     sum[r] += p;
+                    UNROLL
                     for (int c = 0; c < DV; ++c) acc[r][c] += p * v[c];
                 }
             }
@@ -166,7 +195,7 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
                 if (i < 0) continue;
                 const float total = hsum(sum[r]);
                 for (int c = 0; c < DV; ++c) out[i * DV + c] = hsum(acc[r][c]) / total;
-                lse[i] = m[r][0] + logf(total);
+                lse[i] = (m[r][0] + log2f(total)) * LN2;
             }
         }
     }
@@ -205,11 +234,25 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                     dd += i >= 0 ? g[c] * out[i * DV + c] : 0.0f;
                 }
                 dot[r] = splat(dd);
-                lses[r] = splat(i >= 0 ? lse[i] : 0.0f);
-                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d]);
+                lses[r] = splat(i >= 0 ? lse[i] * LOG2E : 0.0f);
+                for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
                 gbwr[r] = gbias + r * (Wp + H);
                 gbhr[r] = gbwr[r] + Wp;
                 memset(gbwr[r], 0, sizeof(float) * Wp);
+            }
+            for (long jy = 0; jy < H && SPLIT_DK; ++jy) { /* the tile's logits minus lse, as in forward */
+                for (long jx = 0; jx < Wp; jx += VW) {
+                    const long j = jy * Wp + jx;
+                    vf k[D];
+                    UNROLL
+                    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
+                    for (int r = 0; r < R; ++r) {
+                        vf l = load(t.bw[r] + jx) + (t.bh[r][jy] - lses[r]);
+                        UNROLL
+                        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+                        store(dsrow + r * Ls + j, l);
+                    }
+                }
             }
             for (long jy = 0; jy < H; ++jy) {
                 vf b[R], rowsum[R];
@@ -220,24 +263,45 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D], v[DV], gk[D], gv[DV];
-                    for (int d = 0; d < D; ++d) { k[d] = load(kTs + d * Ls + j); gk[d] = splat(0.0f); }
+                    UNROLL
+                    for (int d = 0; d < D && !SPLIT_DK; ++d) { k[d] = load(kTs + d * Ls + j); gk[d] = splat(0.0f); }
+                    UNROLL
                     for (int c = 0; c < DV; ++c) { v[c] = load(vTs + c * Ls + j); gv[c] = splat(0.0f); }
                     for (int r = 0; r < R; ++r) {
-                        vf l = load(t.bw[r] + jx) + b[r];
-                        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                        const vf p = vexp(l); /* P_ij = exp(l_ij - lse_i) */
+                        vf l;
+                        if (SPLIT_DK) {
+                            l = load(dsrow + r * Ls + j);
+                        } else {
+                            l = load(t.bw[r] + jx) + b[r];
+                            UNROLL
+                            for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+                        }
+                        const vf p = vexp2(l); /* P_ij = exp(l_ij - lse_i), in base 2 */
                         vf dp = -dot[r];
+                        UNROLL
                         for (int c = 0; c < DV; ++c) { dp += gs[r][c] * v[c]; gv[c] += p * gs[r][c]; }
                         const vf ds = p * dp; /* dS = P (dO . v_j - D_i) */
                         store(dsrow + r * Ls + j, ds);
-                        for (int d = 0; d < D; ++d) gk[d] += ds * qs[r][d];
+                        UNROLL
+                        for (int d = 0; d < D && !SPLIT_DK; ++d) gk[d] += ds * qs[r][d]; /* log2(e) dK: scaled below */
                         store(gbwr[r] + jx, load(gbwr[r] + jx) + ds);
                         rowsum[r] += ds;
                     }
-                    for (int d = 0; d < D; ++d) store(gkTs + d * Ls + j, load(gkTs + d * Ls + j) + gk[d]);
+                    UNROLL
+                    for (int d = 0; d < D && !SPLIT_DK; ++d) store(gkTs + d * Ls + j, load(gkTs + d * Ls + j) + gk[d]);
+                    UNROLL
                     for (int c = 0; c < DV; ++c) store(gvTs + c * Ls + j, load(gvTs + c * Ls + j) + gv[c]);
                 }
                 for (int r = 0; r < R; ++r) gbhr[r][jy] = hsum(rowsum[r]);
+            }
+            for (int d = 0; d < D && SPLIT_DK; ++d) { /* dK += dS^T (log2(e) q), one head dim at a time */
+                vf qd[R];
+                for (int r = 0; r < R; ++r) qd[r] = qs[r][d];
+                for (long j = 0; j < Lp; j += VW) {
+                    vf a = load(gkTs + d * Ls + j);
+                    for (int r = 0; r < R; ++r) a += load(dsrow + r * Ls + j) * qd[r];
+                    store(gkTs + d * Ls + j, a);
+                }
             }
             float dq[R][D];
             for (int d = 0; d < D; ++d) { /* dQ = dS K */
@@ -268,6 +332,7 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 for (int d = 0; d < D; ++d) gq[i * D + d] = dq[r][d];
             }
         }
+        for (long j = 0; j < D * Ls; ++j) gkTs[j] *= LN2; /* dK was accumulated with log2(e) q */
     }
 }
 
