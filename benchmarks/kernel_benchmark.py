@@ -17,6 +17,7 @@ ns/logit divides by B Nh (HW)^2.
 Usage:  python benchmarks/kernel_benchmark.py --model aa_resnet50 --batch 8 --out-dir docs/benchmarks
         python benchmarks/kernel_benchmark.py --model aa_wrn28_10 --against HEAD~3 --variants tiled generic --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,17 @@ import statistics
 import subprocess
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from datetime import date
-from typing import Callable, Iterator
+from pathlib import Path
 
 import timm
 import torch
+from report import command_line, write_report
 from torch import Tensor
 
 import aa_lightning  # noqa: F401  (registers the AA models)
 from aa_lightning.layers import AugmentedConv2d, cpu_kernel, factorized_bias_attention, relative_logit_tables
-from report import command_line, write_report
 
 Attention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -49,6 +50,7 @@ def _with_tables(kernel: Callable[..., Tensor]) -> Attention:
         s_w, s_h = relative_logit_tables(q, rel_h, rel_w)
         flat = lambda t: t.reshape(b * nh, h * w, t.shape[-1])  # noqa: E731
         return kernel(flat(q), flat(k), flat(v), flat(s_w), flat(s_h))
+
     return run
 
 
@@ -67,14 +69,20 @@ VARIANTS: dict[str, Attention] = {
 
 def tiled_at(revision: str) -> Attention:
     """The tiled kernel built from ``revision``'s C source (``git show``), run through the same op."""
-    source = subprocess.run(["git", "show", f"{revision}:aa_lightning/layers/factorized_attention_tiled.c"],
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:aa_lightning/layers/factorized_attention_tiled.c"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = Path(tempfile.mkdtemp(prefix="aa_kernel_")) / "factorized_attention_tiled.c"
     path.write_text(source)
 
     @functools.cache
     def library(dkh: int, dvh: int, wide: bool = False):
-        lib = cpu_kernel._build(path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())))
+        lib = cpu_kernel._build(
+            path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()))
+        )
         if lib is None:
             raise SystemExit(f"the tiled kernel of {revision} does not build here")
         return cpu_kernel._bind_tiled(lib)
@@ -123,7 +131,10 @@ def measure(shape: tuple[int, ...], rounds: int, variants: dict[str, Attention])
     b, nh, h, w, dkh, dvh = shape
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(b, nh, h, w, dkh, generator=g) * dkh**-0.5).requires_grad_()
-    k, v = torch.randn(b, nh, h, w, dkh, generator=g).requires_grad_(), torch.randn(b, nh, h, w, dvh, generator=g).requires_grad_()
+    k, v = (
+        torch.randn(b, nh, h, w, dkh, generator=g).requires_grad_(),
+        torch.randn(b, nh, h, w, dvh, generator=g).requires_grad_(),
+    )
     rel_h = (torch.randn(2 * h - 1, dkh, generator=g) * dkh**-0.5).requires_grad_()
     rel_w = (torch.randn(2 * w - 1, dkh, generator=g) * dkh**-0.5).requires_grad_()
     inputs = (q, k, v, rel_h, rel_w)
@@ -139,20 +150,31 @@ def measure(shape: tuple[int, ...], rounds: int, variants: dict[str, Attention])
             torch.autograd.grad(out, inputs, grad)
 
     times = {name: {"forward": [], "forward+backward": []} for name in variants}
-    for name, attention in variants.items():  # warm-up (builds the kernels)
+    for attention in variants.values():  # warm-up (builds the kernels)
         forward(attention), train(attention)
     for _ in range(rounds):
         for name, attention in variants.items():
-            times[name]["forward"].append(time_ms(lambda: forward(attention)))
-            times[name]["forward+backward"].append(time_ms(lambda: train(attention)))
+            times[name]["forward"].append(time_ms(lambda attention=attention: forward(attention)))
+            times[name]["forward+backward"].append(time_ms(lambda attention=attention: train(attention)))
     logits = b * nh * (h * w) ** 2
     rows = []
     for name, by_pass in times.items():
         for pass_, values in by_pass.items():
             ms = statistics.median(values)
-            rows.append({"B": b, "Nh": nh, "HxW": f"{h}x{w}", "dkh": dkh, "dvh": dvh, "variant": name, "pass": pass_,
-                         "ms": round(ms, 2), "ns_per_logit": round(ms * 1e6 / logits, 3),
-                         "rounds_ms": [round(t, 3) for t in values]})
+            rows.append(
+                {
+                    "B": b,
+                    "Nh": nh,
+                    "HxW": f"{h}x{w}",
+                    "dkh": dkh,
+                    "dvh": dvh,
+                    "variant": name,
+                    "pass": pass_,
+                    "ms": round(ms, 2),
+                    "ns_per_logit": round(ms * 1e6 / logits, 3),
+                    "rounds_ms": [round(t, 3) for t in values],
+                }
+            )
     return rows
 
 
@@ -160,9 +182,13 @@ def markdown(rows: list[dict], variants: list[str]) -> str:
     """One line per shape and pass: the tiled kernel's time, the others' and their time / tiled time
     (the median rounds', then the min..max of the per-round ratios)."""
     others = [v for v in variants if v != "tiled"]
-    lines = ["| HxW | dkh | dvh | pass | tiled ms (ns/logit) | " + " | ".join(f"{v} ms" for v in others)
-             + "".join(f" | {v} / tiled (rounds)" for v in others) + " |",
-             "|---|---|---|---|---|" + "---|" * (2 * len(others))]
+    lines = [
+        "| HxW | dkh | dvh | pass | tiled ms (ns/logit) | "
+        + " | ".join(f"{v} ms" for v in others)
+        + "".join(f" | {v} / tiled (rounds)" for v in others)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * (2 * len(others)),
+    ]
     keyed = {(r["HxW"], r["pass"], r["variant"]): r for r in rows}
     for (hw, pass_, variant), r in keyed.items():
         if variant != "tiled":
@@ -173,8 +199,11 @@ def markdown(rows: list[dict], variants: list[str]) -> str:
             per_round = [a / b for a, b in zip(o["rounds_ms"], r["rounds_ms"])]
             cells.append(f"{o['ms']:.1f}")
             ratios.append(f"{o['ms'] / r['ms']:.2f} ({min(per_round):.2f}..{max(per_round):.2f})")
-        lines.append(f"| {hw} | {r['dkh']} | {r['dvh']} | {pass_} | {r['ms']:.1f} ({r['ns_per_logit']:.2f}) | "
-                     + " | ".join(cells + ratios) + " |")
+        lines.append(
+            f"| {hw} | {r['dkh']} | {r['dvh']} | {pass_} | {r['ms']:.1f} ({r['ns_per_logit']:.2f}) | "
+            + " | ".join(cells + ratios)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -196,9 +225,11 @@ def main(argv=None) -> None:
         variants[f"tiled@{args.against}"] = tiled_at(args.against)
     if not cpu_kernel.available():
         raise SystemExit("the CPU kernel is not available here (no C compiler, or AA_LIGHTNING_CPU_KERNEL=0)")
-    header = (f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-              f"torch {torch.__version__}; float32; {args.model} attention shapes at batch {args.batch}; "
-              f"{args.rounds} rounds (median); {date.today()}")
+    header = (
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+        f"torch {torch.__version__}; float32; {args.model} attention shapes at batch {args.batch}; "
+        f"{args.rounds} rounds (median); {date.today()}"
+    )
     print(header)
     rows = []
     for shape in attention_shapes(args.model, args.batch):

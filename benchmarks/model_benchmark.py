@@ -20,6 +20,7 @@ CPU performance issue (16) only: fp32 NCHW and channels_last with aa_resnet50 / 
 aa_wrn28_10 / wrn28_10 and aa_resnet50 with attention in all four stages; bf16 autocast
 channels_last aa_resnet50 / resnet50; and adds the issue's goals table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ from datetime import date
 
 import timm
 import torch
-
-import aa_lightning  # noqa: F401  (registers the AA models)
 from model_table import Row
 from model_table import measure as count_model
 from report import command_line, write_report
+
+import aa_lightning  # noqa: F401  (registers the AA models)
 
 ALL_STAGES = 'aa_resnet50_all=aa_resnet50:{"aa_stages": [1, 2, 3, 4]}'
 # (dtype, channels_last, models) groups of --preset goals, and the issue's goals:
@@ -59,10 +60,17 @@ GOALS = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", nargs="+", default=["aa_resnet50:resnet50", "aa_wrn28_10:wrn28_10"], help="aa_model:baseline")
+    p.add_argument(
+        "--pairs", nargs="+", default=["aa_resnet50:resnet50", "aa_wrn28_10:wrn28_10"], help="aa_model:baseline"
+    )
     p.add_argument("--peers", nargs="*", default=["botnet26t_256"], help="other models measured beside them")
-    p.add_argument("--variant", action="append", default=[], metavar='LABEL=MODEL:{"kwarg": value}',
-                   help="a timm model with create_model kwargs (JSON), usable by LABEL in --pairs/--peers")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='LABEL=MODEL:{"kwarg": value}',
+        help="a timm model with create_model kwargs (JSON), usable by LABEL in --pairs/--peers",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
@@ -72,9 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", default="no", choices=["no", "yes", "both"])
     p.add_argument("--compile", default="no", choices=["no", "yes", "both"])
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    p.add_argument("--preset", choices=["goals"], default=None,
-                   help="goals: the groups and the goals table of the CPU performance issue (overrides the model, "
-                        "dtype and memory-format options)")
+    p.add_argument(
+        "--preset",
+        choices=["goals"],
+        default=None,
+        help="goals: the groups and the goals table of the CPU performance issue (overrides the model, "
+        "dtype and memory-format options)",
+    )
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="models")
     args = p.parse_args(argv)
@@ -146,8 +158,12 @@ def groups(args: argparse.Namespace) -> list[tuple[str, bool, bool, str, list[st
     if args.preset == "goals":
         return [(dtype, cl, False, mode, models) for dtype, cl, models in GOAL_GROUPS for mode in args.modes]
     models = list(dict.fromkeys([m for pair in args.pairs for m in pair.split(":")] + list(args.peers)))
-    return [(dtype, cl, compiled, mode, models) for dtype, cl, compiled, mode in itertools.product(
-        args.dtype, _choices(args.channels_last), _choices(args.compile), args.modes)]
+    return [
+        (dtype, cl, compiled, mode, models)
+        for dtype, cl, compiled, mode in itertools.product(
+            args.dtype, _choices(args.channels_last), _choices(args.compile), args.modes
+        )
+    ]
 
 
 def flop_limits(args: argparse.Namespace) -> dict[str, float]:
@@ -171,7 +187,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
         steps = {}
         for name in models:
             model, runner, input_size, num_classes = build(name, device, channels_last, compiled, variants)
-            steps[name] = (make_step(model, runner, mode, args.batch, input_size, num_classes, device, dtype, channels_last), input_size)
+            steps[name] = (
+                make_step(model, runner, mode, args.batch, input_size, num_classes, device, dtype, channels_last),
+                input_size,
+            )
             for _ in range(args.warmup):
                 steps[name][0]()
         rounds = {name: [] for name in models}
@@ -183,8 +202,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 rounds[name].append(args.steps * args.batch / (time.perf_counter() - start))
         for name in models:
             row = {
-                "model": name, "mode": mode, "dtype": dtype_name, "channels_last": channels_last, "compile": compiled,
-                "input": "x".join(map(str, steps[name][1][1:])), "img_per_s": statistics.median(rounds[name]),
+                "model": name,
+                "mode": mode,
+                "dtype": dtype_name,
+                "channels_last": channels_last,
+                "compile": compiled,
+                "input": "x".join(map(str, steps[name][1][1:])),
+                "img_per_s": statistics.median(rounds[name]),
                 "rounds_img_per_s": [round(x, 3) for x in rounds[name]],
             }
             rows.append(row)
@@ -200,8 +224,11 @@ def _ratio_spread(aa: dict, base: dict) -> str:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, limits: dict[str, float]) -> str:
-    lines = ["| mode | dtype | channels_last | compile | model | input | images/s | AA / baseline | rounds' ratios | FLOP limit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | dtype | channels_last | compile | model | input | images/s | AA / baseline | rounds' ratios "
+        "| FLOP limit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     index = {(r["mode"], r["dtype"], r["channels_last"], r["compile"], r["model"]): r for r in rows}
     baseline_of = {pair.split(":")[0]: pair.split(":")[1] for pair in args.pairs}
     for r in rows:
@@ -217,8 +244,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, limits: dict[str, float
             f"{r['img_per_s']:.1f} | {ratio} | {spread} | {limit} |"
         )
     if args.preset == "goals":
-        lines += ["", "| model | memory format | dtype | train | inference | goal | FLOP limit | met |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| model | memory format | dtype | train | inference | goal | FLOP limit | met |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for aa, base, dtype, cl, goal in GOALS:
             got = {}
             for mode in args.modes:
@@ -226,17 +256,21 @@ def markdown(rows: list[dict], args: argparse.Namespace, limits: dict[str, float
                 got[mode] = a["img_per_s"] / b["img_per_s"] if a and b else None
             cells = [f"{got[m]:.2f}x" if got.get(m) is not None else "" for m in ("train", "infer")]
             met = "yes" if all(v is not None and v >= goal for v in got.values()) else "no"
-            lines.append(f"| {aa} / {base} | {'channels_last' if cl else 'NCHW'} | {dtype} | {cells[0]} | {cells[1]} | "
-                         f">= {goal:.2f}x | {limits[aa]:.3f}x | {met} |")
+            lines.append(
+                f"| {aa} / {base} | {'channels_last' if cl else 'NCHW'} | {dtype} | {cells[0]} | {cells[1]} | "
+                f">= {goal:.2f}x | {limits[aa]:.3f}x | {met} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     header = (
-        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; device {args.device}"
-        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}; torch {torch.__version__}; "
-        f"timm {timm.__version__}; batch {args.batch}; {args.rounds} rounds x {args.steps} steps (median round); {date.today()}"
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+        f"device {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}; "
+        f"torch {torch.__version__}; timm {timm.__version__}; batch {args.batch}; "
+        f"{args.rounds} rounds x {args.steps} steps (median round); {date.today()}"
     )
     print(header)
     limits = flop_limits(args)

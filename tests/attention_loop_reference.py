@@ -34,3 +34,15 @@ def loop_relative_attention(q, k, v, rel_h=None, rel_w=None):
                         acc += wgt / total * v[b, n, j // width, j % width]
                     out[b, n, iy, ix] = acc
     return out
+
+
+def make_inputs(b, nh, h, w, dkh, dvh, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randn(b, nh, h, w, dkh, generator=g, dtype=dtype),
+        torch.randn(b, nh, h, w, dkh, generator=g, dtype=dtype),
+        torch.randn(b, nh, h, w, dvh, generator=g, dtype=dtype),
+        torch.randn(2 * h - 1, dkh, generator=g, dtype=dtype) * 0.5,
+        torch.randn(2 * w - 1, dkh, generator=g, dtype=dtype) * 0.5,
+    ]
+    return [t.requires_grad_(requires_grad) for t in tensors]

@@ -3,8 +3,9 @@
 Its numbers are checked with every other backend in test_relative_attention.py (float64 loop
 reference, gradcheck, float32 gradients, bf16 autocast); here the float32 kernel built per head
 dims is checked on the shapes its tiling makes awkward (padded grid rows, partial row tiles)."""
-import os
+
 import logging
+import os
 import shutil
 import stat
 import subprocess
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_loop_reference import loop_relative_attention, make_inputs
 
 from aa_lightning.layers import cpu_kernel, relative_attention_2d, resolve_backend
-from attention_loop_reference import loop_relative_attention
-from test_relative_attention import make_inputs
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here")
 
@@ -49,14 +49,14 @@ def test_threads_split_the_batch_heads_without_changing_a_bit():
 
 
 TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
-    (2, 1, 5, 9, 3, 2),   # W = 9: grid rows padded to 16 columns; L = 45: a partial tile of 1 row
+    (2, 1, 5, 9, 3, 2),  # W = 9: grid rows padded to 16 columns; L = 45: a partial tile of 1 row
     (1, 2, 4, 8, 13, 6),  # W = 8: no padding; dkh 13 > 8
-    (1, 1, 7, 3, 2, 7),   # dvh > dkh; L = 21: a partial tile of 1 row
-    (1, 2, 3, 5, 1, 1),   # one-dim heads
-    (1, 1, 1, 1, 2, 2),   # a single position
+    (1, 1, 7, 3, 2, 7),  # dvh > dkh; L = 21: a partial tile of 1 row
+    (1, 2, 3, 5, 1, 1),  # one-dim heads
+    (1, 1, 1, 1, 2, 2),  # a single position
     (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10): the split backward; L = 30: a partial tile of 2 rows
     (1, 2, 3, 11, 13, 3),  # W = 11: 16-float vectors on AVX-512, split backward
-    (1, 1, 2, 20, 3, 2),   # W = 20: padded to 32 columns for 16-float vectors, to 24 for 8-float ones
+    (1, 1, 2, 20, 3, 2),  # W = 20: padded to 32 columns for 16-float vectors, to 24 for 8-float ones
 ]
 
 
@@ -76,7 +76,7 @@ def test_float32_kernel_against_float64_references(shape):
     want = torch.autograd.grad((relative_attention_2d(*inputs64, backend="reference") * weights).sum(), inputs64)
     for name, g, w in zip(("q", "k", "v", "rel_h", "rel_w"), got, want):
         assert g.abs().sum() > 0 or (shape[2:4] == (1, 1) and name != "v"), name  # one key: only v matters
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @needs_kernel
@@ -163,14 +163,22 @@ def test_loading_the_kernel_leaves_denormals_alone():
 
 
 def _run(code: str, **env: str) -> str:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-                            env={**os.environ, **env})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **env},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip()
 
 
-CHECK = ("import torch; from aa_lightning.layers import cpu_kernel, resolve_backend; "
-         "print(cpu_kernel.available(), resolve_backend('auto', torch.device('cpu')))")
+CHECK = (
+    "import torch; from aa_lightning.layers import cpu_kernel, resolve_backend; "
+    "print(cpu_kernel.available(), resolve_backend('auto', torch.device('cpu')))"
+)
 
 
 def test_without_a_working_compiler_auto_falls_back_to_chunked(tmp_path):
@@ -226,8 +234,9 @@ def _another_users_folder(library: Path, monkeypatch) -> str:
 
 
 @needs_kernel
-@pytest.mark.parametrize("tamper", [_unsafe_file, _world_writable_file, _unsafe_folder, _another_users_file,
-                                    _another_users_folder])
+@pytest.mark.parametrize(
+    "tamper", [_unsafe_file, _world_writable_file, _unsafe_folder, _another_users_file, _another_users_folder]
+)
 def test_a_library_others_could_have_written_is_refused(tamper, tmp_path, monkeypatch, caplog):
     """A cached library (or its folder) that another user owns or may write is never loaded or
     replaced: the chunked backend runs, and a WARNING names the file and why."""
@@ -267,8 +276,14 @@ def test_a_failed_build_is_remembered_and_announced_once(tmp_path, monkeypatch, 
     assert len(failed) == 4 and all("no such luck" in f.read_text() for f in failed)
     # the next process (another DDP rank, a later run): no compiler run, one warning on stderr
     code = CHECK + "; cpu_kernel._build(cpu_kernel._SOURCE, cpu_kernel._CHUNKED)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-                            env={**os.environ, "AA_LIGHTNING_CACHE": str(cache), "CC": str(failing)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "AA_LIGHTNING_CACHE": str(cache), "CC": str(failing)},
+    )
     assert result.stdout.strip() == "False chunked", result.stderr[-2000:]
     assert result.stderr.count("could not build factorized_attention.c") == 1, result.stderr
     assert len(calls.read_text().splitlines()) == attempts
@@ -286,11 +301,15 @@ def test_a_compiler_without_openmp_still_builds_both_kernels(tmp_path):
     compiler = tmp_path / "cc-without-openmp"
     compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
     compiler.chmod(0o755)
-    code = ("import sys, torch; sys.path.insert(0, {tests!r}); from test_relative_attention import make_inputs; "
-            "from aa_lightning.layers import cpu_kernel, relative_attention_2d; torch.set_num_threads(2); "
-            "x = make_inputs(1, 2, 4, 5, 3, 2, dtype=torch.float32); "
-            "err = (relative_attention_2d(*x, backend='cpu_kernel').double() "
-            "- relative_attention_2d(*(t.double() for t in x), backend='reference')).abs().max().item(); "
-            "print(cpu_kernel._library().aa_openmp(), cpu_kernel._tiled_library(3, 2).aa_openmp(), err < 1e-5)")
-    out = _run(code.format(tests=str(Path(__file__).parent)), CC=str(compiler), AA_LIGHTNING_CACHE=str(tmp_path))
+    code = (
+        "import torch; from attention_loop_reference import make_inputs; "
+        "from aa_lightning.layers import cpu_kernel, relative_attention_2d; torch.set_num_threads(2); "
+        "x = make_inputs(1, 2, 4, 5, 3, 2, dtype=torch.float32); "
+        "err = (relative_attention_2d(*x, backend='cpu_kernel').double() "
+        "- relative_attention_2d(*(t.double() for t in x), backend='reference')).abs().max().item(); "
+        "print(cpu_kernel._library().aa_openmp(), cpu_kernel._tiled_library(3, 2).aa_openmp(), err < 1e-5)"
+    )
+    tests = Path(__file__).parent  # the subprocess imports the test helpers like pytest does
+    path = os.pathsep.join(p for p in (str(tests.parent), str(tests), os.environ.get("PYTHONPATH")) if p)
+    out = _run(code, CC=str(compiler), AA_LIGHTNING_CACHE=str(tmp_path), PYTHONPATH=path)
     assert out == "0 0 True"

@@ -4,23 +4,11 @@ import os
 
 import pytest
 import torch
-from attention_loop_reference import loop_relative_attention
+from attention_loop_reference import loop_relative_attention, make_inputs
 
 from aa_lightning.layers import rel_to_abs, relative_attention_2d, resolve_backend
 
 EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused"]
-
-
-def make_inputs(b, nh, h, w, dkh, dvh, dtype=torch.float64, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    tensors = [
-        torch.randn(b, nh, h, w, dkh, generator=g, dtype=dtype),
-        torch.randn(b, nh, h, w, dkh, generator=g, dtype=dtype),
-        torch.randn(b, nh, h, w, dvh, generator=g, dtype=dtype),
-        torch.randn(2 * h - 1, dkh, generator=g, dtype=dtype) * 0.5,
-        torch.randn(2 * w - 1, dkh, generator=g, dtype=dtype) * 0.5,
-    ]
-    return [t.requires_grad_(requires_grad) for t in tensors]
 
 
 SHAPES = [  # (B, Nh, H, W, dkh, dvh): non-square, dkh != dvh, H or W = 1

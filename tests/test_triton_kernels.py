@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 from attention_loop_gradients import loop_relative_attention_autograd
-from attention_loop_reference import loop_relative_attention
-from test_relative_attention import make_inputs
+from attention_loop_reference import loop_relative_attention, make_inputs
 
 from aa_lightning.layers import relative_attention_2d
 

@@ -39,6 +39,7 @@ GIL). Each slice is one thread's, so the result does not depend on the split. No
 
 float32 (a vectorized exp within ~2 ulp) and float64 (libm's exp).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -52,9 +53,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,7 @@ def _fallback(consequence: str, reason: str) -> None:
         _log.warning("aa_lightning CPU kernel: %s; %s", reason, consequence)
 
 
-def _unsafe(path: Path) -> Optional[str]:
+def _unsafe(path: Path) -> str | None:
     """Why ``path`` (the cache folder or a library in it) must not be trusted, or None: it is
     owned by another user or is group/world-writable, so someone else could have put the code
     there that ctypes would run in this process."""
@@ -108,7 +109,7 @@ def _unsafe(path: Path) -> Optional[str]:
     return None
 
 
-def _safe_cache_dir(consequence: str) -> Optional[Path]:
+def _safe_cache_dir(consequence: str) -> Path | None:
     """The cache folder, created with mode 0700 if missing; None (after a warning) if it cannot be
     created or is not safe to load code from (:func:`_unsafe`)."""
     folder = _cache_dir()
@@ -125,7 +126,7 @@ def _safe_cache_dir(consequence: str) -> Optional[Path]:
     return folder
 
 
-def _compiler() -> Optional[str]:
+def _compiler() -> str | None:
     """The C compiler: ``$CC`` (a path or a name), else cc, gcc or clang on the PATH."""
     name = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     return None if name is None else (shutil.which(name) or name)
@@ -162,15 +163,18 @@ def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> boo
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         try:
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
-                                    capture_output=True, text=True, check=False)
+            result = subprocess.run(
+                [compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True, check=False
+            )
             returncode, message = result.returncode, result.stderr[-2000:]
         except OSError as err:  # $CC names no runnable program
             returncode, message = -1, str(err)
         if returncode != 0:
             _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, message)
-            _write_atomic(target.with_suffix(".failed"),
-                          f"{compiler} {' '.join(flags)} {source} (exit {returncode}):\n{message}\n")
+            _write_atomic(
+                target.with_suffix(".failed"),
+                f"{compiler} {' '.join(flags)} {source} (exit {returncode}):\n{message}\n",
+            )
             return False
         os.replace(built, target)
     return True
@@ -219,7 +223,7 @@ def _cpu_signature() -> bytes:
     return f"{sys.platform} {platform.machine()} {platform.processor()}".encode()
 
 
-def _build(source: Path, consequence: str, defines: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
+def _build(source: Path, consequence: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Load ``source`` built with ``defines``, compiling it into the cache first if needed.
 
     The cache folder and a cached library are used only if they belong to this user and are not
@@ -257,25 +261,30 @@ def _build(source: Path, consequence: str, defines: tuple[str, ...] = ()) -> Opt
         except OSError as err:  # unwritable cache, a library that does not load
             _log.info("aa_lightning CPU kernel: %s", err)
             failed.append(target)
-    _fallback(consequence, f"{compiler} could not build {source.name} (see {failed[-1]}; delete the .failed "
-              "files beside it to retry)")
+    _fallback(
+        consequence,
+        f"{compiler} could not build {source.name} (see {failed[-1]}; delete the .failed files beside it to retry)",
+    )
     return None
 
 
 @functools.cache
-def _library() -> Optional[ctypes.CDLL]:
+def _library() -> ctypes.CDLL | None:
     lib = _build(_SOURCE, _CHUNKED)
     return None if lib is None else _bind(lib)
 
 
 @functools.cache
-def _tiled_library(dkh: int, dvh: int, wide: bool = False) -> Optional[ctypes.CDLL]:
+def _tiled_library(dkh: int, dvh: int, wide: bool = False) -> ctypes.CDLL | None:
     """The float32 kernel built for these head dims (``wide``: on 16-float AVX-512 vectors instead
     of 8); None where it cannot be (then the generic one runs)."""
     if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
         return None
-    lib = _build(_TILED_SOURCE, "float32 attention runs on the generic compiled kernel",
-                 (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())))
+    lib = _build(
+        _TILED_SOURCE,
+        "float32 attention runs on the generic compiled kernel",
+        (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())),
+    )
     return None if lib is None else _bind_tiled(lib)
 
 
@@ -284,7 +293,7 @@ def _has_avx512() -> bool:
     return b" avx512f " in _cpu_signature().replace(b"\n", b" ")
 
 
-def _tiled_library_for(dkh: int, dvh: int, w: int) -> Optional[ctypes.CDLL]:
+def _tiled_library_for(dkh: int, dvh: int, w: int) -> ctypes.CDLL | None:
     """The build for a grid ``w`` columns wide: 16-float vectors where the CPU has AVX-512 and a
     grid row fills more than 8 of them (narrower rows would be half padding), else 8-float ones."""
     wide = _has_avx512() and w > 8
@@ -340,11 +349,20 @@ def _suffix(dtype: torch.dtype) -> str:
 # ---- The generic kernel, on precomputed bias tables -------------------------------------------
 # Layouts: q [BH, L, D], kT [BH, D, L], vT [BH, DV, L], bias_w [BH, L, W], bias_h [BH, L, H].
 
+
 def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor) -> list[Tensor]:
     if len({t.dtype for t in (q, k, v, bias_w, bias_h)}) > 1:
-        raise TypeError(f"the CPU attention kernel takes tensors of one dtype, got {[str(t.dtype) for t in (q, k, v, bias_w, bias_h)]}")
-    return [q.contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
-            bias_w.contiguous(), bias_h.contiguous()]
+        raise TypeError(
+            "the CPU attention kernel takes tensors of one dtype, got "
+            f"{[str(t.dtype) for t in (q, k, v, bias_w, bias_h)]}"
+        )
+    return [
+        q.contiguous(),
+        k.transpose(1, 2).contiguous(),
+        v.transpose(1, 2).contiguous(),
+        bias_w.contiguous(),
+        bias_h.contiguous(),
+    ]
 
 
 def _run_kernel(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
@@ -357,8 +375,13 @@ def _run_kernel(direction: str, tensors: list[Tensor], scratch_rows: int) -> Non
     function, pointers = getattr(lib, f"aa_{direction}_{_suffix(q.dtype)}"), _pointers(tensors)
     stride = scratch_rows * length
     scratch = torch.empty(_parts(batch_heads), stride, dtype=q.dtype)
-    _in_parallel(lib, batch_heads, lambda first, end, parts, part0: function(
-        *pointers, first, end, length, h, w, d, dv, parts, scratch[part0].data_ptr(), stride))
+    _in_parallel(
+        lib,
+        batch_heads,
+        lambda first, end, parts, part0: function(
+            *pointers, first, end, length, h, w, d, dv, parts, scratch[part0].data_ptr(), stride
+        ),
+    )
 
 
 @torch.library.custom_op("aa_lightning::factorized_attention", mutates_args=(), device_types="cpu")
@@ -385,8 +408,11 @@ def factorized_attention_backward_op(
     q, kt, vt, bias_w, bias_h = _kernel_layout(q, k, v, bias_w, bias_h)
     out, lse, grad_out = out.contiguous(), lse.contiguous(), grad_out.contiguous()
     grad_q, grad_kt, grad_vt, grad_bw, grad_bh = (t.new_empty(t.shape) for t in (q, kt, vt, bias_w, bias_h))
-    _run_kernel("backward", [q, kt, vt, bias_w, bias_h, out, lse, grad_out, grad_q, grad_kt, grad_vt, grad_bw, grad_bh],
-                scratch_rows=2)
+    _run_kernel(
+        "backward",
+        [q, kt, vt, bias_w, bias_h, out, lse, grad_out, grad_q, grad_kt, grad_vt, grad_bw, grad_bh],
+        scratch_rows=2,
+    )
     return grad_q, grad_kt.transpose(1, 2).contiguous(), grad_vt.transpose(1, 2).contiguous(), grad_bw, grad_bh
 
 
@@ -399,7 +425,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs, *output)
 
 
-def _backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
     q, k, v, bias_w, bias_h, out, lse = ctx.saved_tensors
     return factorized_attention_backward_op(q, k, v, bias_w, bias_h, out, lse, grad_out)
 
@@ -420,6 +446,7 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 # Layouts: q [BH, H, W, D]; kT [BH, D, Ls], vT [BH, DV, Ls]: each row the H x Wp key grid (its
 # rows padded to Wp, a multiple of 8, columns; the kernel gives those probability 0), then
 # padding to the kernel's row stride Ls; all padding zero. rel_w [2W-1, D], rel_h [2H-1, D].
+
 
 def tiled_fits(dkh: int, positions: int) -> bool:
     """Whether the tiled kernel beats the generic one for this head dim on a grid of ``positions``.
@@ -469,22 +496,37 @@ def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     zeros = q.new_zeros(wp + h + d + dv)
     stride = lib.aa_tiled_scratch(h, wp)
     scratch = torch.empty(_parts(batch_heads), stride, dtype=q.dtype)
-    _in_parallel(lib, batch_heads, lambda first, end, parts, part0: function(
-        *pointers, first, end, h, w, wp, zeros.data_ptr(), parts, scratch[part0].data_ptr(), stride))
+    _in_parallel(
+        lib,
+        batch_heads,
+        lambda first, end, parts, part0: function(
+            *pointers, first, end, h, w, wp, zeros.data_ptr(), parts, scratch[part0].data_ptr(), stride
+        ),
+    )
 
 
 def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[ctypes.CDLL, list[Tensor]]:
     """The library for these inputs and the kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
     if any(t.dtype != torch.float32 for t in (q, k, v, rel_h, rel_w)):
-        raise TypeError(f"the tiled CPU attention kernel takes float32 tensors, got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}")
+        raise TypeError(
+            "the tiled CPU attention kernel takes float32 tensors, got "
+            f"{[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}"
+        )
     lib = _tiled_library_for(q.shape[3], v.shape[3], q.shape[2])
     if lib is None:
-        raise RuntimeError(f"the tiled CPU attention kernel for dkh {q.shape[3]}, dvh {v.shape[3]} is not available "
-                           "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)")
+        raise RuntimeError(
+            f"the tiled CPU attention kernel for dkh {q.shape[3]}, dvh {v.shape[3]} is not available "
+            "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)"
+        )
     vw = _vector_width(lib)
     row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2], vw))
-    return lib, [q.contiguous(), _to_rows(k, row_stride, vw), _to_rows(v, row_stride, vw), rel_w.contiguous(),
-                 rel_h.contiguous()]
+    return lib, [
+        q.contiguous(),
+        _to_rows(k, row_stride, vw),
+        _to_rows(v, row_stride, vw),
+        rel_w.contiguous(),
+        rel_h.contiguous(),
+    ]
 
 
 @torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
@@ -524,7 +566,7 @@ def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))  # contiguous, as the real op's
 
 
-def _relative_backward(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
+def _relative_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
     return relative_attention_backward_op(*ctx.saved_tensors, grad_out)
 
 
