@@ -1,10 +1,9 @@
 """What the two command-line tools (``python -m aa_lightning.predict`` and ``python -m aa_lightning.export``)
-share: their user-facing error, the ``--out`` folder checks, atomic text files, and the parse-run-report loop."""
+share: their user-facing error, the ``--out`` folder checks and the parse-run-report loop."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,20 +28,6 @@ def prepare_out_folder(out: Path) -> Path:
     except OSError as err:
         raise CommandError(f"--out {out}: cannot write there ({err.strerror or err})") from None
     return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it (flush, fsync, os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_command(

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
-from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
+from aa_lightning.atomic_files import write_text_atomic
+from aa_lightning.commands import CommandError, prepare_out_folder, run_command
 from aa_lightning.layers import attention_backend
 from aa_lightning.predict import TrainedClassifier, load_trained_classifier
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,9 +33,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
+from aa_lightning.atomic_files import atomic_open, write_text_atomic
 from aa_lightning.callbacks.attention_maps import default_layer
 from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize
-from aa_lightning.commands import CommandError, prepare_out_folder, run_command, write_text_atomic
+from aa_lightning.commands import CommandError, prepare_out_folder, run_command
 from aa_lightning.data.images import rgb_array
 from aa_lightning.layers import augmented_layers, capture_attention
 from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint
@@ -393,11 +393,8 @@ def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         figure_path = out / figure_names[b]
         try:
-            tmp = figure_path.with_name(f".{figure_path.name}.tmp-{os.getpid()}")
-            figure.save(tmp, format="PNG")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, figure_path)
+            with atomic_open(figure_path, "wb") as handle:
+                figure.save(handle, format="PNG")
         except OSError as err:
             raise CommandError(f"--out {out}: cannot write {figure_path.name} ({err.strerror or err})") from None
         records.append({"image": str(image_path), "figure": str(figure_path), "layer": layer, "top_k": predictions})

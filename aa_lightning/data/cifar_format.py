@@ -16,13 +16,14 @@ blue values per image, rows in raster order), ``fine_labels``, ``coarse_labels``
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from aa_lightning.atomic_files import write_bytes_atomic
 
 BASE_FOLDER = "cifar-100-python"
 SPLITS = ("train", "test")
@@ -127,16 +128,7 @@ def _dump(obj: dict, path: Path) -> None:
     """Pickle ``obj`` to ``path`` atomically (temporary file beside it, fsync, os.replace)."""
     buffer = io.BytesIO()
     _Python2Pickler(buffer, protocol=2).dump(obj)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_cifar100(

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from aa_lightning.atomic_files import fsync_dir, fsync_tree
+
 __all__ = ["write_generated_set", "read_stamp"]
 
 
@@ -36,30 +38,6 @@ def read_stamp(path: Path) -> dict[str, Any] | None:
 
 def _sibling(root: Path, kind: str) -> Path:
     return root.parent / f".{root.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder`` (and ``folder`` itself)."""
-    for dirpath, _dirnames, filenames in os.walk(folder):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _listing(names: Sequence[str], limit: int = 6) -> str:
@@ -126,7 +104,7 @@ def write_generated_set(
         write(partial)
         tmp_stamp = partial / stamp_name
         tmp_stamp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")  # last: marks a complete set
-        _fsync_tree(partial)
+        fsync_tree(partial)
         if existing:  # our own stale set: swap it out, then remove it
             old = _sibling(root, "old")
             os.rename(root, old)
@@ -140,7 +118,7 @@ def write_generated_set(
                     shutil.rmtree(partial)
                     return False
                 raise
-        _fsync_dir(root.parent)
+        fsync_dir(root.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aa_lightning.atomic_files import fsync_dir, write_text_atomic
+
 STAMP = "aa_lightning_shards.json"
 PARTIAL_MARKER = ".aa_lightning_partial"
 FORMAT = "aa_lightning.imagenet.v1"
@@ -48,29 +50,6 @@ def read_stamp(folder: str | os.PathLike) -> dict[str, Any] | None:
         return None
     stamp = json.loads(path.read_text())
     return stamp if stamp.get("format") == FORMAT else None
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temporary file beside it (flush, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_split(src: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -198,9 +177,9 @@ def convert_imagenet(
             "chunk_bytes": chunk_bytes,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        write_json_atomic(tmp / STAMP, stamp)
+        write_text_atomic(tmp / STAMP, json.dumps(stamp, indent=2) + "\n")
         (tmp / PARTIAL_MARKER).unlink()
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out.exists() and any(out.iterdir()):  # --overwrite of our own finished conversion
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / out.name)
@@ -208,7 +187,7 @@ def convert_imagenet(
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)  # out is absent or an empty folder
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

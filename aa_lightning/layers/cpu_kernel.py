@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aa_lightning.atomic_files import write_text_atomic
+
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("factorized_attention.c")
 _TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
@@ -142,20 +144,6 @@ def _compiler_identity(compiler: str) -> bytes:
         return compiler.encode()
 
 
-def _write_atomic(target: Path, text: str) -> None:
-    """Write ``text`` to ``target`` through a temporary file beside it (flush, fsync, os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> bool:
     """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once). A
     failure is recorded in ``target`` with the suffix ``.failed`` (the compiler's message), so
@@ -171,7 +159,7 @@ def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> boo
             returncode, message = -1, str(err)
         if returncode != 0:
             _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, message)
-            _write_atomic(
+            write_text_atomic(
                 target.with_suffix(".failed"),
                 f"{compiler} {' '.join(flags)} {source} (exit {returncode}):\n{message}\n",
             )
