@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cifar_format import BASE_FOLDER, read_cifar_meta, read_cifar_split
-from .loaders import SplitLoaders
+from .loaders import SplitLoaders, check_loader_settings
 from .transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
@@ -75,10 +75,7 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        check_loader_settings(batch_size, num_workers)
         if val_split < 0:
             raise ValueError(f"data.val_split must be >= 0 (images held out), got {val_split}")
         self.save_hyperparameters()

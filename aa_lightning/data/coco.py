@@ -47,7 +47,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from .detection_transforms import detection_eval_transform, detection_train_transform
-from .loaders import SplitLoaders, make_loader
+from .loaders import SplitLoaders, check_loader_settings, make_loader
 
 COCO_DOWNLOAD_HINT = (
     "Get COCO 2017 from https://cocodataset.org/#download (2017 Train images, 2017 Val images, "
@@ -322,10 +322,7 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
         pin_memory: bool = True,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1; got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0; got {num_workers}")
+        check_loader_settings(batch_size, num_workers)
         if not 0.0 <= min_visibility <= 1.0:
             raise ValueError(f"data.min_visibility must be in [0, 1]; got {min_visibility}")
         self.save_hyperparameters()

@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from .images import rgb_array
-from .loaders import SplitLoaders
+from .loaders import SplitLoaders, check_loader_settings
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
 
 
@@ -81,8 +81,7 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_loader_settings(batch_size, num_workers)
         if not 0.0 < min_scale <= 1.0:
             raise ValueError(f"data.min_scale must be in (0, 1], got {min_scale}")
         if resize_size < eval_size:

@@ -78,6 +78,14 @@ class SeededSamples(Dataset):
         return getattr(self.dataset, name)
 
 
+def check_loader_settings(batch_size: int, num_workers: int) -> None:
+    """A ``ValueError`` naming ``data.batch_size`` / ``data.num_workers`` when a DataLoader cannot take them."""
+    if batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+
+
 def make_loader(
     dataset: Dataset,
     *,
