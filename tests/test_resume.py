@@ -28,7 +28,7 @@ def steps(report: Path) -> dict[int, dict]:
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # as train.py loads it: no code unpickled
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:
@@ -163,6 +163,22 @@ def test_sigterm_and_sigint_save_a_resumable_checkpoint_and_exit_non_zero(tmp_pa
     resumed = run_cli(
         "--config", str(recipe), "--ckpt_path", "last", "--checkpoint_every_n_steps", "0", cwd=tmp_path, probes=True
     )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref_last = load(reference[0] / "checkpoints" / "last.ckpt")
+    assert_same_tensors(load(last_path)["state_dict"], ref_last["state_dict"], "final weights")
+
+
+def test_a_signal_at_an_epochs_last_batch_stops_after_the_epoch_and_resumes_exactly(tmp_path, reference):
+    """Item 5 at the epoch boundary: a SIGTERM during an epoch's last batch stops the run once that epoch has
+    ended (validation, epoch-end save), not before it: a checkpoint taken before the epoch's end does not
+    resume exactly."""
+    report = tmp_path / "steps.jsonl"
+    callbacks = [probe(report, kill_at=STEPS_PER_EPOCH, signal_name="TERM")]
+    stopped = run_cli("--config", str(aa_recipe(tmp_path, callbacks=callbacks)), cwd=tmp_path, probes=True)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert f"stopped by SIGTERM after step {STEPS_PER_EPOCH} (epoch 0, its end)" in stopped.stderr
+    last_path = tmp_path / "runs" / "tiny_aa" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = run_cli("--config", str(aa_recipe(tmp_path)), "--ckpt_path", "last", cwd=tmp_path, probes=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_last = load(reference[0] / "checkpoints" / "last.ckpt")
     assert_same_tensors(load(last_path)["state_dict"], ref_last["state_dict"], "final weights")

@@ -210,6 +210,7 @@ class StopOnSignal(pl.Callback):
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._stop_at_epoch_end = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # second signal: do what the default would
@@ -224,6 +225,7 @@ class StopOnSignal(pl.Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         self.received = None
+        self._stop_at_epoch_end = False
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handler)
 
@@ -244,16 +246,29 @@ class StopOnSignal(pl.Callback):
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if not stop:
             return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last batch: a checkpoint here would come before the epoch's validation and end-of-epoch
+            # hooks, and a run resumed from it does not continue exactly. Stop once the epoch has ended instead.
+            self._stop_at_epoch_end = True
+            return
+        self._stop(trainer, f"batch {batch_idx}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_at_epoch_end:
+            self._stop_at_epoch_end = False
+            self._stop(trainer, "its end")
+
+    def _stop(self, trainer: pl.Trainer, where: str) -> None:
         signum = self.received if self.received is not None else signal.SIGTERM
         last = _last_checkpoint(trainer)
         if last is not None:
-            last.save_now(trainer)
+            last.save_now(trainer)  # the save point LastCheckpoint itself uses (mid-epoch, or the epoch's end)
             saved = last.path
         else:
             saved = "no checkpoint (no LastCheckpoint callback)"
         name = signal.Signals(signum).name
         raise RunInterrupted(
-            f"stopped by {name} after step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}); "
+            f"stopped by {name} after step {trainer.global_step} (epoch {trainer.current_epoch}, {where}); "
             f"saved {saved}; resume with --ckpt_path last (same --run_name)",
             signum,
         )
