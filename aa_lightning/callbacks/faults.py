@@ -254,7 +254,9 @@ class StopOnSignal(pl.Callback):
         self._stop(trainer, f"batch {batch_idx}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stop_at_epoch_end:
+        # also a signal that came during the epoch's validation: stop here rather than a step later
+        received = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if self._stop_at_epoch_end or received:
             self._stop_at_epoch_end = False
             self._stop(trainer, "its end")
 
