@@ -418,9 +418,9 @@ class AACLI(LightningCLI):
             if tested == "best" and not checkpoints.get("best"):
                 rank_zero_warn("no best checkpoint (no monitored metric was logged): testing the last weights instead")
                 tested = None
-            elif tested == "last" and checkpoints.get("last"):
-                tested = checkpoints["last"]
-            output = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=tested, weights_only=True)
+            # 'best' / 'last' as this CLI's files (Lightning's own 'best' would have to pick among two callbacks)
+            path = checkpoints.get(tested) or tested if tested in ("best", "last") else tested
+            output = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path, weights_only=True)
             results = output[0] if output else {}
         if self.trainer.is_global_zero:
             report = self.run_summary.report(
