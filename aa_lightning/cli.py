@@ -59,6 +59,7 @@ from aa_lightning.callbacks import (
     StopOnSignal,
     TrainingImageGrid,
 )
+from aa_lightning.models.weights import describe_differences, state_dict_differences
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 
@@ -130,9 +131,9 @@ def run_checkpoints(runs_dir: str, run_name: str) -> list[tuple[int, Path]]:
     return [(version, path) for version, _, _, path in found]
 
 
-def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int]:
-    """The newest intact checkpoint of the run (see :func:`run_checkpoints`) and its version N; every
-    checkpoint tried that does not load gets a warning that names it."""
+def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int, dict[str, Any]]:
+    """The newest intact checkpoint of the run (see :func:`run_checkpoints`), its version N and its loaded
+    content; every checkpoint tried that does not load gets a warning that names it."""
     root = Path(runs_dir) / run_name
     candidates = run_checkpoints(runs_dir, run_name)
     if not candidates:
@@ -142,19 +143,19 @@ def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int]:
         )
     for version, path in candidates:
         try:
-            load_checkpoint_file(path)
+            checkpoint = load_checkpoint_file(path)
         except CheckpointError as err:
             rank_zero_warn(f"{err}; trying the next newest checkpoint of {root}")
             continue
         if path.name != "last.ckpt" or path != candidates[0][1]:
             rank_zero_warn(f"--ckpt_path last: resuming from {path}, the newest intact checkpoint of {root}")
-        return path, version
+        return path, version, checkpoint
     raise CheckpointError(
         f"--ckpt_path last: none of the {len(candidates)} checkpoints under {root} loads (see the warnings above)"
     )
 
 
-def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module, model_config: Any) -> None:
+def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.nn.Module) -> None:
     """A :class:`CheckpointError` naming both sides when ``checkpoint`` was trained with another model
     (``model_name`` / ``backbone`` / ``num_classes``) or holds other tensors or shapes than ``model``."""
     saved = checkpoint.get("hyper_parameters") or {}
@@ -168,24 +169,13 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.n
                 f"{key}={current[key]!r}; resume with the checkpoint's own config "
                 f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
             )
-    theirs = checkpoint.get("state_dict") or {}
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours]
-    if missing or unexpected:
+    differences = state_dict_differences(model.state_dict(), checkpoint.get("state_dict") or {})
+    if any(differences):
         raise CheckpointError(
             f"--ckpt_path {path} does not fit this run's model ({type(model).__name__}): "
-            f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[:3]}), "
-            f"{len(unexpected)} not in the model (e.g. {unexpected[:3]})"
+            f"{describe_differences(*differences)}; resume with the checkpoint's own config "
+            f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
         )
-    for key, tensor in ours.items():
-        other = theirs[key]
-        if hasattr(other, "shape") and tuple(other.shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"--ckpt_path {path}: {key} has shape {list(other.shape)} in the checkpoint but "
-                f"{list(tensor.shape)} in this run's model; resume with the checkpoint's own config "
-                f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
-            )
 
 
 _MERGED_KWARGS = {"model_kwargs": "model_name", "backbone_kwargs": "backbone"}
@@ -352,9 +342,8 @@ class AACLI(LightningCLI):
         # resuming: find 'last' (the newest intact checkpoint), check the file loads, keep logging into its version
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":
-            path, self.resume_version = find_last_checkpoint(cfg.runs_dir, cfg.run_name)
+            path, self.resume_version, self.resume_checkpoint = find_last_checkpoint(cfg.runs_dir, cfg.run_name)
             cfg.ckpt_path = str(path)
-            self.resume_checkpoint = load_checkpoint_file(path)
         elif ckpt_path:
             path = Path(ckpt_path)
             self.resume_checkpoint = load_checkpoint_file(path)
@@ -404,7 +393,7 @@ class AACLI(LightningCLI):
         cfg = self.config
         if self.resume_checkpoint is not None:  # before the logger or the config saver writes to the run folder
             checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
-            check_checkpoint_fits(checkpoint, Path(cfg.ckpt_path), self.model, cfg.model)
+            check_checkpoint_fits(checkpoint, Path(cfg.ckpt_path), self.model)
             del checkpoint
         # weights_only: a checkpoint handed in by path loads without unpickling code (this project's checkpoints
         # hold tensors and plain containers only, the random states included)

@@ -56,7 +56,7 @@ def test_ckpt_path_last_skips_a_broken_last_ckpt_and_a_bad_path_gets_one_line(tm
     torch.save({"state_dict": {}, "global_step": 3}, folder / "best-epoch=0-step=3.ckpt")
     (folder / "last.ckpt").write_bytes(b"")
     with pytest.warns(UserWarning, match=re.escape(str(folder / "last.ckpt"))):
-        path, version = find_last_checkpoint(str(tmp_path / "runs"), "r")
+        path, version, _ = find_last_checkpoint(str(tmp_path / "runs"), "r")
     assert path == folder / "best-epoch=0-step=3.ckpt" and version == 0
     whole = (folder / "best-epoch=0-step=3.ckpt").read_bytes()
     for name, content in [("empty.ckpt", b""), ("cut.ckpt", whole[: len(whole) // 2]), ("random.ckpt", b"\x8a" * 999)]:

@@ -167,6 +167,28 @@ def model_name_of(model: nn.Module) -> str | None:
     return cfg.get("architecture")
 
 
+def state_dict_differences(own: dict[str, Tensor], theirs: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches) of ``theirs`` against ``own``: keys of ``own`` not in ``theirs``,
+    keys of ``theirs`` not in ``own``, and ``"key (their shape) vs (own shape)"`` for the keys both hold."""
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [
+        f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, shapes
+
+
+def describe_differences(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """The three lists of :func:`state_dict_differences` as one line, at most three names each."""
+    return "; ".join(
+        f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for label, items in (("missing keys", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+        if items
+    )
+
+
 def fitted_state_dict(
     model: nn.Module, checkpoint: Checkpoint, strict: bool = True, what: str = "model"
 ) -> dict[str, Tensor]:
@@ -185,24 +207,14 @@ def fitted_state_dict(
         state_dict = {
             k: v for k, v in state_dict.items() if k in own or not any(k.startswith(c + ".") for c in classifier)
         }
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
+    missing, unexpected, shapes = state_dict_differences(own, state_dict)
     if shapes or (strict and (missing or unexpected)):
         described = (
             f"'{saved_name}'" + (f" with {saved_kwargs}" if saved_kwargs else "")
             if saved_name
             else "the checkpoint's model"
         )
-        details = "; ".join(
-            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-            for label, items in (("missing keys", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
-            if items
-        )
+        details = describe_differences(missing, unexpected, shapes)
         hint = (
             f"; build the model as timm.create_model('{saved_name}', **{saved_kwargs})"
             if saved_name and saved_kwargs
