@@ -69,6 +69,37 @@ def _over_columns(x, R: tl.constexpr, WP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, row_mask, offs, n):
+    """[len(rows), len(offs)] block of a row-major [*, n] matrix at ``base``: rows ``rows`` (where ``row_mask``),
+    columns ``offs`` below ``n`` (the head-dim padding reads 0)."""
+    return tl.load(base + rows[:, None] * n + offs[None, :], mask=row_mask[:, None] & (offs[None, :] < n), other=0.0)
+
+
+@triton.jit
+def _block_logits(
+    q,
+    q32,
+    k,
+    bias_w_rows,
+    rel_h,
+    mask_m,
+    iy,
+    row0,
+    H,
+    D,
+    offs_d,
+    R: tl.constexpr,
+    WP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """[BLOCK_M, R * WP] float32 logits of a query block against a key block: q . k + the key columns'
+    ``bias_w_rows`` (already broadcast over the block's rows) + q . rel_h of the block's key rows."""
+    bias_h = _bias_h(q32, rel_h, mask_m, iy, row0, H, D, offs_d, R, BLOCK_M)
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION) + bias_w_rows + _over_columns(bias_h, R, WP, BLOCK_M)
+
+
+@triton.jit
 def _key_block(row0, col0, H, W, WP: tl.constexpr, R: tl.constexpr):
     """Flat key indices [R * WP] of grid rows row0 .. row0 + R - 1, columns col0 .. col0 + WP - 1,
     and which of them exist."""
@@ -106,7 +137,7 @@ def _fwd(
     mask_m = offs_m < L
     iy, ix = offs_m // W, offs_m % W
     offs_d, offs_dv = tl.arange(0, DP), tl.arange(0, DVP)
-    q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(q_base, offs_m, mask_m, offs_d, D)
     q32 = q.to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -115,21 +146,14 @@ def _fwd(
         bias_w = _over_rows(_bias_w(q_base, REL_W, offs_m, mask_m, ix, col0, W, D, WP, BLOCK_M), R, WP, BLOCK_M)
         for row0 in range(0, H, R):
             key, key_mask = _key_block(row0, col0, H, W, WP, R)
-            k = tl.load(
-                k_base + key[:, None] * D + offs_d[None, :], mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0
-            )
-            bias_h = _bias_h(q32, REL_H, mask_m, iy, row0, H, D, offs_d, R, BLOCK_M)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) + bias_w + _over_columns(bias_h, R, WP, BLOCK_M)
+            k = _load_rows(k_base, key, key_mask, offs_d, D)
+            s = _block_logits(q, q32, k, bias_w, REL_H, mask_m, iy, row0, H, D, offs_d, R, WP, BLOCK_M, PRECISION)
             s = tl.where(key_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_base + key[:, None] * DV + offs_dv[None, :],
-                mask=key_mask[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            v = _load_rows(v_base, key, key_mask, offs_dv, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     out = acc / l_i[:, None]
@@ -173,13 +197,9 @@ def _bwd_dq(
     mask_m = offs_m < L
     iy, ix = offs_m // W, offs_m % W
     offs_d, offs_dv = tl.arange(0, DP), tl.arange(0, DVP)
-    q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(q_base, offs_m, mask_m, offs_d, D)
     q32 = q.to(tl.float32)
-    do = tl.load(
-        DO + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
-        mask=mask_m[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
-    )
+    do = _load_rows(DO + bh * L * DV, offs_m, mask_m, offs_dv, DV)
     lse = tl.load(LSE + bh * L + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + bh * L + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, DP), dtype=tl.float32)
@@ -191,16 +211,9 @@ def _bwd_dq(
         grad_bw = tl.zeros((BLOCK_M, WP), dtype=tl.float32)
         for row0 in range(0, H, R):
             key, key_mask = _key_block(row0, col0, H, W, WP, R)
-            k = tl.load(
-                k_base + key[:, None] * D + offs_d[None, :], mask=key_mask[:, None] & (offs_d[None, :] < D), other=0.0
-            )
-            v = tl.load(
-                v_base + key[:, None] * DV + offs_dv[None, :],
-                mask=key_mask[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
-            bias_h = _bias_h(q32, REL_H, mask_m, iy, row0, H, D, offs_d, R, BLOCK_M)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) + bias_w + _over_columns(bias_h, R, WP, BLOCK_M)
+            k = _load_rows(k_base, key, key_mask, offs_d, D)
+            v = _load_rows(v_base, key, key_mask, offs_dv, DV)
+            s = _block_logits(q, q32, k, bias_w, REL_H, mask_m, iy, row0, H, D, offs_d, R, WP, BLOCK_M, PRECISION)
             p = tl.where(key_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -262,14 +275,8 @@ def _bwd_dkdv(
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < L
         iy, ix = offs_m // W, offs_m % W
-        q = tl.load(
-            q_base + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0
-        )
-        do = tl.load(
-            DO + bh * L * DV + offs_m[:, None] * DV + offs_dv[None, :],
-            mask=mask_m[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        q = _load_rows(q_base, offs_m, mask_m, offs_d, D)
+        do = _load_rows(DO + bh * L * DV, offs_m, mask_m, offs_dv, DV)
         lse = tl.load(LSE + bh * L + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + bh * L + offs_m, mask=mask_m, other=0.0)
         bias_w = _bias_w(q_base, REL_W, offs_m, mask_m, ix, col0, W, D, WP, BLOCK_M)
