@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_open(path, "wb") as handle:
         handle.write(data)
+
+
+def publish_folder(staged: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder ``staged`` (a sibling of ``target``) to ``target`` by renames, so that ``target``
+    is never a half-written folder: a missing or empty ``target`` is replaced; a non-empty one (the caller's own
+    earlier output, which it has checked) is renamed aside, replaced, then removed. The parent is fsynced."""
+    staged, target = Path(staged), Path(target)
+    if target.is_dir() and any(target.iterdir()):
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, aside / target.name)
+        os.replace(staged, target)
+        shutil.rmtree(aside)
+    else:
+        os.replace(staged, target)  # rename replaces a missing or an empty folder
+    fsync_dir(target.parent)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -47,3 +47,23 @@ def test_the_temporary_file_is_beside_the_target_whatever_tmpdir_is(tmp_path, mo
 def test_only_whole_file_writes():
     with pytest.raises(ValueError, match="mode must be"), atomic_open("x", "a"):
         pass
+
+
+def test_publish_folder_replaces_the_target_by_renames_and_leaves_nothing_aside(tmp_path):
+    from aa_lightning.atomic_files import publish_folder
+
+    target, staged = tmp_path / "set", tmp_path / ".set.partial"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    staged.mkdir()
+    (staged / "new.txt").write_text("new")
+    publish_folder(staged, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    again = tmp_path / ".again"
+    again.mkdir()
+    (again / "x").write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    publish_folder(again, empty)  # an empty target is simply replaced
+    assert sorted(p.name for p in empty.iterdir()) == ["x"] and not again.exists()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aa_lightning.atomic_files import fsync_dir, fsync_tree
+from aa_lightning.atomic_files import fsync_tree, publish_folder
 
 __all__ = ["write_generated_set", "read_stamp"]
 
@@ -105,20 +105,13 @@ def write_generated_set(
         tmp_stamp = partial / stamp_name
         tmp_stamp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")  # last: marks a complete set
         fsync_tree(partial)
-        if existing:  # our own stale set: swap it out, then remove it
-            old = _sibling(root, "old")
-            os.rename(root, old)
-            os.rename(partial, root)
-            shutil.rmtree(old)
-        else:
-            try:
-                os.replace(partial, root)  # root missing, or empty (rename replaces an empty folder)
-            except OSError:
-                if read_stamp(stamp) == spec:  # another process generated the same set meanwhile
-                    shutil.rmtree(partial)
-                    return False
-                raise
-        fsync_dir(root.parent)
+        try:
+            publish_folder(partial, root)  # our own stale set (checked above) is swapped out and removed
+        except OSError:
+            if not existing and read_stamp(stamp) == spec:  # another process generated the same set meanwhile
+                shutil.rmtree(partial)
+                return False
+            raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

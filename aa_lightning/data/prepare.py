@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aa_lightning.atomic_files import fsync_dir, write_text_atomic
+from aa_lightning.atomic_files import fsync_dir, publish_folder, write_text_atomic
 
 STAMP = "aa_lightning_shards.json"
 PARTIAL_MARKER = ".aa_lightning_partial"
@@ -180,14 +180,7 @@ def convert_imagenet(
         write_text_atomic(tmp / STAMP, json.dumps(stamp, indent=2) + "\n")
         (tmp / PARTIAL_MARKER).unlink()
         fsync_dir(tmp)
-        if out.exists() and any(out.iterdir()):  # --overwrite of our own finished conversion
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)  # out is absent or an empty folder
-        fsync_dir(out.parent)
+        publish_folder(tmp, out)  # --overwrite of our own finished conversion (checked above) swaps it out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
