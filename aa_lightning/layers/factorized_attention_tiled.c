@@ -5,17 +5,17 @@
  *   out_i = sum_j softmax_j(l_i) v_j,   lse_i = log sum_j exp(l_ij)
  *
  * The function of factorized_attention.c, with the relative tables bw and bh computed here, one
- * tile of rows at a time (O(HW (H + W) dkh) in all), instead of read from [BH, HW, W + H] tensors
- * that would cost more memory traffic than their arithmetic. Built once per head-dim pair with
- * -DAA_D=<dkh> -DAA_DV=<dvh>: with the dims constant, each key's k_j, v_j and the gradient
- * contributions to them stay in SIMD registers, and R = 4 query rows are processed together,
- * so each load of a key or value and each update of its gradient serves four rows.
+ * tile of rows at a time (O(HW (H + W) dkh) in all, as vector multiply-adds over each row's window
+ * of the transposed tables), instead of read from [BH, HW, W + H] tensors that would cost more
+ * memory traffic than their arithmetic. Built once per head-dim pair with -DAA_D=<dkh>
+ * -DAA_DV=<dvh>: with the dims constant, a key's vectors stay in SIMD registers, and R = 4 query
+ * rows are processed together, so each load of a key or value and each update of its gradient
+ * serves four rows.
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
- *   backward  per row tile, one pass over the keys recomputes p_ij from lse_i and accumulates
- *             dV, dK, the bias gradients and dS (kept in scratch); short passes give dQ = dS K
- *             plus the tables' share, and the tables' gradients d rel_w, d rel_h. From D 9 the
- *             logits and dK get passes of their own (SPLIT_DK below).
+ *   backward  per row tile, short passes over the tile's scratch rows, each with few live vectors:
+ *             the logits minus lse_i; P, dS, dV and the bias gradients; dK = dS^T q one head dim
+ *             at a time; dQ = dS K; then the tables' share of dQ and the tables' gradients.
  * The (HW)^2 logits never reach memory: a tile's scratch holds R rows of them.
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
@@ -26,7 +26,7 @@
  *   gradients: gq like q, gkT like kT, gvT like vT; grel_w [BH, 2W - 1, D] and grel_h
  *   [BH, 2H - 1, D], one slab per (batch, head) slice, summed by the caller (so the result does
  *   not depend on how the slices are split across threads).
- *   scratch: aa_tiled_scratch(H, Wp) floats per range; zeros: Wp + H + D + DV zero floats.
+ *   scratch: aa_tiled_scratch(H, Wp) floats per range; zeros: at least D + DV zero floats.
  * The exported functions split [bh0, bh1) into `parts` ranges of whole (batch, head) slices, each
  * with its own `stride` floats of scratch, run on OpenMP threads when built with -fopenmp (torch's
  * own libgomp, already loaded): a slice's gkT and gvT are written by one thread, and the result
@@ -45,13 +45,6 @@
 #define AA_R 4
 #endif
 #define R AA_R  /* query rows per tile */
-#ifndef AA_SPLIT_DK
-#define AA_SPLIT_DK (D > 8)
-#endif
-/* From D 9 the backward's per-key state (k, dK, 4 rows of q) no longer fits the registers: then it
- * runs in short passes over the tile's scratch row, each with few live vectors -- the logits (as in
- * forward), then P, dS, dV and the bias gradients, then dK = dS^T q, then dQ = dS K. */
-#define SPLIT_DK AA_SPLIT_DK
 /* Loops over the head dims are unrolled (gcc stops by itself from D ~ 16), so that a key's vectors
  * stay in registers rather than in a stack array; the pragma is ignored by compilers without it. */
 #define UNROLL _Pragma("GCC unroll 64")
@@ -94,40 +87,71 @@ static inline vf vexp2(vf x) {
     return (vf)(((vi)p + ((vi)t << 23)) & ~under);
 }
 
-/* The rows of one tile, with their relative-bias rows computed into scratch. Rows past L read
- * zeros (q and bias 0) and are never written back, so a partial tile runs the same code and
- * contributes nothing to any gradient. */
+/* The relative tables transposed, so that a bias row is a few vector multiply-adds: relT[d * 2Np + o] =
+ * rel[o, d] for the offsets o < 2N - 1, zero up to 2Np (Np = N rounded up to VW). Row i = (iy, ix)
+ * reads its W-table window from offset W - 1 - ix on: bw[i, jx] = q_i . relT_w[:, W - 1 - ix + jx],
+ * for jx < Wp (up to offset W - 2 + Wp < 2 Wp). Likewise for H, on Hp rows. */
+typedef struct {
+    long W, Wp, H, Hp;
+    const float* wT; /* [D, 2 Wp] */
+    const float* hT; /* [D, 2 Hp] */
+    const float* pad; /* Wp: 0, then -inf in the padding columns */
+} tables_t;
+
+static long rounded(long n) { return (n + VW - 1) / VW * VW; }
+
+static tables_t transpose_tables(const float* rel_w, const float* rel_h, long H, long W, long Wp, float* out) {
+    tables_t t = {W, Wp, H, rounded(H), out, out + D * 2 * Wp, out + D * 2 * (Wp + rounded(H))};
+    float* wT = out;
+    float* hT = out + D * 2 * Wp;
+    float* pad = out + D * 2 * (Wp + t.Hp);
+    memset(out, 0, sizeof(float) * D * 2 * (Wp + t.Hp));
+    for (long o = 0; o < 2 * W - 1; ++o)
+        for (int d = 0; d < D; ++d) wT[d * 2 * Wp + o] = rel_w[o * D + d];
+    for (long o = 0; o < 2 * H - 1; ++o)
+        for (int d = 0; d < D; ++d) hT[d * 2 * t.Hp + o] = rel_h[o * D + d];
+    for (long jx = 0; jx < Wp; ++jx) pad[jx] = jx < W ? 0.0f : -INFINITY;
+    return t;
+}
+
+/* The rows of one tile, with their relative-bias rows computed into scratch (base 2: from
+ * log2(e) q). Rows past L read zeros (q and bias 0) and are never written back, so a partial tile
+ * runs the same code and contributes nothing to any gradient. */
 typedef struct {
     long index[R]; /* s * L + i, or -1 past the end */
     const float* q[R];
-    float* bw[R];  /* Wp: q_i . rel_w[jx - ix + W - 1], -inf in the padding */
-    float* bh[R];  /* H:  q_i . rel_h[jy - iy + H - 1] */
+    float* bw[R];  /* Wp: log2(e) q_i . rel_w[jx - ix + W - 1], -inf in the padding */
+    float* bh[R];  /* Hp: log2(e) q_i . rel_h[jy - iy + H - 1] */
 } tile_t;
 
-static tile_t tile_rows(const float* q, const float* rel_w, const float* rel_h, long s, long i0, long H, long W,
-                        long Wp, const float* zeros, float* bias) {
+static tile_t tile_rows(const float* q, const tables_t* tab, long s, long i0, const float* zeros, float* bias) {
     tile_t t;
-    const long L = H * W;
+    const long H = tab->H, W = tab->W, Wp = tab->Wp, Hp = tab->Hp, L = H * W;
     for (int r = 0; r < R; ++r) {
         const long i = i0 + r;
         t.index[r] = i < L ? s * L + i : -1;
         t.q[r] = i < L ? q + t.index[r] * D : zeros;
-        t.bw[r] = bias + r * (Wp + H);
+        t.bw[r] = bias + r * (Wp + Hp);
         t.bh[r] = t.bw[r] + Wp;
         if (i >= L) {
-            memset(t.bw[r], 0, sizeof(float) * (Wp + H));
+            memset(t.bw[r], 0, sizeof(float) * (Wp + Hp));
             continue;
         }
-        const long iy = i / W, ix = i % W;
-        for (long jx = 0; jx < Wp; ++jx) {
-            float acc = jx < W ? 0.0f : -INFINITY;
-            for (int d = 0; d < D && jx < W; ++d) acc += t.q[r][d] * rel_w[(jx - ix + W - 1) * D + d];
-            t.bw[r][jx] = acc * LOG2E;
+        vf qd[D];
+        for (int d = 0; d < D; ++d) qd[d] = splat(t.q[r][d] * LOG2E);
+        const float* wT = tab->wT + (W - 1 - i % W);
+        const float* hT = tab->hT + (H - 1 - i / W);
+        for (long jx = 0; jx < Wp; jx += VW) {
+            vf acc = load(tab->pad + jx);
+            UNROLL
+            for (int d = 0; d < D; ++d) acc += qd[d] * load(wT + d * 2 * Wp + jx);
+            store(t.bw[r] + jx, acc);
         }
-        for (long jy = 0; jy < H; ++jy) {
-            float acc = 0.0f;
-            for (int d = 0; d < D; ++d) acc += t.q[r][d] * rel_h[(jy - iy + H - 1) * D + d];
-            t.bh[r][jy] = acc * LOG2E;
+        for (long jy = 0; jy < Hp; jy += VW) {
+            vf acc = splat(0.0f);
+            UNROLL
+            for (int d = 0; d < D; ++d) acc += qd[d] * load(hT + d * 2 * Hp + jy);
+            store(t.bh[r] + jy, acc);
         }
     }
     return t;
@@ -140,19 +164,24 @@ long aa_tiled_row_stride(long H, long Wp) { return H * Wp + 16; }
 
 long aa_tiled_vector_width(void) { return VW; }
 
-long aa_tiled_scratch(long H, long Wp) { return 2 * R * (Wp + H) + R * aa_tiled_row_stride(H, Wp); }
+/* 2 R bias rows (and their gradients), R logits rows, the transposed tables and their gradients, the pad row */
+long aa_tiled_scratch(long H, long Wp) {
+    const long Hp = rounded(H);
+    return 2 * R * (Wp + Hp) + R * aa_tiled_row_stride(H, Wp) + 4 * D * (Wp + Hp) + Wp;
+}
 
 static void forward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                          float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                          const float* zeros) {
-    const long L = H * W, Lp = H * Wp, Ls = aa_tiled_row_stride(H, Wp);
-    float* bias = scratch;                  /* R (Wp + H): the tile's bias rows */
-    float* logits = scratch + R * (Wp + H); /* R rows of Ls */
+    const long L = H * W, Lp = H * Wp, Ls = aa_tiled_row_stride(H, Wp), Hp = rounded(H);
+    float* bias = scratch;                    /* R (Wp + Hp): the tile's bias rows */
+    float* logits = bias + R * (Wp + Hp);     /* R rows of Ls */
+    const tables_t tab = transpose_tables(rel_w, rel_h, H, W, Wp, logits + R * Ls);
     for (long s = bh0; s < bh1; ++s) {
         const float* kTs = kT + s * D * Ls;
         const float* vTs = vT + s * DV * Ls;
         for (long i0 = 0; i0 < L; i0 += R) {
-            const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
+            const tile_t t = tile_rows(q, &tab, s, i0, zeros, bias);
             vf qs[R][D], m[R];
             for (int r = 0; r < R; ++r) {
                 for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
@@ -201,27 +230,31 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
     }
 }
 
+/* Backward of one tile in short passes over its scratch rows, each with few live vectors: the logits
+ * (as in forward), then P, dS, dV and the bias gradients, then dK = dS^T q one head dim at a time,
+ * then dQ = dS K, then the relative tables' share of dQ and their own gradients (vector loops over
+ * each row's window of the transposed tables). */
 static void backward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                           const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
                           float* grel_w, float* grel_h, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                           const float* zeros) {
-    const long L = H * W, Lp = H * Wp, Ls = aa_tiled_row_stride(H, Wp);
-    float* bias = scratch;                       /* R (Wp + H): the tile's bias rows */
-    float* gbias = scratch + R * (Wp + H);       /* R (Wp + H): their gradients */
-    float* dsrow = scratch + 2 * R * (Wp + H);   /* R rows of Ls: dS of the tile's rows */
+    const long L = H * W, Lp = H * Wp, Ls = aa_tiled_row_stride(H, Wp), Hp = rounded(H);
+    float* bias = scratch;                       /* R (Wp + Hp): the tile's bias rows */
+    float* gbias = bias + R * (Wp + Hp);         /* R (Wp + Hp): their gradients */
+    float* dsrow = gbias + R * (Wp + Hp);        /* R rows of Ls: dS of the tile's rows */
+    float* gwT = dsrow + R * Ls;                 /* [D, 2 Wp]: the slice's gradient of the transposed W table */
+    float* ghT = gwT + D * 2 * Wp;               /* [D, 2 Hp] */
+    const tables_t tab = transpose_tables(rel_w, rel_h, H, W, Wp, ghT + D * 2 * Hp);
     for (long s = bh0; s < bh1; ++s) {
-        float* grw_s = grel_w + s * (2 * W - 1) * D;
-        float* grh_s = grel_h + s * (2 * H - 1) * D;
-        memset(grw_s, 0, sizeof(float) * (2 * W - 1) * D);
-        memset(grh_s, 0, sizeof(float) * (2 * H - 1) * D);
         const float* kTs = kT + s * D * Ls;
         const float* vTs = vT + s * DV * Ls;
         float* gkTs = gkT + s * D * Ls;
         float* gvTs = gvT + s * DV * Ls;
         memset(gkTs, 0, sizeof(float) * D * Ls);
         memset(gvTs, 0, sizeof(float) * DV * Ls);
+        memset(gwT, 0, sizeof(float) * D * 2 * (Wp + Hp));
         for (long i0 = 0; i0 < L; i0 += R) {
-            const tile_t t = tile_rows(q, rel_w, rel_h, s, i0, H, W, Wp, zeros, bias);
+            const tile_t t = tile_rows(q, &tab, s, i0, zeros, bias);
             vf qs[R][D], gs[R][DV], dot[R], lses[R];
             float* gbwr[R];
             float* gbhr[R];
@@ -236,11 +269,11 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 dot[r] = splat(dd);
                 lses[r] = splat(i >= 0 ? lse[i] * LOG2E : 0.0f);
                 for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
-                gbwr[r] = gbias + r * (Wp + H);
+                gbwr[r] = gbias + r * (Wp + Hp);
                 gbhr[r] = gbwr[r] + Wp;
-                memset(gbwr[r], 0, sizeof(float) * Wp);
+                memset(gbwr[r], 0, sizeof(float) * (Wp + Hp));
             }
-            for (long jy = 0; jy < H && SPLIT_DK; ++jy) { /* the tile's logits minus lse, as in forward */
+            for (long jy = 0; jy < H; ++jy) { /* the tile's logits minus lse, as in forward */
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
                     vf k[D];
@@ -254,47 +287,32 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                     }
                 }
             }
-            for (long jy = 0; jy < H; ++jy) {
-                vf b[R], rowsum[R];
-                for (int r = 0; r < R; ++r) {
-                    b[r] = t.bh[r][jy] - lses[r];
-                    rowsum[r] = splat(0.0f);
-                }
+            for (long jy = 0; jy < H; ++jy) { /* P, dS = P (dO . v_j - D_i), dV, the bias gradients */
+                vf rowsum[R];
+                for (int r = 0; r < R; ++r) rowsum[r] = splat(0.0f);
                 for (long jx = 0; jx < Wp; jx += VW) {
                     const long j = jy * Wp + jx;
-                    vf k[D], v[DV], gk[D], gv[DV];
-                    UNROLL
-                    for (int d = 0; d < D && !SPLIT_DK; ++d) { k[d] = load(kTs + d * Ls + j); gk[d] = splat(0.0f); }
+                    vf v[DV], gv[DV];
                     UNROLL
                     for (int c = 0; c < DV; ++c) { v[c] = load(vTs + c * Ls + j); gv[c] = splat(0.0f); }
                     for (int r = 0; r < R; ++r) {
-                        vf l;
-                        if (SPLIT_DK) {
-                            l = load(dsrow + r * Ls + j);
-                        } else {
-                            l = load(t.bw[r] + jx) + b[r];
-                            UNROLL
-                            for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                        }
-                        const vf p = vexp2(l); /* P_ij = exp(l_ij - lse_i), in base 2 */
+                        const vf p = vexp2(load(dsrow + r * Ls + j)); /* P_ij = exp(l_ij - lse_i), in base 2 */
                         vf dp = -dot[r];
                         UNROLL
                         for (int c = 0; c < DV; ++c) { dp += gs[r][c] * v[c]; gv[c] += p * gs[r][c]; }
-                        const vf ds = p * dp; /* dS = P (dO . v_j - D_i) */
+                        const vf ds = p * dp;
                         store(dsrow + r * Ls + j, ds);
-                        UNROLL
-                        for (int d = 0; d < D && !SPLIT_DK; ++d) gk[d] += ds * qs[r][d]; /* log2(e) dK: scaled below */
                         store(gbwr[r] + jx, load(gbwr[r] + jx) + ds);
                         rowsum[r] += ds;
                     }
-                    UNROLL
-                    for (int d = 0; d < D && !SPLIT_DK; ++d) store(gkTs + d * Ls + j, load(gkTs + d * Ls + j) + gk[d]);
                     UNROLL
                     for (int c = 0; c < DV; ++c) store(gvTs + c * Ls + j, load(gvTs + c * Ls + j) + gv[c]);
                 }
                 for (int r = 0; r < R; ++r) gbhr[r][jy] = hsum(rowsum[r]);
             }
-            for (int d = 0; d < D && SPLIT_DK; ++d) { /* dK += dS^T (log2(e) q), one head dim at a time */
+            for (int r = 0; r < R; ++r) /* the padding columns' share is 0: keep it exactly so */
+                for (long jx = W; jx < Wp; ++jx) gbwr[r][jx] = 0.0f;
+            for (int d = 0; d < D; ++d) { /* dK += dS^T (log2(e) q), one head dim at a time */
                 vf qd[R];
                 for (int r = 0; r < R; ++r) qd[r] = qs[r][d];
                 for (long j = 0; j < Lp; j += VW) {
@@ -313,26 +331,38 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 }
                 for (int r = 0; r < R; ++r) dq[r][d] = hsum(a[r]);
             }
-            for (int r = 0; r < R; ++r) { /* the tables' share: bw, bh = q . rel */
+            for (int r = 0; r < R; ++r) { /* the tables' share: bw, bh = q . rel, over each row's window */
                 const long i = t.index[r];
                 if (i < 0) continue;
                 const long iy = (i0 + r) / W, ix = (i0 + r) % W;
-                for (long jx = 0; jx < W; ++jx) {
-                    const float g = gbwr[r][jx];
-                    const float* rw = rel_w + (jx - ix + W - 1) * D;
-                    float* grw = grw_s + (jx - ix + W - 1) * D;
-                    for (int d = 0; d < D; ++d) { dq[r][d] += g * rw[d]; grw[d] += g * t.q[r][d]; }
+                const float* wT = tab.wT + (W - 1 - ix);
+                const float* hT = tab.hT + (H - 1 - iy);
+                float* gw = gwT + (W - 1 - ix);
+                float* gh = ghT + (H - 1 - iy);
+                for (int d = 0; d < D; ++d) {
+                    const vf qd = splat(t.q[r][d]);
+                    vf a = splat(0.0f);
+                    for (long jx = 0; jx < Wp; jx += VW) {
+                        const vf g = load(gbwr[r] + jx);
+                        a += g * load(wT + d * 2 * Wp + jx);
+                        store(gw + d * 2 * Wp + jx, load(gw + d * 2 * Wp + jx) + g * qd);
+                    }
+                    for (long jy = 0; jy < Hp; jy += VW) {
+                        const vf g = load(gbhr[r] + jy);
+                        a += g * load(hT + d * 2 * Hp + jy);
+                        store(gh + d * 2 * Hp + jy, load(gh + d * 2 * Hp + jy) + g * qd);
+                    }
+                    gq[i * D + d] = dq[r][d] + hsum(a);
                 }
-                for (long jy = 0; jy < H; ++jy) {
-                    const float g = gbhr[r][jy];
-                    const float* rh = rel_h + (jy - iy + H - 1) * D;
-                    float* grh = grh_s + (jy - iy + H - 1) * D;
-                    for (int d = 0; d < D; ++d) { dq[r][d] += g * rh[d]; grh[d] += g * t.q[r][d]; }
-                }
-                for (int d = 0; d < D; ++d) gq[i * D + d] = dq[r][d];
             }
         }
         for (long j = 0; j < D * Ls; ++j) gkTs[j] *= LN2; /* dK was accumulated with log2(e) q */
+        float* grw_s = grel_w + s * (2 * W - 1) * D;
+        float* grh_s = grel_h + s * (2 * H - 1) * D;
+        for (long o = 0; o < 2 * W - 1; ++o)
+            for (int d = 0; d < D; ++d) grw_s[o * D + d] = gwT[d * 2 * Wp + o];
+        for (long o = 0; o < 2 * H - 1; ++o)
+            for (int d = 0; d < D; ++d) grh_s[o * D + d] = ghT[d * 2 * Hp + o];
     }
 }
 
