@@ -60,7 +60,27 @@ static inline vf load(const float* p) { vf v; memcpy(&v, p, sizeof v); return v;
 static inline void store(float* p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf vmax(vf a, vf b) { const vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline float hsum(vf v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
+/* Horizontal sum by halves (a few shuffles and adds, depth log2(VW)); a lane-by-lane loop would be a
+ * chain of VW dependent scalar adds, and hsum runs once per (row, key row) in the backward. */
+typedef float f8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float f4 __attribute__((vector_size(4 * sizeof(float))));
+static inline float hsum4(f4 v) {
+    const f4 a = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
+    return a[0] + a[1];
+}
+static inline float hsum8(f8 v) {
+    return hsum4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+}
+#if VW == 16
+static inline float hsum(vf v) {
+    return hsum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+#elif VW == 8
+static inline float hsum(vf v) { return hsum8(v); }
+#else
+#error "AA_VW must be 8 or 16"
+#endif
 static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
 
 /* Logits are computed in base 2: q (and so the relative tables) is multiplied by log2(e) once per
