@@ -55,9 +55,7 @@ def _with_tables(kernel: Callable[..., Tensor]) -> Attention:
 
 
 def _tiled(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
-    b, nh, h, w, d = q.shape
-    grid = lambda t: t.reshape(b * nh, h, w, t.shape[-1])  # noqa: E731
-    return cpu_kernel.cpu_kernel_relative_attention(grid(q), grid(k), grid(v), rel_h, rel_w)
+    return cpu_kernel.cpu_kernel_relative_attention(q, k, v, rel_h, rel_w)
 
 
 VARIANTS: dict[str, Attention] = {

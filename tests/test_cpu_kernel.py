@@ -107,10 +107,12 @@ def test_wide_vectors_where_the_cpu_has_avx512_and_the_rows_fill_them():
 
 @needs_kernel
 def test_the_kernels_refuse_mixed_or_unsupported_dtypes():
-    q = torch.randn(2, 3, 4, 2)
+    q = torch.randn(1, 2, 3, 4, 2)
     rel_h, rel_w = torch.randn(5, 2), torch.randn(7, 2)
     with pytest.raises(TypeError, match="float32 tensors"):
         cpu_kernel.cpu_kernel_relative_attention(q, q, q, rel_h.double(), rel_w)
+    with pytest.raises(TypeError, match="float32 tensors"):
+        cpu_kernel.cpu_kernel_relative_attention(q.double(), q, q, rel_h, rel_w)
     flat = q.reshape(2, 12, 2)
     with pytest.raises(TypeError, match="one dtype"):
         cpu_kernel.cpu_kernel_attention(flat, flat, flat.double(), torch.randn(2, 12, 4), torch.randn(2, 12, 3))

@@ -464,16 +464,19 @@ def _padded_width(w: int, vw: int = 8) -> int:
 
 
 def _to_rows(t: Tensor, row_stride: int, vw: int) -> Tensor:
-    """[BH, H, W, C] -> [BH, C, row_stride]: the H x Wp grid, zero-padded."""
-    batch_heads, h, w, c = t.shape
-    grid = F.pad(t.permute(0, 3, 1, 2), (0, _padded_width(w, vw) - w)).reshape(batch_heads, c, -1)
-    return F.pad(grid, (0, row_stride - grid.shape[2])).contiguous()
-
-
-def _from_rows(t: Tensor, h: int, w: int, vw: int) -> Tensor:
-    """[BH, C, row_stride] -> [BH, H, W, C]."""
+    """[B, Nh, H, W, C] (any strides, any float dtype) -> float32 [B Nh, C, row_stride]: each
+    channel's H x Wp grid, zero-padded. One zero fill and one copy (that also casts)."""
+    b, nh, h, w, c = t.shape
     wp = _padded_width(w, vw)
-    return t[..., : h * wp].unflatten(2, (h, wp))[..., :w].permute(0, 2, 3, 1).contiguous()
+    rows = t.new_zeros(b * nh, c, row_stride, dtype=torch.float32)
+    rows[:, :, : h * wp].view(b, nh, c, h, wp)[..., :w].copy_(t.permute(0, 1, 4, 2, 3))
+    return rows
+
+
+def _from_rows(t: Tensor, b: int, h: int, w: int, vw: int, dtype: torch.dtype) -> Tensor:
+    """[B Nh, C, row_stride] -> [B, Nh, C, H, W] in ``dtype`` (contiguous: one copy)."""
+    wp = _padded_width(w, vw)
+    return t[:, :, : h * wp].unflatten(0, (b, -1)).unflatten(3, (h, wp))[..., :w].to(dtype, copy=True)
 
 
 def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
@@ -493,79 +496,125 @@ def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     )
 
 
-def _tiled_inputs(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[ctypes.CDLL, list[Tensor]]:
-    """The library for these inputs and the kernel's first five arguments: q, kT, vT, rel_w, rel_h in its layouts."""
-    if any(t.dtype != torch.float32 for t in (q, k, v, rel_h, rel_w)):
+_READS = (torch.float32, torch.bfloat16, torch.float16)  # q, k, v dtypes the tiled op reads into float32
+
+
+def _tiled_inputs(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float
+) -> tuple[ctypes.CDLL, list[Tensor]]:
+    """The library for these inputs and the kernel's first five arguments in its layouts: q scaled
+    [B Nh, H, W, D], kT, vT, rel_w, rel_h; all float32, each made in one pass from the caller's
+    tensors (any strides: the permuted views of the qkv convolution's output)."""
+    if rel_h.dtype != torch.float32 or rel_w.dtype != torch.float32 or not all(t.dtype in _READS for t in (q, k, v)):
         raise TypeError(
-            "the tiled CPU attention kernel takes float32 tensors, got "
-            f"{[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}"
+            "the tiled CPU attention kernel takes float32 tensors (q, k, v may also be bfloat16 or "
+            f"float16); got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}"
         )
-    lib = _tiled_library_for(q.shape[3], v.shape[3], q.shape[2])
+    b, nh, h, w, d = q.shape
+    lib = _tiled_library_for(d, v.shape[4], w)
     if lib is None:
         raise RuntimeError(
-            f"the tiled CPU attention kernel for dkh {q.shape[3]}, dvh {v.shape[3]} is not available "
+            f"the tiled CPU attention kernel for dkh {d}, dvh {v.shape[4]} is not available "
             "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)"
         )
     vw = _vector_width(lib)
-    row_stride = lib.aa_tiled_row_stride(q.shape[1], _padded_width(q.shape[2], vw))
-    return lib, [
-        q.contiguous(),
-        _to_rows(k, row_stride, vw),
-        _to_rows(v, row_stride, vw),
-        rel_w.contiguous(),
-        rel_h.contiguous(),
-    ]
+    row_stride = lib.aa_tiled_row_stride(h, _padded_width(w, vw))
+    scaled = q.new_empty(b * nh, h, w, d, dtype=torch.float32)
+    torch.mul(q, scale, out=scaled.view(q.shape))
+    rows = [_to_rows(k, row_stride, vw), _to_rows(v, row_stride, vw)]
+    return lib, [scaled, *rows, rel_w.contiguous(), rel_h.contiguous()]
 
 
 @torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
-def relative_attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
-    """q, k: [BH, H, W, D] (q scaled); v: [BH, H, W, DV]; rel_h [2H-1, D]; rel_w [2W-1, D]; float32.
-    Returns (out [BH, H, W, DV], log-sum-exp of each logits row [BH, H, W])."""
-    batch_heads, h, w, d = q.shape
-    out = q.new_empty(batch_heads, h, w, v.shape[3])
-    lse = q.new_empty(batch_heads, h, w)
-    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
+def relative_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """q, k: [B, Nh, H, W, D] (unscaled: the logits use scale q); v: [B, Nh, H, W, DV]; any
+    strides; float32, bfloat16 or float16 (computed in float32). rel_h [2H-1, D], rel_w [2W-1, D]:
+    float32. Returns float32 (out [B, Nh, H, W, DV], log-sum-exp of each logits row [B, Nh, H, W])."""
+    b, nh, h, w, d = q.shape
+    out = q.new_empty(b, nh, h, w, v.shape[4], dtype=torch.float32)
+    lse = q.new_empty(b, nh, h, w, dtype=torch.float32)
+    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w, scale)
     _run_tiled(lib, "forward", [*inputs, out, lse])
     return out, lse
 
 
 @relative_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tuple[Tensor, Tensor]:
-    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])
+def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    out = q.new_empty(*q.shape[:4], v.shape[4], dtype=torch.float32)
+    return out, q.new_empty(q.shape[:4], dtype=torch.float32)
 
 
 @torch.library.custom_op("aa_lightning::relative_attention_backward", mutates_args=(), device_types="cpu")
 def relative_attention_backward_op(
-    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    scale: float,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (q, k, v, rel_h, rel_w) of :func:`relative_attention_op`'s ``out``."""
-    batch_heads, h, w, d = q.shape
-    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w)
-    grads = [t.new_empty(t.shape) for t in inputs[:3]]
-    grad_rel = [q.new_empty(batch_heads, *rel_w.shape), q.new_empty(batch_heads, *rel_h.shape)]  # per slice
-    _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out.contiguous(), *grads, *grad_rel])
+    """Gradients of :func:`relative_attention_op`'s ``out``: q [B, Nh, H, W, D], k [B, Nh, D, H, W]
+    and v [B, Nh, DV, H, W] (head dim first, as the qkv convolution lays out its channels: the
+    caller permutes them back, a view), each in its input's dtype; rel_h, rel_w."""
+    b, nh, h, w, d = q.shape
+    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w, scale)
+    grads = [torch.empty_like(t) for t in inputs[:3]]
+    grad_rel = [q.new_empty(b * nh, *t.shape, dtype=torch.float32) for t in (rel_w, rel_h)]  # per slice
+    grad_out = grad_out.to(torch.float32).contiguous()
+    _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out, *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
     vw = _vector_width(lib)
-    return grad_q, _from_rows(grad_kt, h, w, vw), _from_rows(grad_vt, h, w, vw), grad_rel[1].sum(0), grad_rel[0].sum(0)
+    return (
+        grad_q.mul_(scale).view(q.shape).to(q.dtype),
+        _from_rows(grad_kt, b, h, w, vw, k.dtype),
+        _from_rows(grad_vt, b, h, w, vw, v.dtype),
+        grad_rel[1].sum(0),
+        grad_rel[0].sum(0),
+    )
 
 
 @relative_attention_backward_op.register_fake
-def _(q, k, v, rel_h, rel_w, out, lse, grad_out):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))  # contiguous, as the real op's
+def _(q, k, v, rel_h, rel_w, scale, out, lse, grad_out):
+    b, nh, h, w, d = q.shape
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        k.new_empty(b, nh, d, h, w),
+        v.new_empty(b, nh, v.shape[4], h, w),
+        torch.empty_like(rel_h, memory_format=torch.contiguous_format),
+        torch.empty_like(rel_w, memory_format=torch.contiguous_format),
+    )
+
+
+def _relative_setup_context(ctx, inputs, output) -> None:
+    q, k, v, rel_h, rel_w, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, *output)
 
 
 def _relative_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-    return relative_attention_backward_op(*ctx.saved_tensors, grad_out)
+    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w = relative_attention_backward_op(
+        q, k, v, rel_h, rel_w, ctx.scale, out, lse, grad_out
+    )
+    return grad_q, grad_k.permute(0, 1, 3, 4, 2), grad_v.permute(0, 1, 3, 4, 2), grad_rel_h, grad_rel_w, None
 
 
-relative_attention_op.register_autograd(_relative_backward, setup_context=_setup_context)
+relative_attention_op.register_autograd(_relative_backward, setup_context=_relative_setup_context)
 
 
-def cpu_kernel_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
-    """softmax_j(q_i . (k_j + rel_w[jx - ix + W - 1] + rel_h[jy - iy + H - 1])) v_j with the tiled
-    float32 kernel (:func:`use_tiled` says when it is the faster kernel).
+def cpu_kernel_relative_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float = 1.0
+) -> Tensor:
+    """softmax_j(scale q_i . (k_j + rel_w[jx - ix + W - 1] + rel_h[jy - iy + H - 1])) v_j with the
+    tiled float32 kernel (:func:`use_tiled` says when it runs).
 
-    q, k: [BH, H, W, dkh] (q already scaled); v: [BH, H, W, dvh]; rel_h: [2H-1, dkh];
-    rel_w: [2W-1, dkh]. Returns [BH, H, W, dvh]. The log-sum-exp output carries no gradient.
+    q, k: [B, Nh, H, W, dkh]; v: [B, Nh, H, W, dvh] (any strides; float32, or bfloat16 / float16
+    read into float32); rel_h: [2H-1, dkh]; rel_w: [2W-1, dkh] (float32). Returns float32
+    [B, Nh, H, W, dvh]. The log-sum-exp output carries no gradient.
     """
-    return relative_attention_op(q, k, v, rel_h, rel_w)[0]
+    return relative_attention_op(q, k, v, rel_h, rel_w, scale)[0]

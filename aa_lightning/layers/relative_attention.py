@@ -159,13 +159,15 @@ def _factorized_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     out_dtype = _autocast_dtype(device_type) or q.dtype
     dtype = out_dtype if not kernel or out_dtype in cpu_kernel.DTYPES else torch.float32
     with torch.autocast(device_type, enabled=False):
+        if kernel and _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):
+            # tables computed in the kernel; q, k, v read as they are (scaled, cast and laid out in one pass each)
+            out = cpu_kernel.cpu_kernel_relative_attention(
+                q, k, v, rel_h.to(dtype), rel_w.to(dtype), scale=dkh**-0.5
+            )
+            return out.to(out_dtype)
         q = q.to(dtype) * dkh**-0.5
         k, v = k.to(dtype), v.to(dtype)
         bh, length = b * nh, h * w
-        if kernel and _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):  # tables computed in the kernel
-            grid = lambda t: t.reshape(bh, h, w, t.shape[-1])  # noqa: E731
-            out = cpu_kernel.cpu_kernel_relative_attention(grid(q), grid(k), grid(v), rel_h.to(dtype), rel_w.to(dtype))
-            return out.to(out_dtype).reshape(b, nh, h, w, -1)
         s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
         attention = cpu_kernel.cpu_kernel_attention if kernel else factorized_bias_attention
         out = attention(
