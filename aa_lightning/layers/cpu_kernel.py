@@ -58,7 +58,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from aa_lightning.atomic_files import write_text_atomic
