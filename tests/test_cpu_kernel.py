@@ -54,8 +54,8 @@ TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
     (1, 1, 7, 3, 2, 7),  # dvh > dkh; L = 21: a partial tile of 1 row
     (1, 2, 3, 5, 1, 1),  # one-dim heads
     (1, 1, 1, 1, 2, 2),  # a single position
-    (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10): tiles of 8 rows; L = 30: a partial tile of 6 rows
-    (1, 1, 3, 17, 16, 2),  # dkh 16: tiles of 8 rows; W = 17: 16-float vectors, rows padded to 32; L = 51
+    (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10); L = 30: a partial tile of 2 rows
+    (1, 1, 3, 17, 16, 2),  # dkh 16 on 16-float vectors, W = 17: rows padded to 32; L = 51: a partial tile
     (1, 2, 3, 11, 13, 3),  # W = 11: 16-float vectors on AVX-512, split backward
     (1, 1, 2, 20, 3, 2),  # W = 20: padded to 32 columns for 16-float vectors, to 24 for 8-float ones
 ]

@@ -14,7 +14,7 @@ probabilities from it and accumulates every gradient in one pass over the keys. 
   op ``aa_lightning::relative_attention``): built once per head-dim pair (dkh, dvh) with the
   dims as compile-time constants, so each key's vectors live in registers (16-float vectors
   where the CPU has AVX-512 and grid rows are wider than 8, else 8-float ones); logits in base 2
-  (log2(e) folded into q), so the softmax's exponential is a cheap 2^x; four query rows (eight from dkh 16) share
+  (log2(e) folded into q), so the softmax's exponential is a cheap 2^x; four query rows share
   every key load and gradient store; the bias rows are computed from q, rel_w and rel_h
   inside the kernel (no [BH, HW, W + H] table tensors to build, copy and differentiate).
 - ``factorized_attention.c`` (:func:`cpu_kernel_attention`, op
@@ -438,9 +438,9 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 def tiled_fits(dkh: int, positions: int) -> bool:
     """Whether the tiled kernel beats the generic one for this head dim on a grid of ``positions``.
 
-    It keeps 4 query rows (8 from dkh 16) x dkh products per key vector in registers, and its
-    backward runs in short passes with few live vectors (see the C source), so that it wins at
-    every head dim it is built for, large grids included. The thresholds come from
+    It keeps 4 query rows x dkh products per key vector in registers; from dkh 9 its backward
+    splits the per-key work into passes with few live vectors (see the C source), so that it
+    wins at every head dim it is built for, large grids included. The thresholds come from
     ``benchmarks/kernel_benchmark.py`` (measurements in docs/benchmarks.md, "Which float32
     kernel runs"). Plain arithmetic, so torch.compile with dynamic shapes turns it into a guard."""
     return dkh <= _TILED_BEST_DKH or positions <= _TILED_ANY_DKH_POSITIONS

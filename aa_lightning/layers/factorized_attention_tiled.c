@@ -9,8 +9,8 @@
  * of the transposed tables), instead of read from [BH, HW, W + H] tensors that would cost more
  * memory traffic than their arithmetic. Built once per head-dim pair with -DAA_D=<dkh>
  * -DAA_DV=<dvh>: with the dims constant, a key's vectors stay in SIMD registers, and R = 4 query
- * rows (8 from dkh 16) are processed together, so each load of a key or value and each update of its
- * gradient serves R rows.
+ * rows are processed together, so each load of a key or value and each update of its gradient
+ * serves four rows.
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, short passes over the tile's scratch rows, each with few live vectors:
@@ -41,13 +41,10 @@
 #endif
 #define D AA_D
 #define DV AA_DV
-/* Query rows per tile: each key vector loaded, and each key gradient updated, serves R rows. From D 16
- * 8 rows are 1.1-1.2x faster (forward + backward at 32x32 and 16x16, dkh 20); below, 8 are slower
- * than 4 (0.9x at 14x14 dkh 6, 28x28 dkh 3). */
 #ifndef AA_R
-#define AA_R (D >= 16 ? 8 : 4)
+#define AA_R 4
 #endif
-#define R AA_R
+#define R AA_R  /* query rows per tile */
 /* Loops over the head dims are unrolled (gcc stops by itself from D ~ 16), so that a key's vectors
  * stay in registers rather than in a stack array; the pragma is ignored by compilers without it. */
 #define UNROLL _Pragma("GCC unroll 64")
