@@ -81,6 +81,33 @@ def test_float32_kernel_against_float64_references(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_read_exactly_into_float32(dtype):
+    """The tiled op reads bfloat16 / float16 q, k, v (what autocast hands it) into float32 as it
+    lays them out, scale included: its float32 output and the tables' gradients match float64 on
+    the same rounded inputs to float32 accuracy; the q, k, v gradients come back in their dtype."""
+    q, k, v, rel_h, rel_w = make_inputs(2, 2, 5, 9, 3, 2, dtype=torch.float32)
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    tables = [rel_h.requires_grad_(), rel_w.requires_grad_()]
+    exact = [t.detach().double().requires_grad_() for t in (*low, *tables)]
+    scale = 0.7  # not the loop's dkh**-0.5: the op's own scale argument
+    out = cpu_kernel.cpu_kernel_relative_attention(*low, *tables, scale=scale)
+    rescaled = [exact[0] * (scale / 3**-0.5), *exact[1:]]  # the references scale q by dkh**-0.5
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(
+        out.double(), loop_relative_attention(*(t.detach() for t in rescaled)), rtol=1e-5, atol=2e-6
+    )
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    got = torch.autograd.grad((out.double() * weights).sum(), [*low, *tables])
+    want = torch.autograd.grad((relative_attention_2d(*rescaled, backend="reference") * weights).sum(), exact)
+    eps = torch.finfo(dtype).eps
+    for name, g, w, t in zip(("q", "k", "v", "rel_h", "rel_w"), got, want, (*low, *tables)):
+        assert g.dtype == t.dtype, name
+        rtol, atol = (eps, eps * w.abs().max().item()) if t.dtype == dtype else (1e-4, 1e-5)  # rounded to dtype
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernel
 def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
     """The per-dims float32 kernel (tables computed inside) against the generic one on
     precomputed tables (what runs when the per-dims build fails)."""

@@ -519,7 +519,11 @@ def _tiled_inputs(
     vw = _vector_width(lib)
     row_stride = lib.aa_tiled_row_stride(h, _padded_width(w, vw))
     scaled = q.new_empty(b * nh, h, w, d, dtype=torch.float32)
-    torch.mul(q, scale, out=scaled.view(q.shape))
+    if q.dtype == torch.float32:
+        torch.mul(q, scale, out=scaled.view(q.shape))
+    else:  # scaled in float32 (a mul into a float32 `out` would round q * scale to q's dtype first)
+        scaled.view(q.shape).copy_(q)
+        scaled.mul_(scale)
     rows = [_to_rows(k, row_stride, vw), _to_rows(v, row_stride, vw)]
     return lib, [scaled, *rows, rel_w.contiguous(), rel_h.contiguous()]
 
