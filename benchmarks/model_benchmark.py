@@ -19,6 +19,11 @@ of the AA model would reach if time followed FLOPs. ``--preset goals`` measures 
 CPU performance issue (16) only: fp32 NCHW and channels_last with aa_resnet50 / resnet50,
 aa_wrn28_10 / wrn28_10 and aa_resnet50 with attention in all four stages; bf16 autocast
 channels_last aa_resnet50 / resnet50; and adds the issue's goals table.
+
+``--attention free`` replaces the attention op of every AA layer by a stand-in that costs nothing
+(its output is v; backward hands dO to v and zeros to q, k and the relative tables): the ratios
+then bound what any attention kernel could reach with the rest of the AA models as they are (the
+qkv and output convolutions, the narrower conv branch, the concatenation, the layouts).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from model_table import measure as count_model
 from report import command_line, write_report
 
 import aa_lightning  # noqa: F401  (registers the AA models)
+import aa_lightning.layers.augmented_conv as augmented_conv
 
 ALL_STAGES = 'aa_resnet50_all=aa_resnet50:{"aa_stages": [1, 2, 3, 4]}'
 # (dtype, channels_last, models) groups of --preset goals, and the issue's goals:
@@ -87,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="goals: the groups and the goals table of the CPU performance issue (overrides the model, "
         "dtype and memory-format options)",
     )
+    p.add_argument(
+        "--attention",
+        choices=["kernel", "free"],
+        default="kernel",
+        help="free: the AA layers' attention op replaced by a stand-in that costs nothing (see above)",
+    )
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="models")
     args = p.parse_args(argv)
@@ -94,6 +106,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pairs = ["aa_resnet50:resnet50", "aa_wrn28_10:wrn28_10", "aa_resnet50_all:resnet50"]
         args.peers, args.variant, args.compile = [], [*args.variant, ALL_STAGES], "no"
     return args
+
+
+class _FreeAttention(torch.autograd.Function):
+    """Stands in for relative_attention_2d at no cost: out = v; dO goes to v, zeros to the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_h, rel_w):
+        ctx.save_for_backward(q, k, rel_h, rel_w)
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (
+            *(None if t is None else torch.zeros_like(t) for t in ctx.saved_tensors[:2]),
+            grad_out,
+            *(None if t is None else torch.zeros_like(t) for t in ctx.saved_tensors[2:]),
+        )
+
+
+def free_attention(q, k, v, rel_h=None, rel_w=None, *, backend="auto"):
+    return _FreeAttention.apply(q, k, v, rel_h, rel_w)
 
 
 def _choices(flag: str) -> list[bool]:
@@ -271,10 +304,13 @@ def main(argv=None) -> None:
         f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}; "
         f"torch {torch.__version__}; timm {timm.__version__}; batch {args.batch}; "
         f"{args.rounds} rounds x {args.steps} steps (median round); {date.today()}"
+        + ("; attention op: a free stand-in (--attention free)" if args.attention == "free" else "")
     )
     print(header)
-    limits = flop_limits(args)
+    limits = flop_limits(args)  # of the real models: counted before any stand-in replaces their attention
     print("FLOP limits:", json.dumps({k: round(v, 4) for k, v in limits.items()}), flush=True)
+    if args.attention == "free":
+        augmented_conv.relative_attention_2d = free_attention
     rows = measure(args)
     table = markdown(rows, args, limits)
     print(table)
