@@ -253,12 +253,28 @@ BREAKAGES: list[Breakage] = [
         (
             Edit(
                 "aa_lightning/layers/cpu_kernel.py",
-                "    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3])",
-                "    return q.new_empty(*q.shape[:3], q.shape[3]), q.new_empty(q.shape[:3])",
+                "    out = q.new_empty(*q.shape[:4], v.shape[4], dtype=torch.float32)",
+                "    out = q.new_empty(*q.shape[:4], q.shape[4], dtype=torch.float32)",
             ),
         ),
         ("tests/test_product_compile.py",),
         pytest_args=("-m", "slow"),
+    ),
+    breakage(
+        "tiled-bias-window-shifted",
+        "the float32 kernel reads each query's relative-table window one offset off (W - ix, not W - 1 - ix)",
+        "aa_lightning/layers/factorized_attention_tiled.c",
+        "        const float* wT = tab->wT + (W - 1 - i % W);",
+        "        const float* wT = tab->wT + (W - i % W);",
+        ["tests/test_cpu_kernel.py"],
+    ),
+    breakage(
+        "low-precision-q-scaled-in-its-dtype",
+        "bfloat16 / float16 q scaled in its own dtype before the kernel reads it (one more rounding)",
+        "aa_lightning/layers/cpu_kernel.py",
+        "        scaled.view(q.shape).copy_(q)\n        scaled.mul_(scale)",
+        "        torch.mul(q, scale, out=scaled.view(q.shape))",
+        ["tests/test_cpu_kernel.py"],
     ),
     breakage(
         "last-ckpt-not-rewritten",
