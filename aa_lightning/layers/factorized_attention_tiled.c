@@ -60,8 +60,19 @@ static inline vf load(const float* p) { vf v; memcpy(&v, p, sizeof v); return v;
 static inline void store(float* p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf vmax(vf a, vf b) { const vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-/* Horizontal sum by halves (a few shuffles and adds, depth log2(VW)); a lane-by-lane loop would be a
- * chain of VW dependent scalar adds, and hsum runs once per (row, key row) in the backward. */
+/* Horizontal sum by halves (depth log2(VW)); a lane-by-lane loop would be a chain of VW dependent
+ * scalar adds, and hsum runs once per (row, key row) in the backward. __builtin_shufflevector (clang,
+ * gcc >= 12) narrows the vector at each step; older gcc has __builtin_shuffle, which keeps the full
+ * width (one more shuffle + add per step, still depth log2(VW)). */
+#if defined(__has_builtin) && !defined(AA_NO_SHUFFLEVECTOR)
+#if __has_builtin(__builtin_shufflevector)
+#define AA_SHUFFLEVECTOR 1
+#endif
+#endif
+#if VW != 8 && VW != 16
+#error "AA_VW must be 8 or 16"
+#endif
+#if defined(AA_SHUFFLEVECTOR)
 typedef float f8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float f4 __attribute__((vector_size(4 * sizeof(float))));
 static inline float hsum4(f4 v) {
@@ -76,10 +87,27 @@ static inline float hsum(vf v) {
     return hsum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
 }
-#elif VW == 8
-static inline float hsum(vf v) { return hsum8(v); }
 #else
-#error "AA_VW must be 8 or 16"
+static inline float hsum(vf v) { return hsum8(v); }
+#endif
+#elif defined(__GNUC__)
+static inline float hsum(vf v) {
+#if VW == 16
+    v += __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+#else
+    v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 2, 3, 0, 1});
+#endif
+    return v[0] + v[1];
+}
+#else
+static inline float hsum(vf v) {
+    float s = 0;
+    for (int i = 0; i < VW; ++i) s += v[i];
+    return s;
+}
 #endif
 static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m; return m; }
 
