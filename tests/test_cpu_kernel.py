@@ -133,6 +133,30 @@ def test_wide_vectors_where_the_cpu_has_avx512_and_the_rows_fill_them():
 
 
 @needs_kernel
+@pytest.mark.parametrize("width", [9, 8])  # 16-float vectors on AVX-512, 8-float ones
+def test_the_build_for_compilers_without_shufflevector_gives_the_same_bits(monkeypatch, width):
+    """gcc < 12 has no __builtin_shufflevector: the horizontal sums then use __builtin_shuffle at
+    full width, pairing the lanes in the same order, so both builds agree bit for bit."""
+    inputs = make_inputs(2, 2, 5, width, 3, 2, dtype=torch.float32, requires_grad=True)
+    out = relative_attention_2d(*inputs, backend="cpu_kernel")
+    expected = [out, *torch.autograd.grad(out.square().sum(), inputs)]
+    built = []
+
+    def portable(dkh: int, dvh: int, wide: bool = False):
+        flags = (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()), "-DAA_NO_SHUFFLEVECTOR")
+        lib = cpu_kernel._build(cpu_kernel._TILED_SOURCE, "(test)", flags)
+        built.append(lib)
+        return cpu_kernel._bind_tiled(lib)
+
+    monkeypatch.setattr(cpu_kernel, "_tiled_library", portable)
+    out = relative_attention_2d(*inputs, backend="cpu_kernel")
+    got = [out, *torch.autograd.grad(out.square().sum(), inputs)]
+    assert built and all(lib is not None for lib in built)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
 def test_the_kernels_refuse_mixed_or_unsupported_dtypes():
     q = torch.randn(1, 2, 3, 4, 2)
     rel_h, rel_w = torch.randn(5, 2), torch.randn(7, 2)
