@@ -108,6 +108,17 @@ def test_low_precision_inputs_are_read_exactly_into_float32(dtype):
 
 
 @needs_kernel
+def test_float64_activations_under_bfloat16_autocast_run_in_float32():
+    """The tiled op reads float32, bfloat16 and float16; other dtypes under autocast are cast to
+    float32 first (as before the op read low-precision inputs itself) rather than refused."""
+    inputs = make_inputs(1, 2, 4, 5, 3, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = relative_attention_2d(*inputs, backend="cpu_kernel")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), loop_relative_attention(*inputs), rtol=0.01, atol=0.01)
+
+
+@needs_kernel
 def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
     """The per-dims float32 kernel (tables computed inside) against the generic one on
     precomputed tables (what runs when the per-dims build fails)."""

@@ -495,7 +495,7 @@ def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     )
 
 
-_READS = (torch.float32, torch.bfloat16, torch.float16)  # q, k, v dtypes the tiled op reads into float32
+TILED_READS = (torch.float32, torch.bfloat16, torch.float16)  # q, k, v dtypes the tiled op reads into float32
 
 
 def _tiled_inputs(
@@ -504,7 +504,8 @@ def _tiled_inputs(
     """The library for these inputs and the kernel's first five arguments in its layouts: q scaled
     [B Nh, H, W, D], kT, vT, rel_w, rel_h; all float32, each made in one pass from the caller's
     tensors (any strides: the permuted views of the qkv convolution's output)."""
-    if rel_h.dtype != torch.float32 or rel_w.dtype != torch.float32 or not all(t.dtype in _READS for t in (q, k, v)):
+    tables_ok = rel_h.dtype == rel_w.dtype == torch.float32
+    if not tables_ok or not all(t.dtype in TILED_READS for t in (q, k, v)):
         raise TypeError(
             "the tiled CPU attention kernel takes float32 tensors (q, k, v may also be bfloat16 or "
             f"float16); got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}"

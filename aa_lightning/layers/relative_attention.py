@@ -161,6 +161,7 @@ def _factorized_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w:
     with torch.autocast(device_type, enabled=False):
         if kernel and _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):
             # tables computed in the kernel; q, k, v read as they are (scaled, cast and laid out in one pass each)
+            q, k, v = (t if t.dtype in cpu_kernel.TILED_READS else t.to(dtype) for t in (q, k, v))
             out = cpu_kernel.cpu_kernel_relative_attention(q, k, v, rel_h.to(dtype), rel_w.to(dtype), scale=dkh**-0.5)
             return out.to(out_dtype)
         q = q.to(dtype) * dkh**-0.5
