@@ -218,6 +218,29 @@ long aa_tiled_scratch(long H, long Wp) {
     return 2 * R * (Wp + Hp) + R * aa_tiled_row_stride(H, Wp) + 4 * D * (Wp + Hp) + Wp;
 }
 
+/* The tile's base-2 logits l_ij - shift_r (shift: log2(e) lse_i in backward, NULL in forward) for all
+ * keys j into its R scratch rows of Ls floats, and with max not NULL their row maxima. Inlined with
+ * constant NULLs, so neither caller pays for the other's option. */
+static inline __attribute__((always_inline)) void tile_logits(const tile_t* t, const vf qs[R][D], const float* kTs,
+                                                              long H, long Wp, long Ls, const vf* shift, float* rows,
+                                                              vf* max) {
+    for (long jy = 0; jy < H; ++jy) {
+        for (long jx = 0; jx < Wp; jx += VW) {
+            const long j = jy * Wp + jx;
+            vf k[D];
+            UNROLL
+            for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
+            for (int r = 0; r < R; ++r) {
+                vf l = load(t->bw[r] + jx) + (shift ? t->bh[r][jy] - shift[r] : splat(t->bh[r][jy]));
+                UNROLL
+                for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+                store(rows + r * Ls + j, l);
+                if (max) max[r] = vmax(l, max[r]);
+            }
+        }
+    }
+}
+
 static void forward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                          float* out, float* lse, long bh0, long bh1, long H, long W, long Wp, float* scratch,
                          const float* zeros) {
@@ -235,21 +258,7 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
                 for (int d = 0; d < D; ++d) qs[r][d] = splat(t.q[r][d] * LOG2E);
                 m[r] = splat(-INFINITY);
             }
-            for (long jy = 0; jy < H; ++jy) {
-                for (long jx = 0; jx < Wp; jx += VW) {
-                    const long j = jy * Wp + jx;
-                    vf k[D];
-                    UNROLL
-                    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
-                    for (int r = 0; r < R; ++r) {
-                        vf l = load(t.bw[r] + jx) + t.bh[r][jy];
-                        UNROLL
-                        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                        store(logits + r * Ls + j, l);
-                        m[r] = vmax(l, m[r]);
-                    }
-                }
-            }
+            tile_logits(&t, qs, kTs, H, Wp, Ls, NULL, logits, m);
             vf sum[R], acc[R][DV];
             for (int r = 0; r < R; ++r) {
                 m[r] = splat(hmax(m[r]));
@@ -321,20 +330,7 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                 gbhr[r] = gbwr[r] + Wp;
                 memset(gbwr[r], 0, sizeof(float) * (Wp + Hp));
             }
-            for (long jy = 0; jy < H; ++jy) { /* the tile's logits minus lse, as in forward */
-                for (long jx = 0; jx < Wp; jx += VW) {
-                    const long j = jy * Wp + jx;
-                    vf k[D];
-                    UNROLL
-                    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
-                    for (int r = 0; r < R; ++r) {
-                        vf l = load(t.bw[r] + jx) + (t.bh[r][jy] - lses[r]);
-                        UNROLL
-                        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                        store(dsrow + r * Ls + j, l);
-                    }
-                }
-            }
+            tile_logits(&t, qs, kTs, H, Wp, Ls, lses, dsrow, NULL); /* the logits minus lse, as in forward */
             for (long jy = 0; jy < H; ++jy) { /* P, dS = P (dO . v_j - D_i), dV, the bias gradients */
                 vf rowsum[R];
                 for (int r = 0; r < R; ++r) rowsum[r] = splat(0.0f);
