@@ -149,15 +149,16 @@ typedef struct {
 static long rounded(long n) { return (n + VW - 1) / VW * VW; }
 
 static tables_t transpose_tables(const float* rel_w, const float* rel_h, long H, long W, long Wp, float* out) {
-    tables_t t = {W, Wp, H, rounded(H), out, out + D * 2 * Wp, out + D * 2 * (Wp + rounded(H))};
+    const long Hp = rounded(H);
     float* wT = out;
     float* hT = out + D * 2 * Wp;
-    float* pad = out + D * 2 * (Wp + t.Hp);
-    memset(out, 0, sizeof(float) * D * 2 * (Wp + t.Hp));
+    float* pad = out + D * 2 * (Wp + Hp);
+    const tables_t t = {W, Wp, H, Hp, wT, hT, pad};
+    memset(out, 0, sizeof(float) * D * 2 * (Wp + Hp));
     for (long o = 0; o < 2 * W - 1; ++o)
         for (int d = 0; d < D; ++d) wT[d * 2 * Wp + o] = rel_w[o * D + d];
     for (long o = 0; o < 2 * H - 1; ++o)
-        for (int d = 0; d < D; ++d) hT[d * 2 * t.Hp + o] = rel_h[o * D + d];
+        for (int d = 0; d < D; ++d) hT[d * 2 * Hp + o] = rel_h[o * D + d];
     for (long jx = 0; jx < Wp; ++jx) pad[jx] = jx < W ? 0.0f : -INFINITY;
     return t;
 }
