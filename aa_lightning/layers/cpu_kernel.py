@@ -430,8 +430,9 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 
 
 # ---- The tiled float32 kernel, with the relative tables computed inside -------------------------
-# Layouts: q [BH, H, W, D]; kT [BH, D, Ls], vT [BH, DV, Ls]: each row the H x Wp key grid (its
-# rows padded to Wp, a multiple of 8, columns; the kernel gives those probability 0), then
+# The kernel's layouts, made by _tiled_inputs from the op's [B, Nh, H, W, d] inputs: q [BH, H, W, D]
+# (scaled); kT [BH, D, Ls], vT [BH, DV, Ls]: each row the H x Wp key grid (its rows padded to Wp, a
+# multiple of the vector width, 8 or 16, columns; the kernel gives those probability 0), then
 # padding to the kernel's row stride Ls; all padding zero. rel_w [2W-1, D], rel_h [2H-1, D].
 
 
