@@ -139,30 +139,12 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for kind in ("layer", "attn"):
             for backend in args.backends:
                 if backend == "reference" and logits_gb > args.max_logits_gb:
-                    rows.append(
-                        {
-                            "kind": kind,
-                            "backend": backend,
-                            "size": size,
-                            "time_s": None,
-                            "peak_mb": None,
-                            "note": f"skipped: logits {logits_gb:.0f} GB",
-                        }
-                    )
+                    rows.append(_unmeasured(kind, backend, size, f"skipped: logits {logits_gb:.0f} GB"))
                     continue
                 cmd = [sys.executable, __file__, "--case", f"{kind}:{backend}:{size}"] + _passthrough(args)
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    rows.append(
-                        {
-                            "kind": kind,
-                            "backend": backend,
-                            "size": size,
-                            "time_s": None,
-                            "peak_mb": None,
-                            "note": proc.stderr.strip().splitlines()[-1][:120],
-                        }
-                    )
+                    rows.append(_unmeasured(kind, backend, size, proc.stderr.strip().splitlines()[-1][:120]))
                 else:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(_fmt_row(rows[-1]), flush=True)
@@ -174,6 +156,11 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     for key in ("batch", "channels", "heads", "k", "v", "repeats", "device", "dtype"):
         out += [f"--{key}", str(getattr(args, key))]
     return out
+
+
+def _unmeasured(kind: str, backend: str, size: int, note: str) -> dict:
+    """The row of a case that was skipped or failed: no time, no memory, why in ``note``."""
+    return {"kind": kind, "backend": backend, "size": size, "time_s": None, "peak_mb": None, "note": note}
 
 
 def _fmt_row(r: dict) -> str:
