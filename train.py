@@ -10,7 +10,7 @@ START = time.perf_counter()
 # Must be set before torch loads its OpenMP runtime; export OMP_WAIT_POLICY=ACTIVE to opt out.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from aa_lightning.cli import main  # noqa: E402
+from aa_lightning.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main(start_time=START)

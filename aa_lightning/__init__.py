@@ -12,6 +12,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never phone home from 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
 
 from . import (
+    attention,  # noqa: E402,F401
+    kernels,  # noqa: E402,F401  (registers the compiled attention backends)
     layers,  # noqa: E402,F401
     models,  # noqa: E402,F401  (registers the timm models)
 )

@@ -5,7 +5,7 @@
 
 For every image it writes ``<out>/<image stem>.png``: the top-k classes with probabilities, and
 for each query pixel the input and every head's attention map of ``--layer`` (default: the
-last AA layer) overlaid on it (see :mod:`aa_lightning.callbacks.attention_overlay`); and
+last AA layer) overlaid on it (see :mod:`aa_lightning.viz.overlay`); and
 ``<out>/predictions.json`` with the numbers.
 
 The checkpoint is a Lightning ``.ckpt`` of :class:`~aa_lightning.tasks.ImageClassifier` (read
@@ -35,11 +35,11 @@ from torch import Tensor, nn
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.atomic_files import atomic_open, write_text_atomic
 from aa_lightning.callbacks.attention_maps import default_layer
-from aa_lightning.callbacks.attention_overlay import attention_figure, denormalize
 from aa_lightning.commands import CommandError, prepare_out_folder, run_command
 from aa_lightning.data.images import rgb_array
 from aa_lightning.layers import augmented_layers, capture_attention
 from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkpoint
+from aa_lightning.viz.overlay import attention_figure, denormalize
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
 CIFAR_IMAGE_SIZE = 32

@@ -50,6 +50,11 @@ if ARGS is not None and ARGS.device == "cpu":
 import torch  # noqa: E402
 from report import write_report  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU dry run: the interpreter's bfloat16 dot made exact
+    from aa_lightning.compat.triton import patch_interpreter_bfloat16_dot
+
+    patch_interpreter_bfloat16_dot()
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -84,7 +89,7 @@ def _inputs(b, nh, h, w, dkh, dvh, device, dtype, seed=0):
 
 
 def correctness(device: torch.device, smoke: bool) -> tuple[list, str]:
-    from aa_lightning.layers import relative_attention_2d
+    from aa_lightning.attention import relative_attention_2d
 
     backends = ["chunked", "triton"] if device.type == "cpu" else ["reference", "chunked", "fused", "triton"]
     shapes = (
@@ -161,7 +166,7 @@ def _time(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
 def layer(device: torch.device, smoke: bool) -> tuple[list, str]:
     import torch.nn.functional as F
 
-    from aa_lightning.layers import relative_attention_2d
+    from aa_lightning.attention import relative_attention_2d
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     grids = [(4, 4)] if smoke else [(28, 28), (56, 56), (112, 112), (100, 168)]

@@ -39,7 +39,10 @@ from report import command_line, write_report
 from torch import Tensor
 
 import aa_lightning  # noqa: F401  (registers the AA models)
-from aa_lightning.layers import AugmentedConv2d, cpu_kernel, factorized_bias_attention, relative_logit_tables
+from aa_lightning.attention import factorized_bias_attention, relative_logit_tables
+from aa_lightning.kernels.cpu import build as cpu_build
+from aa_lightning.kernels.cpu import ops as cpu_kernel
+from aa_lightning.layers import AugmentedConv2d
 
 Attention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -68,7 +71,7 @@ VARIANTS: dict[str, Attention] = {
 def tiled_at(revision: str) -> Attention:
     """The tiled kernel built from ``revision``'s C source (``git show``), run through the same op."""
     source = subprocess.run(
-        ["git", "show", f"{revision}:aa_lightning/layers/factorized_attention_tiled.c"],
+        ["git", "show", f"{revision}:aa_lightning/kernels/cpu/factorized_attention_tiled.c"],
         capture_output=True,
         text=True,
         check=True,
@@ -78,12 +81,12 @@ def tiled_at(revision: str) -> Attention:
 
     @functools.cache
     def library(dkh: int, dvh: int, wide: bool = False):
-        lib = cpu_kernel._build(
+        lib = cpu_build._build(
             path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()))
         )
         if lib is None:
             raise SystemExit(f"the tiled kernel of {revision} does not build here")
-        return cpu_kernel._bind_tiled(lib)
+        return cpu_build._bind_tiled(lib)
 
     def run(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
         return _tiled(q, k, v, rel_h, rel_w)
@@ -116,13 +119,13 @@ def time_ms(fn: Callable[[], object]) -> float:
 def _library_of(attention: Attention) -> Iterator[None]:
     """Inside the block, the tiled op runs ``attention``'s own build of the kernel, if it has one."""
     library = getattr(attention, "tiled_library", None)
-    current = cpu_kernel._tiled_library
+    current = cpu_build._tiled_library
     if library is not None:
-        cpu_kernel._tiled_library = library
+        cpu_build._tiled_library = library
     try:
         yield
     finally:
-        cpu_kernel._tiled_library = current
+        cpu_build._tiled_library = current
 
 
 def measure(shape: tuple[int, ...], rounds: int, variants: dict[str, Attention]) -> list[dict]:
@@ -221,7 +224,7 @@ def main(argv=None) -> None:
     variants = {name: VARIANTS[name] for name in dict.fromkeys(["tiled", *args.variants])}
     if args.against:
         variants[f"tiled@{args.against}"] = tiled_at(args.against)
-    if not cpu_kernel.available():
+    if not cpu_build.available():
         raise SystemExit("the CPU kernel is not available here (no C compiler, or AA_LIGHTNING_CPU_KERNEL=0)")
     header = (
         f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "

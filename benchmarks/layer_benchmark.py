@@ -61,7 +61,8 @@ def _rss_bytes() -> int:
 
 
 def run_case(args: argparse.Namespace) -> dict:
-    from aa_lightning.layers import AugmentedConv2d, aa_dims, relative_attention_2d
+    from aa_lightning.attention import relative_attention_2d
+    from aa_lightning.layers import AugmentedConv2d, aa_dims
 
     kind, backend, size = args.case.split(":")
     size = int(size)
@@ -204,7 +205,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 def accuracy(args: argparse.Namespace, size: int = 14) -> dict:
     """Worst relative error (max-abs error / max-abs reference) of each backend vs reference, fp32."""
-    from aa_lightning.layers import relative_attention_2d
+    from aa_lightning.attention import relative_attention_2d
 
     g = torch.Generator().manual_seed(0)
     dk, dv = 48, 24

@@ -2,7 +2,7 @@
 A100 (sm_80) and H100 (sm_90) on a machine without a GPU (``triton.compile`` + the wheel's ptxas).
 
 One row per (attention shape of the zoo, dtype, target, kernel); the shapes come from the models
-themselves (:func:`aa_lightning.layers.triton_compile.zoo_attention_shapes`), plus the extremes the
+themselves (:func:`triton_compile.zoo_attention_shapes`), plus the extremes the
 kernels accept (head dim 128, a 128 x 200 grid).
 
 Usage:  python benchmarks/triton_compile_report.py --out-dir docs/benchmarks
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    from aa_lightning.layers.triton_compile import KERNELS, compile_kernel, zoo_attention_shapes
+    from triton_compile import KERNELS, compile_kernel, zoo_attention_shapes
 
     shapes = [dict(h=28, w=28, dkh=3, dvh=2, models="smoke")] if args.smoke else zoo_attention_shapes() + EXTREMES
     archs, dtypes = ([90], ["bfloat16"]) if args.smoke else (args.archs, args.dtypes)

@@ -14,9 +14,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from aa_lightning.attention import relative_attention_reference
 from aa_lightning.callbacks import AttentionMapLogger
-from aa_lightning.callbacks.attention_overlay import colormap_table, tile_origin
-from aa_lightning.layers import AugmentedConv2d, relative_attention_reference
+from aa_lightning.layers import AugmentedConv2d
+from aa_lightning.viz.overlay import colormap_table, tile_origin
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from aa_lightning.layers import AugmentedConv2d, capture_attention, relative_attention_reference
+from aa_lightning.attention import relative_attention_reference
+from aa_lightning.layers import AugmentedConv2d, capture_attention
 
 
 def explicit_probabilities(q, k, rel_h, rel_w):

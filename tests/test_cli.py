@@ -247,7 +247,7 @@ def test_missing_cifar_data_names_the_path(tmp_path):
     ],
 )
 def test_unknown_keys_and_bad_values_stop_the_parser_naming_the_key(tmp_path, capsys, monkeypatch, override, named):
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(SystemExit) as info:
@@ -257,7 +257,7 @@ def test_unknown_keys_and_bad_values_stop_the_parser_naming_the_key(tmp_path, ca
 
 
 def test_a_value_checked_by_the_class_stops_the_run_before_training(tmp_path, monkeypatch):
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(ValueError, match=r"model.label_smoothing must be in \[0, 1\)"):

@@ -8,7 +8,7 @@ import timm
 import yaml
 
 import aa_lightning  # noqa: F401  (registers the AA models)
-from aa_lightning.cli import AACLI
+from aa_lightning.training.cli import AACLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OVERRIDES = {"quickstart_baseline.yaml": "quickstart.yaml"}  # override file -> the recipe it is composed after

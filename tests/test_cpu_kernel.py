@@ -16,9 +16,11 @@ import pytest
 import torch
 from attention_loop_reference import loop_relative_attention, make_inputs
 
-from aa_lightning.layers import cpu_kernel, relative_attention_2d, resolve_backend
+from aa_lightning.attention import relative_attention_2d, resolve_backend
+from aa_lightning.kernels.cpu import build as cpu_build
+from aa_lightning.kernels.cpu import ops as cpu_kernel
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C compiler here")
+needs_kernel = pytest.mark.skipif(not cpu_build.available(), reason="no C compiler here")
 
 
 @needs_kernel
@@ -131,16 +133,16 @@ def test_tiled_and_generic_float32_kernels_agree(monkeypatch):
         results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
-    assert cpu_kernel._tiled_library(cpu_kernel._TILED_MAX_DIM + 1, 2) is None  # huge heads: generic
+    assert cpu_build._tiled_library(cpu_build._TILED_MAX_DIM + 1, 2) is None  # huge heads: generic
 
 
 @needs_kernel
 def test_wide_vectors_where_the_cpu_has_avx512_and_the_rows_fill_them():
     """16-float vectors (rows padded to 16 columns) on AVX-512 CPUs for grids wider than 8; the
     numbers of that build are checked by the W = 9, 11 and 20 shapes above."""
-    wide = cpu_kernel._has_avx512()
-    assert cpu_kernel._vector_width(cpu_kernel._tiled_library_for(3, 2, 9)) == (16 if wide else 8)
-    assert cpu_kernel._vector_width(cpu_kernel._tiled_library_for(3, 2, 8)) == 8
+    wide = cpu_build._has_avx512()
+    assert cpu_build._vector_width(cpu_build._tiled_library_for(3, 2, 9)) == (16 if wide else 8)
+    assert cpu_build._vector_width(cpu_build._tiled_library_for(3, 2, 8)) == 8
 
 
 @needs_kernel
@@ -155,11 +157,11 @@ def test_the_build_for_compilers_without_shufflevector_gives_the_same_bits(monke
 
     def portable(dkh: int, dvh: int, wide: bool = False):
         flags = (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()), "-DAA_NO_SHUFFLEVECTOR")
-        lib = cpu_kernel._build(cpu_kernel._TILED_SOURCE, "(test)", flags)
+        lib = cpu_build._build(cpu_build._TILED_SOURCE, "(test)", flags)
         built.append(lib)
-        return cpu_kernel._bind_tiled(lib)
+        return cpu_build._bind_tiled(lib)
 
-    monkeypatch.setattr(cpu_kernel, "_tiled_library", portable)
+    monkeypatch.setattr(cpu_build, "_tiled_library", portable)
     out = relative_attention_2d(*inputs, backend="cpu_kernel")
     got = [out, *torch.autograd.grad(out.square().sum(), inputs)]
     assert built and all(lib is not None for lib in built)
@@ -198,7 +200,7 @@ def test_python_threads_run_the_ranges_where_openmp_is_missing(monkeypatch):
         torch.set_num_threads(2)
         for openmp in (True, False):
             if not openmp:
-                for lib in (cpu_kernel._library(), cpu_kernel._tiled_library(3, 2)):
+                for lib in (cpu_build._library(), cpu_build._tiled_library(3, 2)):
                     monkeypatch.setattr(lib, "aa_openmp", lambda: 0)
             out = relative_attention_2d(*inputs, backend="cpu_kernel")
             results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
@@ -222,7 +224,7 @@ def test_large_logits_stay_finite():
 @needs_kernel
 def test_loading_the_kernel_leaves_denormals_alone():
     """Built without -ffast-math: loading it must not switch the process to flush-to-zero."""
-    cpu_kernel.available()
+    cpu_build.available()
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert (tiny * 0.5).item() > 0
 
@@ -241,8 +243,9 @@ def _run(code: str, **env: str) -> str:
 
 
 CHECK = (
-    "import torch; from aa_lightning.layers import cpu_kernel, resolve_backend; "
-    "print(cpu_kernel.available(), resolve_backend('auto', torch.device('cpu')))"
+    "import torch; from aa_lightning.attention import resolve_backend; "
+    "from aa_lightning.kernels.cpu import build as cpu_build; "
+    "print(cpu_build.available(), resolve_backend('auto', torch.device('cpu')))"
 )
 
 
@@ -265,10 +268,10 @@ def test_a_fresh_cache_builds_the_kernel(tmp_path):
 
 
 def _build_in(cache: Path, monkeypatch) -> object:
-    """cpu_kernel._build of the generic kernel with ``cache`` as $AA_LIGHTNING_CACHE, as a fresh process would."""
+    """cpu_build._build of the generic kernel with ``cache`` as $AA_LIGHTNING_CACHE, as a fresh process would."""
     monkeypatch.setenv("AA_LIGHTNING_CACHE", str(cache))
-    monkeypatch.setattr(cpu_kernel, "_ANNOUNCED", set())
-    return cpu_kernel._build(cpu_kernel._SOURCE, cpu_kernel._CHUNKED)
+    monkeypatch.setattr(cpu_build, "_ANNOUNCED", set())
+    return cpu_build._build(cpu_build._SOURCE, cpu_build._CHUNKED)
 
 
 def _unsafe_file(library: Path, monkeypatch) -> str:
@@ -305,14 +308,14 @@ def _another_users_folder(library: Path, monkeypatch) -> str:
 def test_a_library_others_could_have_written_is_refused(tamper, tmp_path, monkeypatch, caplog):
     """A cached library (or its folder) that another user owns or may write is never loaded or
     replaced: the chunked backend runs, and a WARNING names the file and why."""
-    built = Path(cpu_kernel._library()._name)  # the same key in any cache folder: copy, don't compile
+    built = Path(cpu_build._library()._name)  # the same key in any cache folder: copy, don't compile
     (tmp_path / "kernels").mkdir(mode=0o700)
     library = tmp_path / "kernels" / built.name
     shutil.copy(built, library)
     assert _build_in(tmp_path, monkeypatch) is not None
     content = library.read_bytes()
     why = tamper(library, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+    with caplog.at_level(logging.WARNING, logger=cpu_build.__name__):
         assert _build_in(tmp_path, monkeypatch) is None
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert why in record.getMessage() and "kernels" in record.getMessage() and "chunked" in record.getMessage()
@@ -331,7 +334,7 @@ def test_a_failed_build_is_remembered_and_announced_once(tmp_path, monkeypatch, 
     failing.chmod(0o755)
     cache = tmp_path / "cache"
     monkeypatch.setenv("CC", str(failing))
-    with caplog.at_level(logging.INFO, logger=cpu_kernel.__name__):
+    with caplog.at_level(logging.INFO, logger=cpu_build.__name__):
         assert _build_in(cache, monkeypatch) is None
     attempts = len(calls.read_text().splitlines())
     assert attempts == 4  # with / without -fopenmp and -march=native
@@ -340,7 +343,7 @@ def test_a_failed_build_is_remembered_and_announced_once(tmp_path, monkeypatch, 
     failed = list((cache / "kernels").glob("*.failed"))
     assert len(failed) == 4 and all("no such luck" in f.read_text() for f in failed)
     # the next process (another DDP rank, a later run): no compiler run, one warning on stderr
-    code = CHECK + "; cpu_kernel._build(cpu_kernel._SOURCE, cpu_kernel._CHUNKED)"
+    code = CHECK + "; cpu_build._build(cpu_build._SOURCE, cpu_build._CHUNKED)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -353,7 +356,7 @@ def test_a_failed_build_is_remembered_and_announced_once(tmp_path, monkeypatch, 
     assert result.stderr.count("could not build factorized_attention.c") == 1, result.stderr
     assert len(calls.read_text().splitlines()) == attempts
     real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if real is not None and cpu_kernel.available():
+    if real is not None and cpu_build.available():
         monkeypatch.setenv("CC", real)
         assert _build_in(cache, monkeypatch) is not None
 
@@ -368,11 +371,12 @@ def test_a_compiler_without_openmp_still_builds_both_kernels(tmp_path):
     compiler.chmod(0o755)
     code = (
         "import torch; from attention_loop_reference import make_inputs; "
-        "from aa_lightning.layers import cpu_kernel, relative_attention_2d; torch.set_num_threads(2); "
+        "from aa_lightning.attention import relative_attention_2d; "
+        "from aa_lightning.kernels.cpu import build as cpu_build, ops as cpu_kernel; torch.set_num_threads(2); "
         "x = make_inputs(1, 2, 4, 5, 3, 2, dtype=torch.float32); "
         "err = (relative_attention_2d(*x, backend='cpu_kernel').double() "
         "- relative_attention_2d(*(t.double() for t in x), backend='reference')).abs().max().item(); "
-        "print(cpu_kernel._library().aa_openmp(), cpu_kernel._tiled_library(3, 2).aa_openmp(), err < 1e-5)"
+        "print(cpu_build._library().aa_openmp(), cpu_build._tiled_library(3, 2).aa_openmp(), err < 1e-5)"
     )
     tests = Path(__file__).parent  # the subprocess imports the test helpers like pytest does
     path = os.pathsep.join(p for p in (str(tests.parent), str(tests), os.environ.get("PYTHONPATH")) if p)

@@ -8,8 +8,8 @@ import torch
 
 from aa_lightning.data import CIFAR100DataModule, SyntheticCIFARDataModule
 from aa_lightning.data.cifar_format import read_cifar_meta, read_cifar_split, write_cifar100
-from aa_lightning.data.synthetic import write_synthetic_cifar
-from aa_lightning.data.synthetic_relations import render_relation_images
+from aa_lightning.data.synthetic.cifar import write_synthetic_cifar
+from aa_lightning.data.synthetic.relations import render_relation_images
 from aa_lightning.data.transforms import CIFAR100_MEAN, CIFAR100_STD
 
 
@@ -80,7 +80,7 @@ def test_relation_images_are_deterministic_balanced_and_need_both_shapes():
 
 def test_relation_classes_are_the_direction_from_square_to_plus():
     """Find the square (the only 5x5 solid block) and the plus in each image and check the angle."""
-    from aa_lightning.data.synthetic_relations import SHAPE_RADIUS
+    from aa_lightning.data.synthetic.relations import SHAPE_RADIUS
 
     images, labels = render_relation_images(40, num_classes=8, seed=1, angle_margin=0.3)
     r = SHAPE_RADIUS

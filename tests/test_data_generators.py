@@ -16,8 +16,8 @@ import pytest
 
 from aa_lightning.data import SyntheticCIFARDataModule
 from aa_lightning.data.cifar_format import read_cifar_split, write_cifar100
-from aa_lightning.data.synthetic import write_synthetic_cifar
-from aa_lightning.data.synthetic_coco import SyntheticCOCODataModule, generate_synthetic_coco
+from aa_lightning.data.synthetic.cifar import write_synthetic_cifar
+from aa_lightning.data.synthetic.coco import SyntheticCOCODataModule, generate_synthetic_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
 COCO_ARGS = dict(num_train=3, num_val=2, image_size=64, min_object_size=8)
@@ -129,7 +129,7 @@ def test_killed_generation_leaves_no_half_set(tmp_path):
     (only a hidden .partial sibling), and the next generation writes the whole set."""
     root = tmp_path / "shapes"
     code = (
-        "import sys; from aa_lightning.data.synthetic_coco import generate_synthetic_coco; "
+        "import sys; from aa_lightning.data.synthetic.coco import generate_synthetic_coco; "
         "generate_synthetic_coco(sys.argv[1], num_train=5000, num_val=2, image_size=64, min_object_size=8)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)], env={**os.environ, "PYTHONWARNINGS": "ignore"})

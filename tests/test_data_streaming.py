@@ -311,7 +311,7 @@ def test_a_killed_run_resumes_mid_epoch_from_its_checkpoint(shards, tmp_path):
 def test_the_streaming_recipe_is_the_folder_recipe_with_another_reader(capsys, monkeypatch):
     import yaml
 
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     monkeypatch.setattr("sys.argv", ["train.py"])
 

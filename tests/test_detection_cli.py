@@ -223,7 +223,7 @@ def test_backbone_initialized_from_a_classification_run(tmp_path):
 @pytest.mark.parametrize("old, value", [("lr", 0.01), ("lr_batch_size", 16), ("milestones", [3]), ("gamma", 0.5)])
 def test_old_optimizer_key_names_are_unknown_keys(old, value, tmp_path, capsys, monkeypatch):
     """The settings took the classifier's names (base_lr, reference_batch_size, lr_milestone_steps, lr_gamma)."""
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(SystemExit) as info:
@@ -236,7 +236,7 @@ CONFIGS = REPO / "configs"
 
 
 def _resolved(capsys, monkeypatch, recipe: Path) -> dict:
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(SystemExit) as info:

@@ -18,7 +18,7 @@ from aa_lightning.data.coco import (
     load_coco_annotations,
 )
 from aa_lightning.data.detection_transforms import detection_eval_transform, detection_train_transform
-from aa_lightning.data.synthetic_coco import CATEGORIES, generate_synthetic_coco
+from aa_lightning.data.synthetic.coco import CATEGORIES, generate_synthetic_coco
 
 
 def test_category_mapping_round_trips_non_contiguous_ids():

@@ -188,7 +188,7 @@ def test_overfits_a_few_synthetic_images(tmp_path):
     """40 AdamW steps on 4 generated images: the loss collapses and the boxes are found again."""
     from torchmetrics.detection import MeanAveragePrecision
 
-    from aa_lightning.data.synthetic_coco import SyntheticCOCODataModule
+    from aa_lightning.data.synthetic.coco import SyntheticCOCODataModule
 
     pl.seed_everything(0)
     dm = SyntheticCOCODataModule(

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import aa_lightning  # noqa: F401  (registers the models)
-from aa_lightning.layers.relative_attention import BACKENDS, relative_attention_2d
+from aa_lightning.attention import BACKENDS, relative_attention_2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

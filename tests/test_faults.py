@@ -45,7 +45,7 @@ def test_checkpoints_are_written_atomically_beside_the_target_whatever_tmpdir_is
 def test_ckpt_path_last_skips_a_broken_last_ckpt_and_a_bad_path_gets_one_line(tmp_path, capsys):
     """Item 2: 'last' falls back to the newest intact checkpoint with a warning naming the bad file; a bad file
     given by path is one CheckpointError line naming it."""
-    from aa_lightning.cli import (
+    from aa_lightning.training.cli import (
         CheckpointError,
         find_last_checkpoint,
         load_checkpoint_file,
@@ -123,7 +123,7 @@ def test_a_non_finite_loss_stops_the_run_naming_step_value_and_checkpoint(tmp_pa
 
 def test_attention_overlays_draw_nan_maps_without_crashing():
     """Item 8: a diverged model's NaN attention maps become empty heat maps, not an IndexError."""
-    from aa_lightning.callbacks.attention_overlay import heat_tiles, overlay
+    from aa_lightning.viz.overlay import heat_tiles, overlay
 
     maps = torch.full((2, 4, 4), float("nan"))
     heat = heat_tiles(maps, 16)
@@ -132,14 +132,14 @@ def test_attention_overlays_draw_nan_maps_without_crashing():
 
 
 def _model_kwargs(*args: str) -> dict:
-    from aa_lightning.cli import merged_model_kwargs
+    from aa_lightning.training.cli import merged_model_kwargs
 
     return merged_model_kwargs(list(args))["model_kwargs"]
 
 
 def test_model_kwargs_overrides_merge_into_the_recipes_dict(tmp_path, monkeypatch):
     """Item 6: a command-line or second-config model_kwargs adds to the recipe's dict; another model starts afresh."""
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     quickstart = str(REPO / "configs" / "quickstart.yaml")
     recipe = yaml.safe_load(Path(quickstart).read_text())["model"]["init_args"]["model_kwargs"]
@@ -179,7 +179,7 @@ def test_model_kwargs_overrides_merge_into_the_recipes_dict(tmp_path, monkeypatc
 
 def test_a_yaml_syntax_error_names_the_file(tmp_path, capsys, monkeypatch):
     """Item 10: the parser's error names the --config file, not '<unicode string>'."""
-    from aa_lightning.cli import AACLI
+    from aa_lightning.training.cli import AACLI
 
     bad = tmp_path / "broken.yaml"
     bad.write_text("model:\n  init_args: {model_kwargs: [1, 2\n")

@@ -1,4 +1,4 @@
-"""aa_lightning.optim: the torch schedulers against the schedule's closed form, weight-decay groups, optimizers."""
+"""tasks.optim: the torch schedulers against the schedule's closed form, weight-decay groups, optimizers."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from aa_lightning.optim import build_optimizer, param_groups, warmup_schedule
+from aa_lightning.tasks.optim import build_optimizer, param_groups, warmup_schedule
 
 
 def closed_form(step, total, warmup, schedule, min_lr_ratio=0.0, milestones=(), gamma=0.1):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from aa_lightning.callbacks.attention_overlay import colormap_table, tile_origin
+from aa_lightning.attention import relative_attention_reference
 from aa_lightning.data import SyntheticCIFARDataModule
-from aa_lightning.layers import relative_attention_reference
 from aa_lightning.predict import load_trained_classifier, main, preprocess, read_image
 from aa_lightning.tasks import ImageClassifier
+from aa_lightning.viz.overlay import colormap_table, tile_origin
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from cli_helpers import REPO, events
 from cli_helpers import run_python as run
 from PIL import Image
 
-from aa_lightning.callbacks.attention_overlay import tile_origin
+from aa_lightning.viz.overlay import tile_origin
 
 TINY_AA_WRN = {"depth": 10, "widen_factor": 1, "aa_heads": 2, "aa_min_dkh": 4}  # 3 AA layers, 77k parameters
 

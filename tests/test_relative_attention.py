@@ -6,7 +6,7 @@ import pytest
 import torch
 from attention_loop_reference import loop_relative_attention, make_inputs
 
-from aa_lightning.layers import rel_to_abs, relative_attention_2d, resolve_backend
+from aa_lightning.attention import rel_to_abs, relative_attention_2d, resolve_backend
 
 EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused"]
 
@@ -46,7 +46,7 @@ def test_relative_terms_change_the_output():
 
 
 def test_chunked_backend_is_exact_across_chunk_boundaries(monkeypatch):
-    import aa_lightning.layers.chunked_attention as chunked
+    import aa_lightning.attention.chunked as chunked
 
     q, k, v, rel_h, rel_w = make_inputs(2, 2, 5, 3, 4, 3)
     whole = relative_attention_2d(q, k, v, rel_h, rel_w, backend="chunked")
@@ -65,7 +65,7 @@ def test_rel_to_abs_matches_its_definition():
 
 @pytest.mark.parametrize("backend", ["chunked", "cpu_kernel", "fused", "reference"])
 def test_gradcheck(backend, monkeypatch):
-    import aa_lightning.layers.chunked_attention as chunked
+    import aa_lightning.attention.chunked as chunked
 
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 64)  # several chunks in backward
     inputs = make_inputs(1, 2, 2, 3, 3, 2, requires_grad=True)
@@ -120,14 +120,22 @@ def test_input_errors():
         relative_attention_2d(q[0], k[0], v[0])
 
 
-def test_auto_dispatch_on_cuda_is_triton_with_chunked_fallback(monkeypatch):
-    import aa_lightning.layers.relative_attention as ra
+def _triton_importable(monkeypatch, importable: bool) -> None:
+    """The registered triton backend, as if triton were (not) installed."""
+    import dataclasses
 
+    from aa_lightning.attention import registry
+
+    triton = dataclasses.replace(registry.get_backend("triton"), available=lambda: importable)
+    monkeypatch.setitem(registry._REGISTRY, "triton", triton)
+
+
+def test_auto_dispatch_on_cuda_is_triton_with_chunked_fallback(monkeypatch):
     cuda = torch.device("cuda")
-    monkeypatch.setattr(ra, "_triton_available", lambda: True)
+    _triton_importable(monkeypatch, True)
     assert resolve_backend("auto", cuda) == "triton"
     assert resolve_backend("auto", torch.device("mps")) == "fused"
-    monkeypatch.setattr(ra, "_triton_available", lambda: False)
+    _triton_importable(monkeypatch, False)
     assert resolve_backend("auto", cuda) == "chunked"
     with pytest.raises(ValueError, match="'triton' needs the triton package"):
         resolve_backend("triton", cuda)
@@ -136,12 +144,12 @@ def test_auto_dispatch_on_cuda_is_triton_with_chunked_fallback(monkeypatch):
 def test_triton_available_is_importability(monkeypatch):
     import importlib.util
 
-    import aa_lightning.layers.relative_attention as ra
+    from aa_lightning.attention import backend_available
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert ra._triton_available() is False
+    assert backend_available("triton") is False
     monkeypatch.undo()
-    assert ra._triton_available() is (importlib.util.find_spec("triton") is not None)
+    assert backend_available("triton") is (importlib.util.find_spec("triton") is not None)
 
 
 def test_triton_backend_scales_q_and_reshapes_for_the_kernel(monkeypatch):
@@ -157,10 +165,10 @@ def test_triton_backend_scales_q_and_reshapes_for_the_kernel(monkeypatch):
 
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     fake = types.SimpleNamespace(DTYPES=dtypes, triton_relative_attention=fake_kernel)
-    monkeypatch.setitem(sys.modules, "aa_lightning.layers.triton_attention", fake)
-    import aa_lightning.layers as layers
+    monkeypatch.setitem(sys.modules, "aa_lightning.kernels.triton.ops", fake)
+    import aa_lightning.kernels.triton as triton_package
 
-    monkeypatch.setattr(layers, "triton_attention", fake, raising=False)
+    monkeypatch.setattr(triton_package, "ops", fake, raising=False)
     q, k, v, rel_h, rel_w = make_inputs(2, 3, 4, 5, 6, 2, dtype=torch.float32)
     out = relative_attention_2d(q, k, v, rel_h, rel_w, backend="triton")
     assert out.shape == (2, 3, 4, 5, 2)

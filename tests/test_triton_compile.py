@@ -5,6 +5,8 @@ dims are runtime arguments), so each distinct variant is compiled once; the defa
 representative variants on both targets, ``-m slow`` compiles them all."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,10 @@ import torch
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 
-from aa_lightning.layers.triton_attention import block_sizes  # noqa: E402
-from aa_lightning.layers.triton_compile import KERNELS, compile_kernel, zoo_attention_shapes  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # not a package
+from triton_compile import KERNELS, compile_kernel, zoo_attention_shapes  # noqa: E402
+
+from aa_lightning.kernels.triton.ops import block_sizes  # noqa: E402
 
 # (H, W, dkh, dvh): aa_resnet50's stage 2 at 224 (dkh 3), aa_wrn28_10's 32x32 (dkh 20): the
 # widest key-block rows and the largest zoo head dim. The full list is zoo_attention_shapes().

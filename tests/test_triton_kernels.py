@@ -15,7 +15,7 @@ import torch
 from attention_loop_gradients import loop_relative_attention_autograd
 from attention_loop_reference import loop_relative_attention, make_inputs
 
-from aa_lightning.layers import relative_attention_2d
+from aa_lightning.attention import relative_attention_2d
 
 pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,8 +38,12 @@ def test_interpreter_cases_in_a_subprocess():
 
 @pytest.fixture
 def interpreted():
-    """The triton_attention module, its kernels interpreted."""
-    from aa_lightning.layers import triton_attention, triton_kernels
+    """The triton ops module, its kernels interpreted (with the interpreter's bfloat16 dot made exact)."""
+    from aa_lightning.compat.triton import patch_interpreter_bfloat16_dot
+    from aa_lightning.kernels.triton import kernels as triton_kernels
+    from aa_lightning.kernels.triton import ops as triton_attention
+
+    patch_interpreter_bfloat16_dot()
 
     assert not isinstance(triton_kernels._fwd, triton_kernels.triton.JITFunction)
     return triton_attention

@@ -11,8 +11,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..layers import augmented_layers, capture_attention
-from .attention_overlay import UPSAMPLE_MODES, Upsample, attention_figure, colormap_table, denormalize, pil_to_tensor
+from aa_lightning.layers import augmented_layers, capture_attention
+from aa_lightning.viz.overlay import (
+    UPSAMPLE_MODES,
+    Upsample,
+    attention_figure,
+    colormap_table,
+    denormalize,
+    pil_to_tensor,
+)
 
 DEFAULT_QUERIES: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.25, 0.25), (0.75, 0.75))
 

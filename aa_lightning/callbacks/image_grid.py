@@ -9,7 +9,7 @@ import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .attention_overlay import denormalize
+from aa_lightning.viz.overlay import denormalize
 
 
 class TrainingImageGrid(pl.Callback):

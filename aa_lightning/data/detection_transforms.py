@@ -20,33 +20,41 @@ from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
-from albumentations.augmentations.geometric.resize import MaxSizeTransform
-from albumentations.core.transforms_interface import BaseTransformInitSchema
+import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 #: Per-box fields carried alongside ``bboxes`` through the pipeline (filtered together with them).
 BOX_FIELDS = ("labels", "ann_index")
 
 
-class ShortSideResize(MaxSizeTransform):
+class ShortSideResize(A.DualTransform):
     """Resize keeping the aspect ratio: ``scale = min(min_size / min(H, W), max_size / max(H, W))``.
 
-    ``min_size`` may be a list: one value is drawn per call (multi-scale training). Boxes are
-    scale invariant in albumentations' normalized representation, so the parent handles them.
+    ``min_size`` may be a list: one value is drawn per call (multi-scale training), from the
+    pipeline's seeded generator. The new size is ``round(H * scale) x round(W * scale)`` (bilinear),
+    as albumentations' own max-size resizes compute it; boxes are scale invariant in
+    albumentations' normalized representation, so they pass unchanged. Built on the public
+    ``A.DualTransform`` (albumentations' guide to custom transforms), not its internal resize base.
     """
 
-    class InitSchema(BaseTransformInitSchema):
-        min_size: int | list[int]
-        max_size: int
-
     def __init__(self, min_size: int | list[int] = 800, max_size: int = 1333, p: float = 1.0):
-        super().__init__(max_size=max_size, p=p)
+        super().__init__(p=p)
         self.min_size = min_size
+        self.max_size = max_size
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         short = self.py_random.choice(self.min_size) if isinstance(self.min_size, list) else self.min_size
         return {"scale": min(short / min(height, width), self.max_size / max(height, width))}
+
+    def apply(self, img: np.ndarray, scale: float, **params: Any) -> np.ndarray:
+        height, width = img.shape[:2]
+        size = max(1, round(height * scale)), max(1, round(width * scale))
+        return img if size == (height, width) else cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
+        return bboxes  # normalized coordinates: unchanged by a uniform scale
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("min_size", "max_size")

@@ -24,7 +24,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import get_worker_info
 
-from ..constants import CIFAR100_MEAN, CIFAR100_STD
+from aa_lightning.constants import CIFAR100_MEAN, CIFAR100_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

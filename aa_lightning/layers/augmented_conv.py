@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from timm.layers import get_padding, to_2tuple
 from torch import Tensor, nn
 
+from aa_lightning.attention import BACKENDS, attention_probabilities, relative_attention_2d
+
 from .position_encoding import add_sine_position_encoding, concat_coord_channels
-from .relative_attention import BACKENDS, attention_probabilities, relative_attention_2d
 
 Position = Literal["relative", "none", "sine", "coord"]
 POSITIONS: tuple[str, ...] = ("relative", "none", "sine", "coord")

@@ -25,7 +25,8 @@ from typing import Any
 from timm.models import resolve_pretrained_cfg
 from torch import nn
 
-from ..layers import BACKENDS, POSITIONS, AugmentedConv2d, aa_dims
+from ..attention import BACKENDS
+from ..layers import POSITIONS, AugmentedConv2d, aa_dims
 
 #: create_model kwarg -> AttentionSettings field
 KWARGS: dict[str, str] = {

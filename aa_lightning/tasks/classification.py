@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..optim import build_optimizer, peak_lr, warmup_schedule
+from .optim import build_optimizer, peak_lr, warmup_schedule
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:

@@ -4,7 +4,7 @@ Everything RetinaNet-specific is torchvision's ``RetinaNet``: its head (4 convs 
 per branch, shared across levels), anchor generator, focal loss (alpha 0.25, gamma 2: fixed in
 torchvision's head, the values of Lin et al. 2017), box coder and post-processing (score
 threshold, per-level top-k, NMS). This module adds the backbone (:mod:`.detection_backbone`),
-the optimizer/schedule (:mod:`aa_lightning.optim`) and COCO metrics (torchmetrics'
+the optimizer/schedule (:mod:`aa_lightning.tasks.optim`) and COCO metrics (torchmetrics'
 ``MeanAveragePrecision``, gathered per process under DDP: :mod:`.detection_metrics`).
 
 Input transform decision: images arrive already resized by the data pipeline
@@ -33,9 +33,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..optim import build_optimizer, peak_lr, warmup_schedule
 from .detection_backbone import TimmFPNBackbone
 from .detection_metrics import DistributedMeanAveragePrecision
+from .optim import build_optimizer, peak_lr, warmup_schedule
 
 #: Logged COCO metrics (torchmetrics names): AP@[.5:.95], AP50, AP75, AP small/medium/large, AR@100.
 LOGGED_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
@@ -92,7 +92,7 @@ class RetinaNetDetector(pl.LightningModule):
             rate for a global batch of ``reference_batch_size`` images, scaled linearly to the run's
             global batch (``reference_batch_size: null`` uses ``base_lr`` as is).
         warmup_steps, schedule, lr_milestone_steps, lr_gamma, min_lr_ratio: per-step schedule of
-            :func:`aa_lightning.optim.warmup_schedule`; warm-up and milestones in optimizer steps
+            :func:`aa_lightning.tasks.optim.warmup_schedule`; warm-up and milestones in optimizer steps
             (Detectron's unit; the classifier counts them in epochs).
         channels_last: NHWC memory format for the whole network (~1.6x faster on CPU here;
             also the fast path for mixed precision on recent GPUs).

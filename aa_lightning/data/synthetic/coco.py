@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from .coco import COCODataModule
+from ..coco import COCODataModule
 from .generated import write_generated_set
 
 CATEGORIES = [

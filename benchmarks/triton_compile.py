@@ -49,8 +49,7 @@ def zoo_attention_shapes() -> list[dict]:
     import timm
 
     import aa_lightning  # noqa: F401  (registers the models)
-
-    from .augmented_conv import AugmentedConv2d
+    from aa_lightning.layers import AugmentedConv2d
 
     rows: dict[tuple[int, int, int, int], list[str]] = {}
     for name, kwargs, label in [
@@ -107,7 +106,8 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_attention, triton_kernels
+    from aa_lightning.kernels.triton import kernels as triton_kernels
+    from aa_lightning.kernels.triton import ops as triton_attention
 
     fn = getattr(triton_kernels, kernel)
     if not isinstance(fn, triton.JITFunction):

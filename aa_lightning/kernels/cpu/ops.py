@@ -4,7 +4,7 @@
     bias_w[i, jx] = q_i . rel_w[jx - ix + W - 1],  bias_h[i, jy] = q_i . rel_h[jy - iy + H - 1]
     out_i = sum_j softmax_j(logits[i, :]) v_j
 
-The same function as :mod:`.chunked_attention`, but each query row's logits live in scratch that
+The same function as :mod:`aa_lightning.attention.chunked`, but each query row's logits live in scratch that
 stays in the CPU's L1/L2 cache: the (HW)^2 logits are never written to memory, and the
 exponentials, the bias, the q.k products (dkh multiply-adds) and P V run in SIMD loops.
 Forward saves each row's log-sum-exp (O(HW) memory); backward recomputes the row's
@@ -21,7 +21,7 @@ probabilities from it and accumulates every gradient in one pass over the keys. 
   ``aa_lightning::factorized_attention``): any dims, float32 and float64, on precomputed
   tables; used for float64 (tests, gradcheck) and for float32 where the per-dims build fails.
 
-Each is compiled on first use with the system C compiler (``$CC``, else ``cc``; well under a
+Each is compiled on first use (:mod:`.build`) with the system C compiler (``$CC``, else ``cc``; well under a
 second per build) into ``$AA_LIGHTNING_CACHE/kernels`` (default ``~/.cache/aa_lightning``; created
 with mode 0700), keyed by a hash of the source, the flags, the compiler and the CPU's features,
 and loaded with ctypes -- only from a folder and a file that belong to this user and are not
@@ -33,7 +33,7 @@ built with ``-fopenmp``, the library resolves ``libgomp.so.1`` to the copy torch
 loaded, so the kernel shares torch's thread pool instead of fighting its spinning workers for
 the cores (where no OpenMP build works, Python threads run the ranges; ctypes releases the
 GIL). Each slice is one thread's, so the result does not depend on the split. No compiler, or
-``AA_LIGHTNING_CPU_KERNEL=0``: :func:`available` is False and ``backend="auto"`` uses
+``AA_LIGHTNING_CPU_KERNEL=0``: :func:`.build.available` is False and ``backend="auto"`` uses
 ``chunked``. Both ops are torch custom ops (with fake implementations and autograd), so
 ``torch.compile``, ``torch.export`` and fx see one opaque node, not a graph break.
 
@@ -44,260 +44,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import stat
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from aa_lightning.atomic_files import write_text_atomic
+from . import build
 
-_log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("factorized_attention.c")
-_TILED_SOURCE = Path(__file__).with_name("factorized_attention_tiled.c")
-_TILED_MAX_DIM = 64  # head dims above this use the generic kernel
-_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = _TILED_MAX_DIM, 196  # where the tiled kernel wins: see tiled_fits
-# No -ffast-math: linked into a shared library it would switch the whole process to
-# flush-to-zero. These flags allow the vectorized loops without that side effect.
-_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
-_NATIVE = ["-march=native"]
-_OPENMP = ["-fopenmp"]
+_TILED_BEST_DKH, _TILED_ANY_DKH_POSITIONS = build._TILED_MAX_DIM, 196  # where the tiled kernel wins: see tiled_fits
 DTYPES = (torch.float32, torch.float64)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("AA_LIGHTNING_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "aa_lightning"
-    )
-    return Path(root) / "kernels"
-
-
-_ANNOUNCED: set[str] = set()
-_CHUNKED = "attention runs on the slower chunked backend"  # what runs without the generic kernel
-
-
-def _fallback(consequence: str, reason: str) -> None:
-    """Announce at WARNING, once per process for each ``consequence``, that a compiled kernel is
-    not used and why (the first reason met is the one given)."""
-    if consequence not in _ANNOUNCED:
-        _ANNOUNCED.add(consequence)
-        _log.warning("aa_lightning CPU kernel: %s; %s", reason, consequence)
-
-
-def _unsafe(path: Path) -> str | None:
-    """Why ``path`` (the cache folder or a library in it) must not be trusted, or None: it is
-    owned by another user or is group/world-writable, so someone else could have put the code
-    there that ctypes would run in this process."""
-    if not hasattr(os, "getuid"):  # Windows: no POSIX owner or mode bits to check
-        return None
-    st = path.lstat()
-    if st.st_uid != os.getuid():
-        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
-    if st.st_mode & 0o022:
-        return f"{path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
-    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        return f"{path} is neither a regular file nor a folder"
-    return None
-
-
-def _safe_cache_dir(consequence: str) -> Path | None:
-    """The cache folder, created with mode 0700 if missing; None (after a warning) if it cannot be
-    created or is not safe to load code from (:func:`_unsafe`)."""
-    folder = _cache_dir()
-    try:
-        for path in (folder.parent, folder):  # only the folders this project owns get mode 0700
-            if not path.is_dir():
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        reason = _unsafe(folder)
-    except OSError as err:
-        reason = f"cannot use the cache folder {folder}: {err}"
-    if reason is not None:
-        _fallback(consequence, f"refusing the kernel cache: {reason}")
-        return None
-    return folder
-
-
-def _compiler() -> str | None:
-    """The C compiler: ``$CC`` (a path or a name), else cc, gcc or clang on the PATH."""
-    name = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return None if name is None else (shutil.which(name) or name)
-
-
-def _compiler_identity(compiler: str) -> bytes:
-    """The compiler's path, size and mtime: part of the cache key, so a failed build is retried
-    with another or an upgraded compiler, and a library is never taken for another compiler's."""
-    try:
-        st = os.stat(compiler)
-        return f"{compiler} {st.st_size} {st.st_mtime_ns}".encode()
-    except OSError:
-        return compiler.encode()
-
-
-def _compile(compiler: str, source: Path, target: Path, flags: list[str]) -> bool:
-    """Compile ``source`` into ``target`` atomically (safe when DDP processes build at once). A
-    failure is recorded in ``target`` with the suffix ``.failed`` (the compiler's message), so
-    that other processes, and later runs, do not retry the same build."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        try:
-            result = subprocess.run(
-                [compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True, check=False
-            )
-            returncode, message = result.returncode, result.stderr[-2000:]
-        except OSError as err:  # $CC names no runnable program
-            returncode, message = -1, str(err)
-        if returncode != 0:
-            _log.info("aa_lightning CPU kernel: %s failed on %s: %s", compiler, source.name, message)
-            write_text_atomic(
-                target.with_suffix(".failed"),
-                f"{compiler} {' '.join(flags)} {source} (exit {returncode}):\n{message}\n",
-            )
-            return False
-        os.replace(built, target)
-    return True
-
-
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    ptr, long = ctypes.c_void_p, ctypes.c_long
-    for suffix in ("f32", "f64"):
-        forward = getattr(lib, f"aa_forward_{suffix}")
-        forward.argtypes = [ptr] * 7 + [long] * 8 + [ptr, long]
-        forward.restype = None
-        backward = getattr(lib, f"aa_backward_{suffix}")
-        backward.argtypes = [ptr] * 13 + [long] * 8 + [ptr, long]
-        backward.restype = None
-    lib.aa_openmp.restype = ctypes.c_int
-    return lib
-
-
-def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
-    ptr, long = ctypes.c_void_p, ctypes.c_long
-    lib.aa_tiled_forward.argtypes = [ptr] * 7 + [long] * 5 + [ptr, long, ptr, long]
-    lib.aa_tiled_forward.restype = None
-    lib.aa_tiled_backward.argtypes = [ptr] * 13 + [long] * 5 + [ptr, long, ptr, long]
-    lib.aa_tiled_backward.restype = None
-    for size in (lib.aa_tiled_scratch, lib.aa_tiled_row_stride):
-        size.argtypes = [long, long]
-        size.restype = long
-    if hasattr(lib, "aa_tiled_vector_width"):
-        lib.aa_tiled_vector_width.argtypes = []
-        lib.aa_tiled_vector_width.restype = long
-    lib.aa_openmp.restype = ctypes.c_int
-    return lib
-
-
-def _cpu_signature() -> bytes:
-    """What -march=native depends on: the CPU's feature flags (Linux), else its name. Part of
-    the cache key, so a cache shared by different machines (an NFS home on a cluster) never
-    hands one CPU a library built for another's instruction set."""
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            for line in f:
-                if line.startswith((b"flags", b"Features")):
-                    return line
-    except OSError:
-        pass
-    return f"{sys.platform} {platform.machine()} {platform.processor()}".encode()
-
-
-def _build(source: Path, consequence: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """Load ``source`` built with ``defines``, compiling it into the cache first if needed.
-
-    The cache folder and a cached library are used only if they belong to this user and are not
-    group/world-writable; a build that failed before (same source, flags, compiler and CPU) is
-    not retried (delete its ``.failed`` file to retry). Where nothing loads, the fallback is
-    announced once per process at WARNING with ``consequence`` (what runs instead)."""
-    if os.environ.get("AA_LIGHTNING_CPU_KERNEL", "1") == "0":
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        _fallback(consequence, "no C compiler found (set $CC)")
-        return None
-    folder = _safe_cache_dir(consequence)
-    if folder is None:
-        return None
-    text = source.read_bytes()
-    failed = []
-    # -march=native and -fopenmp are not accepted everywhere
-    for flags in (_FLAGS + _OPENMP + _NATIVE, _FLAGS + _OPENMP, _FLAGS + _NATIVE, _FLAGS):
-        flags = flags + list(defines)
-        key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_signature() + _compiler_identity(compiler))
-        target = folder / f"{source.stem}_{key.hexdigest()[:16]}.so"
-        try:
-            if target.with_suffix(".failed").exists() and not target.exists():
-                failed.append(target.with_suffix(".failed"))
-                continue
-            if not target.exists() and not _compile(compiler, source, target, flags):
-                failed.append(target.with_suffix(".failed"))
-                continue
-            reason = _unsafe(target)
-            if reason is not None:
-                _fallback(consequence, f"refusing to load {reason}")
-                return None
-            return ctypes.CDLL(str(target))
-        except OSError as err:  # unwritable cache, a library that does not load
-            _log.info("aa_lightning CPU kernel: %s", err)
-            failed.append(target)
-    _fallback(
-        consequence,
-        f"{compiler} could not build {source.name} (see {failed[-1]}; delete the .failed files beside it to retry)",
-    )
-    return None
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    lib = _build(_SOURCE, _CHUNKED)
-    return None if lib is None else _bind(lib)
-
-
-@functools.cache
-def _tiled_library(dkh: int, dvh: int, wide: bool = False) -> ctypes.CDLL | None:
-    """The float32 kernel built for these head dims (``wide``: on 16-float AVX-512 vectors instead
-    of 8); None where it cannot be (then the generic one runs)."""
-    if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
-        return None
-    lib = _build(
-        _TILED_SOURCE,
-        "float32 attention runs on the generic compiled kernel",
-        (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())),
-    )
-    return None if lib is None else _bind_tiled(lib)
-
-
-@functools.cache
-def _has_avx512() -> bool:
-    return b" avx512f " in _cpu_signature().replace(b"\n", b" ")
-
-
-def _tiled_library_for(dkh: int, dvh: int, w: int) -> ctypes.CDLL | None:
-    """The build for a grid ``w`` columns wide: 16-float vectors where the CPU has AVX-512 and a
-    grid row fills more than 8 of them (narrower rows would be half padding), else 8-float ones."""
-    wide = _has_avx512() and w > 8
-    return (wide and _tiled_library(dkh, dvh, True)) or _tiled_library(dkh, dvh)
-
-
-def _vector_width(lib: ctypes.CDLL) -> int:
-    """Floats per vector of a tiled build: the grid rows are padded to a multiple of it."""
-    try:
-        return lib.aa_tiled_vector_width()
-    except AttributeError:  # a build from before the width was a parameter (benchmarks' --against)
-        return 8
-
-
-def available() -> bool:
-    """Whether the compiled kernel can be used here (compiles it on the first call)."""
-    return _library() is not None
 
 
 @functools.cache
@@ -354,7 +110,7 @@ def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tens
 
 def _run_kernel(direction: str, tensors: list[Tensor], scratch_rows: int) -> None:
     """``aa_<direction>_<dtype>`` over all BH slices; ``tensors`` start with :func:`_kernel_layout`'s."""
-    lib = _library()
+    lib = build._library()
     if lib is None:
         raise RuntimeError("the aa_lightning CPU attention kernel is not available (no C compiler?)")
     q, kt, vt, bias_w, bias_h = tensors[:5]
@@ -450,7 +206,7 @@ def tiled_fits(dkh: int, positions: int) -> bool:
 def tiled_builds(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
     """Whether the tiled kernel can run these inputs: float32, and its build for (dkh, dvh)
     succeeds here (the first call per pair compiles it)."""
-    return dtype == torch.float32 and _tiled_library(dkh, dvh) is not None
+    return dtype == torch.float32 and build._tiled_library(dkh, dvh) is not None
 
 
 def use_tiled(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
@@ -482,7 +238,7 @@ def _from_rows(t: Tensor, b: int, h: int, w: int, vw: int, dtype: torch.dtype) -
 def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     """``aa_tiled_<direction>`` over all BH slices; ``tensors``: the kernel's array arguments in its order."""
     q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, Ls], vt [BH, DV, Ls]
-    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2], _vector_width(lib))
+    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2], build._vector_width(lib))
     function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
     zeros = q.new_zeros(wp + h + d + dv)
     stride = lib.aa_tiled_scratch(h, wp)
@@ -512,13 +268,13 @@ def _tiled_inputs(
             f"float16); got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}"
         )
     b, nh, h, w, d = q.shape
-    lib = _tiled_library_for(d, v.shape[4], w)
+    lib = build._tiled_library_for(d, v.shape[4], w)
     if lib is None:
         raise RuntimeError(
             f"the tiled CPU attention kernel for dkh {d}, dvh {v.shape[4]} is not available "
             "(no C compiler, AA_LIGHTNING_CPU_KERNEL=0, or head dims above 64)"
         )
-    vw = _vector_width(lib)
+    vw = build._vector_width(lib)
     row_stride = lib.aa_tiled_row_stride(h, _padded_width(w, vw))
     scaled = q.new_empty(b * nh, h, w, d, dtype=torch.float32)
     if q.dtype == torch.float32:
@@ -573,7 +329,7 @@ def relative_attention_backward_op(
     grad_out = grad_out.to(torch.float32).contiguous()
     _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out, *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
-    vw = _vector_width(lib)
+    vw = build._vector_width(lib)
     return (
         grad_q.mul_(scale).view(q.shape).to(q.dtype),
         _from_rows(grad_kt, b, h, w, vw, k.dtype),

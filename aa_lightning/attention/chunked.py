@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .tables import autocast_dtype, relative_logit_tables
+
 # _GEMM_NOTE: the value-side GEMMs have a tiny dimension (dkh, dvh are often 3-8). MKL runs
 # [n, HW] @ [HW, d] about 3-5x slower than the same product written as [d, HW] @ [HW, n], so
 # out, grad_q, grad_k and grad_v are accumulated transposed ([BH, d, HW]) and transposed once
@@ -105,3 +107,25 @@ def factorized_bias_attention(
     return FactorizedBiasAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), bias_w.contiguous(), bias_h.contiguous(), rows
     )
+
+
+def chunked_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """``backend="chunked"``: per-query tables (:func:`~.tables.relative_logit_tables`), then
+    :func:`factorized_bias_attention`. Shapes as :func:`aa_lightning.attention.relative_attention_2d`;
+    computes in the autocast dtype (else q's)."""
+    b, nh, h, w, dkh = q.shape
+    device_type = q.device.type
+    dtype = autocast_dtype(device_type) or q.dtype
+    with torch.autocast(device_type, enabled=False):
+        q = q.to(dtype) * dkh**-0.5
+        k, v = k.to(dtype), v.to(dtype)
+        bh, length = b * nh, h * w
+        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
+        out = factorized_bias_attention(
+            q.reshape(bh, length, dkh),
+            k.reshape(bh, length, dkh),
+            v.reshape(bh, length, -1),
+            s_w.reshape(bh, length, w),
+            s_h.reshape(bh, length, h),
+        )
+    return out.reshape(b, nh, h, w, -1)

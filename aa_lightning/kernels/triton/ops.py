@@ -1,6 +1,6 @@
 """``backend="triton"``: 2-D relative attention as FlashAttention-2-style Triton kernels (CUDA).
 
-The kernels (:mod:`.triton_kernels`) compute the relative logits per block of queries from
+The kernels (:mod:`.kernels`) compute the relative logits per block of queries from
 ``q . rel_w`` and ``q . rel_h`` and add them by key column and key row, so nothing of size (HW)^2
 is ever materialized; forward saves the log-sum-exp, backward recomputes the probabilities in a
 dq pass and a dk/dv pass (no atomics, so the result is deterministic). The dq pass also returns
@@ -9,8 +9,9 @@ the gradients of the per-query relative logits summed over key rows ([L, W]) and
 
 Both kernels are wrapped as torch custom ops (``aa_lightning::triton_relative_attention`` and its
 backward), with fake implementations and autograd, so ``torch.compile`` sees one opaque node.
-triton is imported lazily by :mod:`.relative_attention`; with ``TRITON_INTERPRET=1`` set before
-:mod:`.triton_kernels` is imported the same kernels run on CPU tensors (the tests do this).
+triton is imported lazily by :mod:`.backend`; with ``TRITON_INTERPRET=1`` set before
+:mod:`.kernels` is imported the same kernels run on CPU tensors (the tests do this, with
+:func:`aa_lightning.compat.triton.patch_interpreter_bfloat16_dot`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import triton_kernels
-from .relative_attention import relative_offsets_index
+from aa_lightning.attention.tables import relative_offsets_index
+
+from . import kernels as triton_kernels
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_N = 64  # keys per block
@@ -31,31 +33,6 @@ _MAX_ROWS = 4  # grid rows per key block (more spill in the bias loops at W <= 8
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def _interpreter_dot_takes_bfloat16() -> None:
-    """triton's interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
-    (triton 3.8); widen bfloat16 operands to float32 first, which is what the tensor cores compute
-    (exact bf16 products, float32 accumulation)."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, *args):
-        widened = []
-        for x in (a, b):
-            if x.dtype.scalar == interpreter.tl.bfloat16:
-                data = interpreter._convert_float(x.data, x.dtype.scalar, interpreter.tl.float32, None)
-                x = interpreter.TensorHandle(data.view(np.float32), interpreter.tl.float32)
-            widened.append(x)
-        return original(self, *widened, *args)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-
-if not isinstance(triton_kernels._fwd, triton_kernels.triton.JITFunction):  # TRITON_INTERPRET=1
-    _interpreter_dot_takes_bfloat16()
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cifar import CIFAR100DataModule
-from .cifar_format import BASE_FOLDER, write_cifar100
+from ..cifar import CIFAR100DataModule
+from ..cifar_format import BASE_FOLDER, write_cifar100
 from .generated import write_generated_set
-from .synthetic_relations import relation_class_names, render_relation_images
+from .relations import relation_class_names, render_relation_images
 
 FORMAT_VERSION = 1
 STAMP = "synthetic.json"

@@ -11,7 +11,7 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
   folder does the same). The checkpoint is loaded and checked against the model (names and shapes of
   every tensor) before anything is written to the run folder.
 - ``--checkpoint_every_n_steps``: ``last.ckpt`` is written every N optimizer steps and at every epoch end
-  (:class:`~aa_lightning.callbacks.LastCheckpoint`), so a killed run resumes where it was (docs/training.md,
+  (:class:`~aa_lightning.training.faults.LastCheckpoint`), so a killed run resumes where it was (docs/training.md,
   "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
   143 / 130; a non-finite training loss stops the run naming the step and the last good checkpoint.
 - ``model_kwargs`` / ``backbone_kwargs`` given in several places (recipe, a second ``--config``, the command line)
@@ -48,18 +48,17 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
-from aa_lightning.callbacks import (
+from aa_lightning.callbacks import RunSummary, TrainingImageGrid
+from aa_lightning.models.weights import describe_differences, state_dict_differences
+from aa_lightning.training.faults import (
     AtomicCheckpointIO,
     ExactResume,
     LastCheckpoint,
     NonFiniteLossError,
     NonFiniteLossGuard,
     RunInterrupted,
-    RunSummary,
     StopOnSignal,
-    TrainingImageGrid,
 )
-from aa_lightning.models.weights import describe_differences, state_dict_differences
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 

@@ -1,0 +1,57 @@
+"""``backend="cpu_kernel"``: the relative attention on the compiled CPU kernels of :mod:`.ops`.
+
+float32 runs the tiled kernel (the tables computed inside it, q, k, v read as they are) where it is
+built and wins (:func:`.ops.use_tiled`); float64, and float32 where the per-dims build fails, run the
+generic kernel on precomputed tables. Other dtypes (bf16 / fp16 autocast) compute in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from aa_lightning.attention.tables import autocast_dtype, relative_logit_tables
+
+from . import build, ops
+
+
+@torch.compiler.assume_constant_result  # the per-head-dims float32 kernel's build, decided at trace time
+def _tiled_kernel_builds(dtype: torch.dtype, dkh: int, dvh: int) -> bool:
+    return ops.tiled_builds(dtype, dkh, dvh)
+
+
+def _use_tiled_kernel(dtype: torch.dtype, dkh: int, dvh: int, positions: int) -> bool:
+    """ops.use_tiled, split so that compile sees a guard on the (possibly symbolic) grid size and a
+    constant for the build."""
+    return ops.tiled_fits(dkh, positions) and _tiled_kernel_builds(dtype, dkh, dvh)
+
+
+def cpu_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """Shapes as :func:`aa_lightning.attention.relative_attention_2d`; computes in float32 (float64 for
+    float64 inputs) and returns the autocast dtype (else q's)."""
+    b, nh, h, w, dkh = q.shape
+    out_dtype = autocast_dtype("cpu") or q.dtype
+    dtype = out_dtype if out_dtype in ops.DTYPES else torch.float32
+    with torch.autocast("cpu", enabled=False):
+        if _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):
+            # tables computed in the kernel; q, k, v read as they are (scaled, cast and laid out in one pass each)
+            q, k, v = (t if t.dtype in ops.TILED_READS else t.to(dtype) for t in (q, k, v))
+            out = ops.cpu_kernel_relative_attention(q, k, v, rel_h.to(dtype), rel_w.to(dtype), scale=dkh**-0.5)
+            return out.to(out_dtype)
+        q = q.to(dtype) * dkh**-0.5
+        k, v = k.to(dtype), v.to(dtype)
+        bh, length = b * nh, h * w
+        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
+        out = ops.cpu_kernel_attention(
+            q.reshape(bh, length, dkh),
+            k.reshape(bh, length, dkh),
+            v.reshape(bh, length, -1),
+            s_w.reshape(bh, length, w),
+            s_h.reshape(bh, length, h),
+        )
+    return out.to(out_dtype).reshape(b, nh, h, w, -1)
+
+
+def available() -> bool:
+    """Whether the generic kernel builds and loads here (a C compiler; ``AA_LIGHTNING_CPU_KERNEL`` not 0)."""
+    return build.available()
