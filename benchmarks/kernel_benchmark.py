@@ -70,12 +70,14 @@ VARIANTS: dict[str, Attention] = {
 
 def tiled_at(revision: str) -> Attention:
     """The tiled kernel built from ``revision``'s C source (``git show``), run through the same op."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:aa_lightning/kernels/cpu/factorized_attention_tiled.c"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    for where in ("aa_lightning/kernels/cpu", "aa_lightning/layers"):  # the folder before and after the redesign
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:{where}/factorized_attention_tiled.c"], capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = Path(tempfile.mkdtemp(prefix="aa_kernel_")) / "factorized_attention_tiled.c"
     path.write_text(source)
 
