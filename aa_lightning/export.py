@@ -5,11 +5,15 @@
 writes into ``--out``:
 
 - ``model.safetensors`` + ``config.json``: timm's own export format (``timm.models.save_for_hf``:
-  weights, architecture, ``model_args`` such as ``aa_k``, class names, mean / std / input size).
-  Load it with ``timm.create_model("local-dir:export/", pretrained=True)`` (after
-  ``import aa_lightning``), or with the model name:
-  ``timm.create_model(name, pretrained=True, num_classes=C, **model_kwargs,
-  pretrained_cfg_overlay=dict(file="export/model.safetensors", num_classes=C))``.
+  weights, architecture, ``model_args`` such as ``aa_k``, the class names as ``label_names``, and the
+  preprocessing the checkpoint records in ``pretrained_cfg``: ``input_size``, ``interpolation``, ``mean``,
+  ``std``, ``crop_pct``, ``crop_mode``; see :mod:`aa_lightning.predict` for ``--data-config`` /
+  ``--class-names``, which an older checkpoint needs). Load it with
+  ``timm.create_model("local-dir:export/", pretrained=True)`` (after ``import aa_lightning``), or with the
+  model name: ``timm.create_model(name, pretrained=True, num_classes=C, **model_kwargs,
+  pretrained_cfg_overlay=dict(file="export/model.safetensors", num_classes=C))``;
+  ``timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))`` is then predict's
+  preprocessing. Every file gets the umask's mode.
 - ``model.onnx``: input ``images`` [B, 3, S, S] (dynamic batch, fixed S), output ``logits``
   [B, num_classes]. The AA layers are exported with ``backend="fused"`` (torch's
   scaled_dot_product_attention with the relative logits folded into the dot product) or
