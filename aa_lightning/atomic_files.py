@@ -23,6 +23,12 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0o666 less it): for files that a library
+    writes with its own mode (safetensors: 0o600) before they are published."""
+    return _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
     """``open(path, mode)`` for writing, made atomic: the handle writes a temporary file beside ``path``,

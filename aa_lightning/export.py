@@ -5,11 +5,15 @@
 writes into ``--out``:
 
 - ``model.safetensors`` + ``config.json``: timm's own export format (``timm.models.save_for_hf``:
-  weights, architecture, ``model_args`` such as ``aa_k``, class names, mean / std / input size).
-  Load it with ``timm.create_model("local-dir:export/", pretrained=True)`` (after
-  ``import aa_lightning``), or with the model name:
-  ``timm.create_model(name, pretrained=True, num_classes=C, **model_kwargs,
-  pretrained_cfg_overlay=dict(file="export/model.safetensors", num_classes=C))``.
+  weights, architecture, ``model_args`` such as ``aa_k``, the class names as ``label_names``, and the
+  preprocessing the checkpoint records in ``pretrained_cfg``: ``input_size``, ``interpolation``, ``mean``,
+  ``std``, ``crop_pct``, ``crop_mode``; see :mod:`aa_lightning.predict` for ``--data-config`` /
+  ``--class-names``, which an older checkpoint needs). Load it with
+  ``timm.create_model("local-dir:export/", pretrained=True)`` (after ``import aa_lightning``), or with the
+  model name: ``timm.create_model(name, pretrained=True, num_classes=C, **model_kwargs,
+  pretrained_cfg_overlay=dict(file="export/model.safetensors", num_classes=C))``;
+  ``timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))`` is then predict's
+  preprocessing. Every file gets the umask's mode.
 - ``model.onnx``: input ``images`` [B, 3, S, S] (dynamic batch, fixed S), output ``logits``
   [B, num_classes]. The AA layers are exported with ``backend="fused"`` (torch's
   scaled_dot_product_attention with the relative logits folded into the dot product) or
@@ -39,10 +43,10 @@ import torch
 from torch import Tensor, nn
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
-from aa_lightning.atomic_files import write_text_atomic
+from aa_lightning.atomic_files import new_file_mode, write_text_atomic
 from aa_lightning.commands import CommandError, prepare_out_folder, run_command
 from aa_lightning.layers import attention_backend
-from aa_lightning.predict import TrainedClassifier, load_trained_classifier
+from aa_lightning.predict import TrainedClassifier, add_description_arguments, classifier_from_args
 
 ONNX_BACKENDS = ("fused", "reference")
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models get a model.onnx.data file
@@ -105,25 +109,20 @@ def run_onnx(path: str | Path, images: Tensor) -> tuple[np.ndarray, str]:
 
 
 def export_timm(classifier: TrainedClassifier, folder: str | Path) -> Path:
-    """``model.safetensors`` + ``config.json`` by timm's ``save_for_hf`` (weights, architecture,
-    model arguments, class names, preprocessing); returns the folder."""
+    """``model.safetensors`` + ``config.json`` by timm's ``save_for_hf`` (weights, architecture, model
+    arguments, class names as ``label_names``, and the checkpoint's preprocessing in ``pretrained_cfg``:
+    ``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``); returns the folder."""
     from timm.models import save_for_hf
 
     folder = Path(folder)
     model_config = {"label_names": list(classifier.class_names)} if classifier.class_names else {}
-    data_config = {
-        "input_size": (3, classifier.image_size, classifier.image_size),
-        "mean": tuple(classifier.mean),
-        "std": tuple(classifier.std),
-        "crop_pct": classifier.image_size / classifier.resize_size,
-    }
     save_for_hf(
         classifier.model,
         str(folder),
         model_config=model_config,
         model_args=dict(classifier.model_kwargs),
         safe_serialization=True,
-        data_config=data_config,
+        data_config=dict(classifier.preprocessing),
     )
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
@@ -159,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size", type=int, default=None, help="ONNX input size S (default: the checkpoint's evaluation size)"
     )
+    add_description_arguments(parser)
     parser.add_argument(
         "--backend",
         choices=ONNX_BACKENDS,
@@ -208,18 +208,15 @@ def export_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     place; the files of an earlier export into the same folder (listed in its export.json) that this
     export does not write again are removed, so the folder never mixes two checkpoints. Files that
     no export wrote are never overwritten (an error instead)."""
-    classifier = load_trained_classifier(args.ckpt, args.model)
-    if args.image_size is not None:
-        if args.image_size < 1:
-            raise CommandError(f"--image-size must be >= 1, got {args.image_size}")
-        classifier.resize_size = round(classifier.resize_size * args.image_size / classifier.image_size)
-        classifier.image_size = args.image_size
+    classifier = classifier_from_args(args)
     out = prepare_out_folder(Path(args.out))
     previous = _files_of_previous_export(out)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         differences = _export_into(classifier, args, staging)
         written = sorted(p.name for p in staging.iterdir())
+        for name in written:  # the umask's mode, like any output (safetensors writes its file 0600)
+            os.chmod(staging / name, new_file_mode())
         for name in sorted(previous - set(written)):  # the earlier export's, not rewritten: it would not match
             (out / name).unlink(missing_ok=True)
         for name in written:

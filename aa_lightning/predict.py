@@ -11,16 +11,19 @@ last AA layer) overlaid on it (see :mod:`aa_lightning.viz.overlay`); and
 The checkpoint is a Lightning ``.ckpt`` of :class:`~aa_lightning.tasks.ImageClassifier` (read
 with ``torch.load(weights_only=True)``: no code is unpickled) or a folder written by
 ``python -m aa_lightning.export`` (``config.json`` + ``model.safetensors``). The network is
-rebuilt from the checkpoint's ``model_name`` / ``model_kwargs``; images get the evaluation
-preprocessing of the checkpoint's data module (resize the short side, center crop, normalize with
-its mean / std). Class names come from ``--class-names`` (a text file, one per line), else the
-checkpoint, else the data module's files when they are still on disk, else ``class <i>``.
+rebuilt from the checkpoint's ``model_name`` / ``model_kwargs``. Images get the evaluation
+preprocessing the checkpoint records (``checkpoint["data_config"]``, timm's data-config keys, written at
+training from the data module: resize the short side, center crop, normalize with its mean / std),
+through ``timm.data.create_transform``; class names are the checkpoint's ``class_names``. Nothing is read
+from data folders, so a checkpoint predicts the same on every machine. ``--data-config`` / ``--class-names``
+replace them (a checkpoint written before they were recorded needs ``--data-config``: the error says so).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,15 +45,27 @@ from aa_lightning.models.weights import Checkpoint, load_checkpoint, read_checkp
 from aa_lightning.viz.overlay import attention_figure, denormalize
 
 CLASSIFIER_CLASS_PATH = "aa_lightning.tasks.ImageClassifier"
-CIFAR_IMAGE_SIZE = 32
+#: timm's data-config keys of an evaluation transform; those a --data-config must give when the checkpoint has none
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+REQUIRED_DATA_CONFIG_KEYS = ("input_size", "crop_pct", "mean", "std")
+DATA_CONFIG_DEFAULTS = {"interpolation": "bilinear", "crop_mode": "center"}
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+CROP_MODES = ("center", "squash", "border")
+_EXAMPLES = (
+    '{"input_size": [3, 32, 32], "crop_pct": 1.0, "mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]} '
+    "for CIFAR-format data, "
+    '{"input_size": [3, 224, 224], "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]} '
+    "for ImageNet (crop_pct = eval_size / resize_size)"
+)
 
 
 @dataclass
 class TrainedClassifier:
     """A timm classifier rebuilt from a checkpoint, with what is needed to feed it images.
 
-    model: the timm network in eval mode; mean / std: per-channel normalization of [0, 1] pixels;
-    image_size / resize_size: evaluation crop and short-side resize (pixels).
+    model: the timm network in eval mode; data_config: its evaluation preprocessing in timm's keys
+    (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``; None when the checkpoint
+    records none: :attr:`preprocessing` then raises a :class:`CommandError` saying what to pass).
     """
 
     model: nn.Module
@@ -59,14 +74,45 @@ class TrainedClassifier:
     source: Path
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    image_size: int = 224
-    resize_size: int = 256
+    data_config: dict[str, Any] | None = None
 
     def class_name(self, index: int) -> str:
         names = self.class_names or []
         return names[index] if index < len(names) else f"class {index}"
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The data config, or a :class:`CommandError` naming the checkpoint and what to pass."""
+        if self.data_config is None:
+            raise CommandError(
+                f"checkpoint {self.source} records no preprocessing (written before checkpoints carried it): "
+                f"pass --data-config with a JSON file or object of timm's data-config keys, e.g. {_EXAMPLES}"
+            )
+        return self.data_config
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.preprocessing["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.preprocessing["std"])
+
+    @property
+    def image_size(self) -> int:
+        """The evaluation crop (pixels, square)."""
+        return int(self.preprocessing["input_size"][-1])
+
+    @property
+    def resize_size(self) -> int:
+        """The short side before the crop: ``floor(image_size / crop_pct)``, as timm's evaluation transform."""
+        return math.floor(self.image_size / self.preprocessing["crop_pct"])
+
+    def set_image_size(self, size: int) -> None:
+        """Evaluate at ``size`` x ``size`` (``--image-size``), resizing by the same ``crop_pct``."""
+        if size < 1:
+            raise CommandError(f"--image-size must be >= 1, got {size}")
+        self.data_config = {**self.preprocessing, "input_size": (3, size, size)}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
@@ -96,58 +142,75 @@ def _checked_model_name(found: str | None, expected: str | None, path: Path) -> 
     return found
 
 
-def _import_datamodule_class(class_path: str | None) -> type | None:
-    """The data module class of a checkpoint, only from this package (a checkpoint names no other code to import)."""
-    if not class_path or not class_path.startswith("aa_lightning."):
-        return None
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        return getattr(__import__(module_name, fromlist=[name]), name)
-    except (ImportError, AttributeError):
-        return None
+def checked_data_config(config: Any, source: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``config`` (timm data-config keys) over ``base`` (the checkpoint's, if any), checked: a
+    :class:`CommandError` naming ``source`` and the key otherwise. Missing ``interpolation`` / ``crop_mode``
+    default to bilinear / center."""
+    if not isinstance(config, dict):
+        raise CommandError(f"{source} must be a JSON object of {DATA_CONFIG_KEYS}, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DATA_CONFIG_KEYS))
+    if unknown:
+        raise CommandError(f"{source}: unknown key {unknown[0]!r}; the keys are {DATA_CONFIG_KEYS}")
+    merged = {**DATA_CONFIG_DEFAULTS, **(base or {}), **config}
+    missing = [key for key in REQUIRED_DATA_CONFIG_KEYS if key not in merged]
+    if missing:
+        raise CommandError(f"{source} needs {missing[0]!r} (required: {REQUIRED_DATA_CONFIG_KEYS}), e.g. {_EXAMPLES}")
+
+    def numbers(value: Any, length: int) -> bool:
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == length
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        )
+
+    size, crop_pct = merged["input_size"], merged["crop_pct"]
+    if not numbers(size, 3) or size[0] != 3 or min(size) < 1 or any(int(v) != v for v in size):
+        raise CommandError(f"{source}: 'input_size' must be [3, H, W] (positive integers), got {size!r}")
+    if not numbers([crop_pct], 1) or not 0 < crop_pct <= 1:
+        raise CommandError(
+            f"{source}: 'crop_pct' must be a number in (0, 1] (eval size / resize size), got {crop_pct!r}"
+        )
+    if not numbers(merged["mean"], 3):
+        raise CommandError(
+            f"{source}: 'mean' must be 3 numbers (per RGB channel, of [0, 1] pixels), got {merged['mean']!r}"
+        )
+    if not numbers(merged["std"], 3) or min(merged["std"]) <= 0:
+        raise CommandError(f"{source}: 'std' must be 3 numbers > 0 (per RGB channel), got {merged['std']!r}")
+    for key, allowed in (("interpolation", INTERPOLATIONS), ("crop_mode", CROP_MODES)):
+        if merged[key] not in allowed:
+            raise CommandError(f"{source}: {key!r} must be one of {allowed}, got {merged[key]!r}")
+    return {
+        "input_size": tuple(int(v) for v in size),
+        "interpolation": merged["interpolation"],
+        "mean": tuple(float(v) for v in merged["mean"]),
+        "std": tuple(float(v) for v in merged["std"]),
+        "crop_pct": float(crop_pct),
+        "crop_mode": merged["crop_mode"],
+    }
 
 
-def _is_cifar_format(data_hparams: dict[str, Any], datamodule_class: type | None) -> bool:
-    """CIFAR100DataModule or a subclass (by the CLI's class path; else by its files on disk)."""
-    from aa_lightning.data.cifar import CIFAR100DataModule
-    from aa_lightning.data.cifar_format import BASE_FOLDER
-
-    if datamodule_class is not None:
-        return issubclass(datamodule_class, CIFAR100DataModule)
-    data_dir = data_hparams.get("data_dir")
-    return (
-        data_dir is not None and "eval_size" not in data_hparams and (Path(data_dir) / BASE_FOLDER / "meta").is_file()
-    )
-
-
-def _class_names_from_data(data_hparams: dict[str, Any], cifar_format: bool) -> list[str] | None:
-    """The class names from the data module's files, when they are still where training read them."""
-    from aa_lightning.data.cifar_format import read_cifar_meta
-
-    data_dir = data_hparams.get("data_dir")
-    if data_dir is None:
-        return None
-    if cifar_format:
-        try:
-            return read_cifar_meta(data_dir)
-        except (OSError, ValueError):
-            return None
-    val_dir = Path(data_dir) / "val"  # ImageFolder layout: classes = sorted folder names
-    if val_dir.is_dir():
-        return sorted(p.name for p in val_dir.iterdir() if p.is_dir()) or None
-    return None
-
-
-def load_trained_classifier(path: str | Path, model_name: str | None = None) -> TrainedClassifier:
-    """Rebuild the classifier of a Lightning ``.ckpt`` or of an export folder (eval mode, CPU).
+def load_trained_classifier(
+    path: str | Path, model_name: str | None = None, data_config: dict[str, Any] | None = None
+) -> TrainedClassifier:
+    """Rebuild the classifier of a Lightning ``.ckpt`` or of an export folder (eval mode, CPU), with the
+    preprocessing and class names the checkpoint records (never read from data folders).
 
     ``model_name``: the model the caller expects; a checkpoint of another model raises an
-    :class:`CommandError` naming both.
+    :class:`CommandError` naming both. ``data_config``: timm data-config keys that replace the checkpoint's
+    (needed for a checkpoint written before checkpoints recorded their preprocessing).
     """
     path = Path(path)
     if path.is_dir():
-        return load_exported_classifier(path, model_name)
-    from aa_lightning.tasks.classification import build_timm_model
+        classifier = load_exported_classifier(path, model_name)
+    else:
+        classifier = _load_lightning_classifier(path, model_name)
+    if data_config is not None:
+        classifier.data_config = checked_data_config(data_config, "--data-config", classifier.data_config)
+    return classifier
+
+
+def _load_lightning_classifier(path: Path, model_name: str | None) -> TrainedClassifier:
+    from aa_lightning.tasks.classification import CLASS_NAMES_KEY, DATA_CONFIG_KEY, build_timm_model
 
     source = read_lightning_checkpoint(path)
     checkpoint = source.contents
@@ -171,40 +234,21 @@ def load_trained_classifier(path: str | Path, model_name: str | None = None) -> 
         load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes
     except ValueError as err:
         raise CommandError(str(err)) from None
-
-    data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    cifar_format = _is_cifar_format(data_hparams, _import_datamodule_class(data_hparams.get("_class_path")))
     classifier = TrainedClassifier(model.eval(), name, int(hparams["num_classes"]), path, kwargs)
-    classifier.class_names = (
-        checkpoint.get("class_names")
-        or hparams.get("class_names")
-        or _class_names_from_data(data_hparams, cifar_format)
-    )
-    if data_hparams.get("mean") is not None and data_hparams.get("std") is not None:
-        classifier.mean, classifier.std = tuple(data_hparams["mean"]), tuple(data_hparams["std"])
-    if cifar_format:
-        classifier.image_size = classifier.resize_size = CIFAR_IMAGE_SIZE
-    elif "eval_size" in data_hparams:
-        classifier.image_size = int(data_hparams["eval_size"])
-        classifier.resize_size = int(data_hparams.get("resize_size", classifier.image_size))
-    else:  # the model's own preprocessing (timm pretrained_cfg)
-        _preprocessing_from_timm(classifier, data_hparams.get("mean") is None)
+    recorded = checkpoint.get(DATA_CONFIG_KEY)
+    if recorded is not None:
+        classifier.data_config = checked_data_config(recorded, f"checkpoint {path} ({DATA_CONFIG_KEY!r})")
+    names = checkpoint.get(CLASS_NAMES_KEY)
+    classifier.class_names = [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
     return classifier
 
 
-def _preprocessing_from_timm(classifier: TrainedClassifier, normalization: bool) -> None:
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config({}, model=classifier.model)
-    classifier.image_size = int(config["input_size"][-1])
-    classifier.resize_size = int(round(classifier.image_size / config.get("crop_pct", 1.0)))
-    if normalization:
-        classifier.mean, classifier.std = tuple(config["mean"]), tuple(config["std"])
-
-
 def load_exported_classifier(folder: Path, model_name: str | None = None) -> TrainedClassifier:
-    """A folder of ``config.json`` + ``model.safetensors`` as written by :mod:`aa_lightning.export`."""
+    """A folder of ``config.json`` + ``model.safetensors`` as written by :mod:`aa_lightning.export`; the
+    preprocessing is ``timm.data.resolve_data_config(model=...)`` of the loaded model (its ``pretrained_cfg``),
+    as a timm user gets it."""
     import timm
+    from timm.data import resolve_data_config
 
     config_file = folder / "config.json"
     if not config_file.is_file() or not (folder / "model.safetensors").is_file():
@@ -218,18 +262,79 @@ def load_exported_classifier(folder: Path, model_name: str | None = None) -> Tra
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as err:
         raise CommandError(f"cannot build {name!r} from {folder}: {type(err).__name__}: {err}") from None
-    pretrained = config.get("pretrained_cfg", {})
-    labels = config.get("label_names")
+    labels = model.pretrained_cfg.get("label_names")
     classifier = TrainedClassifier(
         model.eval(), name, int(config["num_classes"]), folder, dict(config.get("model_args") or {})
     )
-    classifier.class_names = list(labels) if isinstance(labels, list) else None
-    classifier.mean, classifier.std = (
-        tuple(pretrained.get("mean", classifier.mean)),
-        tuple(pretrained.get("std", classifier.std)),
+    classifier.class_names = [str(n) for n in labels] if isinstance(labels, (list, tuple)) and labels else None
+    resolved = resolve_data_config({}, model=model)
+    classifier.data_config = checked_data_config(
+        {k: v for k, v in resolved.items() if k in DATA_CONFIG_KEYS}, f"{config_file} ('pretrained_cfg')"
     )
-    classifier.image_size = int(pretrained.get("input_size", (3, classifier.image_size, classifier.image_size))[-1])
-    classifier.resize_size = int(round(classifier.image_size / pretrained.get("crop_pct", 1.0)))
+    return classifier
+
+
+def parse_data_config(value: str) -> dict[str, Any]:
+    """``--data-config``: a JSON object, inline or in a file."""
+    text = value
+    if not value.lstrip().startswith(("{", "[")):
+        path = Path(value)
+        if not path.is_file():
+            raise CommandError(f"--data-config: file not found: {value}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise CommandError(f"--data-config: cannot read {value} ({err})") from None
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise CommandError(f"--data-config {value}: not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CommandError(f"--data-config {value} must be a JSON object of {DATA_CONFIG_KEYS}")
+    return config
+
+
+def read_class_names(value: str) -> list[str]:
+    """``--class-names``: a text file, one class name per line."""
+    names_file = Path(value)
+    if not names_file.is_file():
+        raise CommandError(f"--class-names: file not found: {names_file}")
+    return [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+
+
+def add_description_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-config`` and ``--class-names``: what a checkpoint written before they were recorded lacks."""
+    parser.add_argument(
+        "--data-config",
+        default=None,
+        help="preprocessing as a JSON file or object of timm data-config keys (input_size, crop_pct, mean, std, "
+        "interpolation, crop_mode); overrides the checkpoint's (default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--class-names", default=None, help="text file with one class name per line (overrides the checkpoint's)"
+    )
+
+
+def classifier_from_args(args: argparse.Namespace, need_preprocessing: bool = True) -> TrainedClassifier:
+    """The classifier of ``--ckpt`` with ``--model``, ``--data-config``, ``--class-names`` and ``--image-size``
+    applied. ``need_preprocessing``: a checkpoint without a data config (and no ``--data-config``) raises the
+    :class:`CommandError` that says what to pass, and one without class names gets a note on stderr."""
+    data_config = parse_data_config(args.data_config) if args.data_config is not None else None
+    classifier = load_trained_classifier(args.ckpt, args.model, data_config)
+    if args.class_names:
+        classifier.class_names = read_class_names(args.class_names)
+    if classifier.class_names is not None and len(classifier.class_names) != classifier.num_classes:
+        raise CommandError(f"{len(classifier.class_names)} class names for a {classifier.num_classes}-class model")
+    if args.image_size is not None:
+        classifier.set_image_size(args.image_size)
+    if need_preprocessing:
+        classifier.preprocessing  # noqa: B018  (raises for a checkpoint that records none)
+        if classifier.class_names is None:
+            print(
+                f"note: checkpoint {args.ckpt} records no class names; pass --class-names FILE (one per line) "
+                "to name them (using 'class <i>')",
+                file=sys.stderr,
+            )
     return classifier
 
 
@@ -247,12 +352,12 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def preprocess(image: np.ndarray, classifier: TrainedClassifier) -> Tensor:
-    """[H, W, 3] uint8 -> [3, S, S] normalized: the data module's evaluation transform (short side
-    to ``resize_size``, center crop ``image_size``, normalize)."""
-    from aa_lightning.data.transforms import imagenet_eval_transform
+    """[H, W, 3] uint8 -> [3, S, S] normalized: ``timm.data.create_transform(**data_config)`` of the checkpoint's
+    recorded preprocessing (short side to ``floor(S / crop_pct)``, center crop S, normalize), exactly what timm
+    gives for the exported model."""
+    from timm.data import create_transform
 
-    transform = imagenet_eval_transform(classifier.image_size, classifier.resize_size, classifier.mean, classifier.std)
-    return transform(image)
+    return create_transform(**classifier.preprocessing, is_training=False)(Image.fromarray(image))
 
 
 # -- output files --------------------------------------------------------------------------------------
@@ -311,11 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--top-k", type=int, default=5, help="predictions listed (default: %(default)s)")
     parser.add_argument("--model", default=None, help="expected model name: fail if the checkpoint holds another")
+    add_description_arguments(parser)
     parser.add_argument(
-        "--class-names", default=None, help="text file with one class name per line (overrides the checkpoint's)"
-    )
-    parser.add_argument(
-        "--image-size", type=int, default=None, help="evaluation crop size (default: the checkpoint's data module)"
+        "--image-size", type=int, default=None, help="evaluation crop size (default: the checkpoint's data config)"
     )
     parser.add_argument("--tile-size", type=int, default=128, help="pixels per overlay tile (default: %(default)s)")
     parser.add_argument(
@@ -334,17 +437,7 @@ def predict_images(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.top_k < 1:
         raise CommandError(f"--top-k must be >= 1, got {args.top_k}")
     pictures = [read_image(p) for p in args.images]  # every file checked before the model is built
-    classifier = load_trained_classifier(args.ckpt, args.model)
-    if args.class_names:
-        names_file = Path(args.class_names)
-        if not names_file.is_file():
-            raise CommandError(f"--class-names: file not found: {names_file}")
-        classifier.class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-    if classifier.class_names is not None and len(classifier.class_names) != classifier.num_classes:
-        raise CommandError(f"{len(classifier.class_names)} class names for a {classifier.num_classes}-class model")
-    if args.image_size is not None:
-        classifier.resize_size = round(classifier.resize_size * args.image_size / classifier.image_size)
-        classifier.image_size = args.image_size
+    classifier = classifier_from_args(args, need_preprocessing=not args.list_layers)
     layers = list(augmented_layers(classifier.model))
     if args.list_layers:
         print("\n".join(layers) if layers else f"{classifier.model_name} has no AA layers")

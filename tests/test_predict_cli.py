@@ -2,10 +2,12 @@
 TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from cli_helpers import REPO, events
 from cli_helpers import run_python as run
@@ -97,6 +99,10 @@ def image_files(tmp_path_factory) -> list[Path]:
 
 def test_predict_command_writes_predictions_and_overlays(trained_run, image_files, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
+    contents = torch.load(ckpt, weights_only=True)  # train.py's checkpoint describes itself
+    assert contents["class_names"] == [f"plus_at_{a:03d}deg_of_square" for a in (0, 90, 180, 270)]
+    assert tuple(contents["data_config"]["input_size"]) == (3, 32, 32) and contents["data_config"]["crop_pct"] == 1
+    shutil.rmtree(trained_run.parents[2] / "data")  # predict needs no data folder (nor an export, below)
     result = run(
         "-m",
         "aa_lightning.predict",

@@ -10,6 +10,7 @@ the paper trains on all 50,000 images (pair it with testing the last checkpoint)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -24,9 +25,11 @@ from .transforms import (
     AlbumentationsTransform,
     cifar_eval_transform,
     cifar_train_transform,
+    eval_data_config,
 )
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+IMAGE_SIZE = 32  # CIFAR-format images are 32x32
 
 
 class ArrayImageDataset(Dataset):
@@ -86,6 +89,12 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         self.num_classes: int | None = None
         self.class_names: list[str] = []
         self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The evaluation preprocessing in timm's data-config keys (recorded in checkpoints and exports): a
+        32x32 input, normalized with ``mean`` / ``std``; another image is resized (short side) and center-cropped."""
+        return eval_data_config(IMAGE_SIZE, IMAGE_SIZE, self.mean, self.std)
 
     @property
     def folder(self) -> Path:

@@ -14,6 +14,7 @@ decoded raises an error that names it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,7 +23,13 @@ from torchvision.datasets import ImageFolder
 
 from .images import rgb_array
 from .loaders import SplitLoaders, check_loader_settings
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform, imagenet_train_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_data_config,
+    imagenet_eval_transform,
+    imagenet_train_transform,
+)
 
 
 class ImageDecodeError(RuntimeError):
@@ -94,6 +101,12 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         self.num_classes: int | None = None
         self.class_names: list[str] = []
         self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The evaluation preprocessing in timm's data-config keys (recorded in checkpoints and exports): short
+        side to ``resize_size``, center crop ``eval_size``, normalize with ``mean`` / ``std``."""
+        return eval_data_config(self.hparams.eval_size, self.hparams.resize_size, self.mean, self.std)
 
     def _folder(self, split: str, stage_hint: str) -> str:
         folder = self.data_dir / split

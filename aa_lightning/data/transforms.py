@@ -5,6 +5,11 @@
 - ImageNet: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3) + flip + normalize (training);
   resize the short side to 256 + center crop 224 + normalize (evaluation).
 
+:func:`eval_data_config` describes an evaluation transform in timm's data-config keys (``input_size``,
+``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``): the data modules provide it as
+``data_config``, training records it in every checkpoint, and predict / export read it from there
+(``timm.data.create_transform(**data_config)`` is their preprocessing).
+
 albumentations 2.x draws from its own generator (``Compose(seed=...)``), not from numpy's or
 torch's global state. The training loaders (:func:`aa_lightning.data.loaders.make_loader`) re-seed
 it before every sample from (seed, epoch, index) through :meth:`AlbumentationsTransform.set_random_seed`,
@@ -15,7 +20,9 @@ those loaders, the pipeline is re-seeded once in each DataLoader worker from ``t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -118,3 +125,29 @@ def imagenet_eval_transform(
         A.CenterCrop(image_size, image_size),
     ]
     return AlbumentationsTransform(transforms + _normalize(mean, std))
+
+
+def eval_data_config(
+    image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear"
+) -> dict[str, Any]:
+    """The evaluation transform "resize the short side to ``resize_size``, center crop ``image_size``, normalize"
+    in timm's data-config keys, for ``timm.data.create_transform(**config)`` and a model's ``pretrained_cfg``.
+
+    ``crop_pct`` is chosen so that timm's ``floor(image_size / crop_pct)`` is exactly ``resize_size``
+    (``image_size / resize_size`` alone may land a float ulp below it).
+    """
+    if not 0 < image_size <= resize_size:
+        raise ValueError(f"eval_data_config: need 0 < image_size <= resize_size, got {image_size}, {resize_size}")
+    crop_pct = image_size / resize_size
+    while math.floor(image_size / crop_pct) < resize_size:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    while math.floor(image_size / crop_pct) > resize_size:
+        crop_pct = math.nextafter(crop_pct, 1.0)
+    return {
+        "input_size": (3, int(image_size), int(image_size)),
+        "interpolation": interpolation,
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }

@@ -11,7 +11,11 @@
   DDP processes), ``train/loss``, ``val/loss``, ``test/loss``, ``train/lr``, ``test/images``.
 
 The checkpoint carries ``model_name`` and ``model_kwargs`` (``save_hyperparameters``), so
-``ImageClassifier.load_from_checkpoint(path)`` rebuilds the same network.
+``ImageClassifier.load_from_checkpoint(path)`` rebuilds the same network, and what is needed to feed it
+images: ``checkpoint["data_config"]`` (the data module's evaluation preprocessing in timm's keys:
+``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``) and
+``checkpoint["class_names"]``, taken from the data module's ``data_config`` / ``class_names`` when it has them
+(``on_save_checkpoint``). ``python -m aa_lightning.predict`` / ``export`` read them from there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .optim import build_optimizer, peak_lr, warmup_schedule
+
+#: checkpoint keys of the evaluation preprocessing (timm data-config keys) and of the class names
+DATA_CONFIG_KEY = "data_config"
+CLASS_NAMES_KEY = "class_names"
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -119,6 +127,10 @@ class ImageClassifier(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.test_images = SumMetric()
+        #: the evaluation preprocessing (timm data-config keys) and class names saved in checkpoints: the data
+        #: module's (at setup), else those of the checkpoint loaded; set them yourself when training without one
+        self.data_config: dict[str, Any] | None = None
+        self.class_names: list[str] | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -132,6 +144,17 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes is {self.hparams.num_classes} but the data has {data_classes} classes "
                 f"({type(datamodule).__name__}); set model.num_classes: {data_classes}"
             )
+        if getattr(datamodule, "data_config", None):
+            self.data_config = dict(datamodule.data_config)
+        if getattr(datamodule, "class_names", None):
+            self.class_names = [str(name) for name in datamodule.class_names]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the preprocessing and the class names, so that the checkpoint describes itself."""
+        if self.data_config:
+            checkpoint[DATA_CONFIG_KEY] = dict(self.data_config)
+        if self.class_names:
+            checkpoint[CLASS_NAMES_KEY] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
@@ -142,6 +165,9 @@ class ImageClassifier(pl.LightningModule):
                     f"{key}={self.hparams[key]!r}; "
                     "use the checkpoint's config or a matching checkpoint"
                 )
+        # a resumed or reloaded model keeps the checkpoint's description unless its data module gave one
+        self.data_config = self.data_config or checkpoint.get(DATA_CONFIG_KEY)
+        self.class_names = self.class_names or checkpoint.get(CLASS_NAMES_KEY)
 
     # -- steps ---------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
