@@ -15,8 +15,9 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
   "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
   143 / 130; a non-finite training loss stops the run naming the step and the last good checkpoint.
 - ``model_kwargs`` / ``backbone_kwargs`` given in several places (recipe, a second ``--config``, the command line)
-  are merged key by key, later sources winning; a source that names another ``model_name`` / ``backbone``
-  starts from the kwargs it gives itself.
+  are merged key by key by the parser itself (:class:`AAArgumentParser`), later sources winning; a source that
+  names another ``model_name`` / ``backbone`` starts from the kwargs it gives itself. ``--print_config`` and the
+  run's ``config.yaml`` hold the merged dict, so either reruns to the same model.
 - ``--run_name`` / ``--runs_dir``: TensorBoard logs under ``<runs_dir>/<run_name>/version_N/``
   (default name: the last ``--config`` file's stem, else the model name).
 - ``--checkpoint.*``: the best-checkpoint ModelCheckpoint; its ``monitor`` defaults to the task's
@@ -192,14 +193,14 @@ def _kwargs_dict(value: Any) -> dict[str, Any] | None:
 def merge_kwargs_source(source: Namespace | dict[str, Any], previous: Namespace) -> Namespace | dict[str, Any]:
     """The init args of one source (a config file, a command-line value) with each :data:`MERGED_KWARGS` dict merged
     into the ``previous`` one, key by key, the source winning; a source that names another ``model_name`` /
-    ``backbone`` than ``previous`` keeps its own dict (none given: ``{}``). ``source`` itself is not changed."""
+    ``backbone`` than ``previous`` names keeps its own dict (none given: ``{}``). ``source`` itself is not changed."""
     merged = source.clone() if isinstance(source, Namespace) else dict(source)
     for kwargs_key, name_key in MERGED_KWARGS.items():
         before = _kwargs_dict(previous.get(kwargs_key))
         if before is None:
             continue
-        name = merged.get(name_key)
-        if name is not None and name != previous.get(name_key):  # another model: its own kwargs only
+        name, previous_name = merged.get(name_key), previous.get(name_key)
+        if name is not None and previous_name is not None and name != previous_name:  # another model: its own kwargs
             if kwargs_key not in merged:
                 merged[kwargs_key] = {}
             continue
