@@ -132,9 +132,18 @@ def test_attention_overlays_draw_nan_maps_without_crashing():
 
 
 def _model_kwargs(*args: str) -> dict:
-    from aa_lightning.training.cli import merged_model_kwargs
+    """``model.init_args.model_kwargs`` of the config that ``train.py *args --print_config`` prints (in-process)."""
+    import contextlib
+    import io
+    from unittest import mock
 
-    return merged_model_kwargs(list(args))["model_kwargs"]
+    from aa_lightning.training.cli import AACLI
+
+    out = io.StringIO()
+    with mock.patch("sys.argv", ["train.py"]), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+        AACLI(args=[*args, "--print_config"])
+    assert info.value.code in (None, 0)
+    return yaml.safe_load(out.getvalue())["model"]["init_args"]["model_kwargs"]
 
 
 def test_model_kwargs_overrides_merge_into_the_recipes_dict(tmp_path, monkeypatch):

@@ -391,6 +391,22 @@ BREAKAGES: list[Breakage] = [
         "        self.exit_code = 0",
         ["tests/test_resume.py"],
     ),
+    breakage(
+        "kwargs-override-replaces-recipe",
+        "a later model_kwargs / backbone_kwargs (override file, flag) replaces the recipe's dict instead of merging",
+        "aa_lightning/training/cli.py",
+        "            merged[kwargs_key] = {**before, **given}",
+        "            merged[kwargs_key] = given",
+        ["tests/test_cli_config_roundtrip.py", "tests/test_faults.py"],
+    ),
+    breakage(
+        "kwargs-kept-for-another-model",
+        "a source naming another model_name / backbone still merges into the previous model's kwargs",
+        "aa_lightning/training/cli.py",
+        "        if name is not None and previous_name is not None and name != previous_name:",
+        "        if False:",
+        ["tests/test_cli_config_roundtrip.py", "tests/test_cli_recipes.py"],
+    ),
 ]
 
 

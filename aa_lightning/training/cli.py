@@ -15,8 +15,9 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
   "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
   143 / 130; a non-finite training loss stops the run naming the step and the last good checkpoint.
 - ``model_kwargs`` / ``backbone_kwargs`` given in several places (recipe, a second ``--config``, the command line)
-  are merged key by key, later sources winning; a source that names another ``model_name`` / ``backbone``
-  starts from the kwargs it gives itself.
+  are merged key by key by the parser itself (:class:`AAArgumentParser`), later sources winning; a source that
+  names another ``model_name`` / ``backbone`` starts from the kwargs it gives itself. ``--print_config`` and the
+  run's ``config.yaml`` hold the merged dict, so either reruns to the same model.
 - ``--run_name`` / ``--runs_dir``: TensorBoard logs under ``<runs_dir>/<run_name>/version_N/``
   (default name: the last ``--config`` file's stem, else the model name).
 - ``--checkpoint.*``: the best-checkpoint ModelCheckpoint; its ``monitor`` defaults to the task's
@@ -30,10 +31,12 @@ off with a warning, so a multi-GPU recipe still runs on a laptop.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,68 +180,91 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.n
         )
 
 
-_MERGED_KWARGS = {"model_kwargs": "model_name", "backbone_kwargs": "backbone"}
+#: the kwargs dicts merged over their sources, and the name whose change starts a source's dict afresh
+MERGED_KWARGS = {"model_kwargs": "model_name", "backbone_kwargs": "backbone"}
 
 
-def _model_section(config: Any, config_path: Path) -> dict[str, Any]:
-    """The ``init_args`` (or the flat keys) of a config file's ``model:`` section; a file reference is followed."""
-    model = config.get("model") if isinstance(config, dict) else None
-    if isinstance(model, str) and model.endswith((".yaml", ".yml")):
-        nested = config_path.parent / model
-        model = yaml.safe_load(nested.read_text()) if nested.is_file() else None
-    if not isinstance(model, dict):
-        return {}
-    init_args = model.get("init_args")
-    return {**model, **init_args} if isinstance(init_args, dict) else model
+def _kwargs_dict(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, Namespace):
+        return value.as_dict()
+    return dict(value) if isinstance(value, dict) else None
 
 
-def merged_model_kwargs(args: list[str]) -> dict[str, dict[str, Any]]:
-    """``model_kwargs`` / ``backbone_kwargs`` merged over every ``--config`` file and command-line value of ``args``,
-    in order, later keys winning; a source that sets another ``model_name`` / ``backbone`` starts from its own
-    kwargs (none: ``{}``). Only the keys some source gives are returned. Raises ``ValueError`` naming a config
-    file whose YAML does not parse."""
-    sources: list[dict[str, Any]] = []
-    i = 0
-    while i < len(args):
-        arg = str(args[i])
-        key, _, value = arg.partition("=")
-        if not _ and i + 1 < len(args) and key.startswith("--"):
-            value = str(args[i + 1])
-            step = 2
-        else:
-            step = 1
-        if key == "--config":
-            path = Path(value)
-            if path.is_file():
-                try:
-                    sources.append(_model_section(yaml.safe_load(path.read_text()), path))
-                except yaml.YAMLError as err:
-                    raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
-            i += step
+def merge_kwargs_source(source: Namespace | dict[str, Any], previous: Namespace) -> Namespace | dict[str, Any]:
+    """The init args of one source (a config file, a command-line value) with each :data:`MERGED_KWARGS` dict merged
+    into the ``previous`` one, key by key, the source winning; a source that names another ``model_name`` /
+    ``backbone`` than ``previous`` names keeps its own dict (none given: ``{}``). ``source`` itself is not changed."""
+    merged = source.clone() if isinstance(source, Namespace) else dict(source)
+    for kwargs_key, name_key in MERGED_KWARGS.items():
+        before = _kwargs_dict(previous.get(kwargs_key))
+        if before is None:
             continue
-        for prefix in ("--model.init_args.", "--model."):
-            if key.startswith(prefix) and key[len(prefix) :] in (*_MERGED_KWARGS, *_MERGED_KWARGS.values()):
-                try:
-                    sources.append({key[len(prefix) :]: yaml.safe_load(value)})
-                except yaml.YAMLError:
-                    pass  # the parser reports it
-                i += step
-                break
-        else:
-            i += 1
-    merged: dict[str, dict[str, Any]] = {}
-    names: dict[str, Any] = {}
-    for source in sources:
-        for kwargs_key, name_key in _MERGED_KWARGS.items():
-            name = source.get(name_key)
-            if name is not None and names.get(kwargs_key) not in (None, name):
-                merged[kwargs_key] = {}  # another model: its own kwargs only
-            if name is not None:
-                names[kwargs_key] = name
-            given = source.get(kwargs_key)
-            if isinstance(given, dict):
-                merged[kwargs_key] = {**merged.get(kwargs_key, {}), **given}
+        name, previous_name = merged.get(name_key), previous.get(name_key)
+        if name is not None and previous_name is not None and name != previous_name:  # another model: its own kwargs
+            if kwargs_key not in merged:
+                merged[kwargs_key] = {}
+            continue
+        given = _kwargs_dict(merged.get(kwargs_key))
+        if given is not None:
+            merged[kwargs_key] = {**before, **given}
     return merged
+
+
+class AAArgumentParser(LightningArgumentParser):
+    """The CLI's parser: ``model_kwargs`` / ``backbone_kwargs`` given in several places (recipe, a second
+    ``--config``, the command line) are merged key by key by the parse itself (:func:`merge_kwargs_source`), so the
+    parsed config, ``--print_config`` and the run's saved ``config.yaml`` hold the dict the model is built with.
+
+    jsonargparse parses a subclass's ``init_args`` with a parser of this class, given the previous ``init_args`` as
+    ``namespace``: a config file's or a nested value's through :meth:`parse_object`, a command-line
+    ``--model.model_kwargs`` through :meth:`parse_args`; both merge with that previous value here."""
+
+    def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Namespace:
+        """jsonargparse's parse of a ``--config`` file; a file that is not valid YAML is named in the error (the
+        loader's own message says ``<unicode string>``)."""
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            self.error(f"--config {path}: not valid YAML: {' '.join(str(err).split())}")
+        except (OSError, ValueError):
+            pass  # jsonargparse reports it
+        return super().parse_path(path, *args, **kwargs)
+
+    def parse_object(
+        self,
+        obj: Namespace | dict[str, Any],
+        namespace: Namespace | None = None,
+        env: bool | None = None,
+        defaults: bool = True,
+        **kwargs: Any,
+    ) -> Namespace:
+        if namespace is not None and isinstance(obj, (Namespace, dict)):
+            obj = merge_kwargs_source(obj, namespace)
+        return super().parse_object(obj, namespace, env=env, defaults=defaults, **kwargs)
+
+    def parse_args(
+        self,
+        args: Sequence[str] | None = None,
+        namespace: Namespace | None = None,
+        env: bool | None = None,
+        defaults: bool = True,
+        **kwargs: Any,
+    ) -> Namespace:
+        previous = namespace.clone() if namespace is not None else None
+        cfg = super().parse_args(args, namespace, env=env, defaults=defaults, **kwargs)
+        if previous is None or not args:
+            return cfg
+        given = {}
+        for arg in args:
+            key = str(arg).partition("=")[0].removeprefix("--").removeprefix("init_args.")
+            if key in MERGED_KWARGS or key in MERGED_KWARGS.values():
+                given[key] = cfg.get(key)
+        if given:
+            merged = merge_kwargs_source(given, previous)
+            for key in MERGED_KWARGS:
+                if key in merged:
+                    cfg[key] = merged[key]
+        return cfg
 
 
 class AACLI(LightningCLI):
@@ -255,6 +281,7 @@ class AACLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # the tasks own their optimizer and schedule
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
+            parser_class=AAArgumentParser,  # merges model_kwargs / backbone_kwargs over their sources
             parser_kwargs={
                 "description": "Train and test an aa-lightning recipe: python train.py --config configs/<recipe>.yaml",
                 "allow_abbrev": False,  # a misspelt key fails instead of being completed
@@ -294,24 +321,6 @@ class AACLI(LightningCLI):
             {"checkpoint.save_last": False, "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}"}
         )
         parser.add_lightning_class_args(TrainingImageGrid, "image_grid")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """The parser's own parse, then ``model_kwargs`` / ``backbone_kwargs`` merged over all their sources
-        (:func:`merged_model_kwargs`); a ``--config`` file that is not valid YAML is named."""
-        raw = []
-        if isinstance(args, (list, tuple, type(None))):
-            raw = [str(a) for a in (sys.argv[1:] if args is None else args)]
-        try:
-            merged = merged_model_kwargs(raw)
-        except ValueError as err:
-            parser.error(str(err))
-        super().parse_arguments(parser, args)
-        init_args = self.config.get("model", Namespace()).get("init_args")
-        if init_args is None:
-            return
-        for key, value in merged.items():
-            if key in init_args:
-                init_args[key] = value
 
     # -- resolution of the run's defaults -------------------------------------------------------------
     def _run_name(self) -> str:
