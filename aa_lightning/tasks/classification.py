@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from aa_lightning.compat.lightning import build_training_loader
+
 from .optim import build_optimizer, peak_lr, warmup_schedule
 
 #: checkpoint keys of the evaluation preprocessing (timm data-config keys) and of the class names
@@ -210,10 +212,9 @@ class ImageClassifier(pl.LightningModule):
             )
         total_steps = int(total_steps)
         if not math.isfinite(self.trainer.num_training_batches):
-            # A max_steps run does not load the data to estimate its length, and the warm-up is given in epochs.
-            # Lightning has no public call that sizes the training loader before fit starts; setup_data() is what
-            # estimated_stepping_batches itself calls for a max_epochs run.
-            self.trainer.fit_loop.setup_data()
+            # A max_steps run does not load the data to estimate its length, and the warm-up is given in epochs;
+            # Lightning has no public call that sizes the training loader before fit starts (aa_lightning.compat).
+            build_training_loader(self.trainer)
         batches = self.trainer.num_training_batches
         steps_per_epoch = (
             max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total_steps
