@@ -296,10 +296,18 @@ BREAKAGES: list[Breakage] = [
         more=[
             Edit(
                 "aa_lightning/data/generated.py",
-                "        foreign = [name for name in existing if name not in own]",
+                "        foreign = _not_listed(root, _with_folders(files(found), stamp_name))",
                 "        foreign = []",
             )
         ],
+    ),
+    breakage(
+        "generator-removes-user-files-in-its-folders",
+        "regenerating a synthetic set looks only at its top-level entries (a user's file in cifar-100-python/ goes)",
+        "aa_lightning/data/generated.py",
+        "        dirnames[:] = [name for name in dirnames if (base / name).as_posix() in own]  # not into foreign ones",
+        "        dirnames[:] = []",
+        ["tests/test_data_generated_files.py"],
     ),
     breakage(
         "checkpoint-not-atomic",
