@@ -73,6 +73,7 @@ CLASSIFICATION = "aa_lightning/tasks/classification.py"
 ATTENTION = "aa_lightning/layers/relative_attention.py"
 AACONV = "aa_lightning/layers/augmented_conv.py"
 CIFAR = "aa_lightning/data/cifar.py"
+CIFAR_FORMAT = "aa_lightning/data/cifar_format.py"
 FAULTS = "aa_lightning/callbacks/faults.py"
 
 BREAKAGES: list[Breakage] = [
@@ -308,6 +309,23 @@ BREAKAGES: list[Breakage] = [
         "        dirnames[:] = [name for name in dirnames if (base / name).as_posix() in own]  # not into foreign ones",
         "        dirnames[:] = []",
         ["tests/test_data_generated_files.py"],
+    ),
+    breakage(
+        "cifar-pixels-cast-unchecked",
+        "CIFAR pixel arrays of any type are cast to uint8 (float [0, 1] turns black, 454 wraps to 198)",
+        "aa_lightning/data/cifar_format.py",
+        "    if array.dtype == np.uint8:\n        return array\n",
+        "    if True:\n        return array.astype(np.uint8)\n",
+        ["tests/test_data_cifar_arrays.py"],
+    ),
+    breakage(
+        "cifar-labels-truncated",
+        "fractional CIFAR labels (3.7) are cut to integers instead of refused",
+        "aa_lightning/data/cifar_format.py",
+        "        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):",
+        "        if False:",
+        ["tests/test_data_cifar_arrays.py"],
+        more=[Edit(CIFAR_FORMAT, '        if value.dtype.kind not in "iu":', "        if False:")],
     ),
     breakage(
         "checkpoint-not-atomic",
