@@ -74,6 +74,7 @@ ATTENTION = "aa_lightning/layers/relative_attention.py"
 AACONV = "aa_lightning/layers/augmented_conv.py"
 CIFAR = "aa_lightning/data/cifar.py"
 CIFAR_FORMAT = "aa_lightning/data/cifar_format.py"
+COCO = "aa_lightning/data/coco.py"
 FAULTS = "aa_lightning/callbacks/faults.py"
 
 BREAKAGES: list[Breakage] = [
@@ -326,6 +327,38 @@ BREAKAGES: list[Breakage] = [
         "        if False:",
         ["tests/test_data_cifar_arrays.py"],
         more=[Edit(CIFAR_FORMAT, '        if value.dtype.kind not in "iu":', "        if False:")],
+    ),
+    breakage(
+        "coco-duplicate-image-ids-accepted",
+        "a repeated COCO image id is accepted (one image dropped, its boxes given to another file)",
+        COCO,
+        '    _check_unique_image_ids(path, data["images"])\n',
+        "",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "coco-booleans-as-coordinates",
+        "a COCO box [true, true, 30, 25] is read as [1, 1, 30, 25]",
+        COCO,
+        "return isinstance(value, (int, float)) and not isinstance(value, bool)",
+        "return isinstance(value, (int, float))",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "coco-unpredicted-category-mid-epoch",
+        "a validation annotation of a category the model does not predict passes setup (KeyError mid-validation)",
+        COCO,
+        'if ann["category_id"] not in self.categories.category_ids:',
+        "if False:",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "coco-split-categories-unchecked",
+        "the splits' declared categories are compared with the mapping itself (never differ)",
+        COCO,
+        "if dataset.file_categories.category_ids != self.categories.category_ids:",
+        "if dataset.categories.category_ids != self.categories.category_ids:",
+        ["tests/test_detection_annotations.py"],
     ),
     breakage(
         "checkpoint-not-atomic",
