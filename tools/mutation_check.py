@@ -74,6 +74,8 @@ ATTENTION = "aa_lightning/attention/functional.py"
 TABLES = "aa_lightning/attention/tables.py"
 AACONV = "aa_lightning/layers/augmented_conv.py"
 CIFAR = "aa_lightning/data/cifar.py"
+CIFAR_FORMAT = "aa_lightning/data/cifar_format.py"
+COCO = "aa_lightning/data/coco.py"
 FAULTS = "aa_lightning/training/faults.py"
 
 BREAKAGES: list[Breakage] = [
@@ -354,10 +356,99 @@ BREAKAGES: list[Breakage] = [
         more=[
             Edit(
                 "aa_lightning/data/synthetic/generated.py",
-                "        foreign = [name for name in existing if name not in own]",
+                "        foreign = _not_listed(root, _with_folders(files(found), stamp_name))",
                 "        foreign = []",
             )
         ],
+    ),
+    breakage(
+        "generator-removes-user-files-in-its-folders",
+        "regenerating a synthetic set looks only at its top-level entries (a user's file in cifar-100-python/ goes)",
+        "aa_lightning/data/synthetic/generated.py",
+        "        dirnames[:] = [name for name in dirnames if (base / name).as_posix() in own]  # not into foreign ones",
+        "        dirnames[:] = []",
+        ["tests/test_data_generated_files.py"],
+    ),
+    breakage(
+        "cifar-pixels-cast-unchecked",
+        "CIFAR pixel arrays of any type are cast to uint8 (float [0, 1] turns black, 454 wraps to 198)",
+        "aa_lightning/data/cifar_format.py",
+        "    if array.dtype == np.uint8:\n        return array\n",
+        "    if True:\n        return array.astype(np.uint8)\n",
+        ["tests/test_data_cifar_arrays.py"],
+    ),
+    breakage(
+        "cifar-labels-truncated",
+        "fractional CIFAR labels (3.7) are cut to integers instead of refused",
+        "aa_lightning/data/cifar_format.py",
+        "        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):",
+        "        if False:",
+        ["tests/test_data_cifar_arrays.py"],
+        more=[Edit(CIFAR_FORMAT, '        if value.dtype.kind not in "iu":', "        if False:")],
+    ),
+    breakage(
+        "coco-duplicate-image-ids-accepted",
+        "a repeated COCO image id is accepted (one image dropped, its boxes given to another file)",
+        COCO,
+        '    _check_unique_image_ids(path, data["images"])\n',
+        "",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "coco-booleans-as-coordinates",
+        "a COCO box [true, true, 30, 25] is read as [1, 1, 30, 25]",
+        COCO,
+        "return isinstance(value, (int, float)) and not isinstance(value, bool)",
+        "return isinstance(value, (int, float))",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "coco-unpredicted-category-mid-epoch",
+        "a validation annotation of a category the model does not predict passes setup (KeyError mid-validation)",
+        COCO,
+        'if ann["category_id"] not in self.categories.category_ids:',
+        "if False:",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "coco-split-categories-unchecked",
+        "the splits' declared categories are compared with the mapping itself (never differ)",
+        COCO,
+        "if dataset.file_categories.category_ids != self.categories.category_ids:",
+        "if dataset.categories.category_ids != self.categories.category_ids:",
+        ["tests/test_detection_annotations.py"],
+    ),
+    breakage(
+        "folder-scan-follows-links-into-the-tree",
+        "the class-folder scan follows a link back into its own tree (train/n01/loop -> ..: images read many times)",
+        "aa_lightning/data/class_folders.py",
+        "        if is_link and (_inside(real, top_real) or _inside(top_real, real)):",
+        "        if False:",
+        ["tests/test_data_image_folders.py"],
+    ),
+    breakage(
+        "folder-scan-reads-a-folder-twice",
+        "two links to one folder outside the tree: its images read under both classes",
+        "aa_lightning/data/class_folders.py",
+        "        if real in read:",
+        "        if False:",
+        ["tests/test_data_image_folders.py"],
+    ),
+    breakage(
+        "empty-class-folder-unnamed",
+        "an empty class folder is not reported (the class gets no image)",
+        "aa_lightning/data/class_folders.py",
+        "        if len(samples) == before:",
+        "        if False:",
+        ["tests/test_data_image_folders.py"],
+    ),
+    breakage(
+        "folder-reader-without-the-scan",
+        "the ImageNet folder reader uses torchvision's ImageFolder scan (follows link loops) for training",
+        "aa_lightning/data/imagenet.py",
+        "            self.train_set = ClassFolderImages(",
+        "            self.train_set = ImageFolder(",
+        ["tests/test_data_image_folders.py"],
     ),
     breakage(
         "checkpoint-not-atomic",

@@ -8,7 +8,8 @@ blue values per image, rows in raster order), ``fine_labels``, ``coarse_labels``
 ``pickle.load(f, encoding="bytes")`` and as ``str`` with ``encoding="latin1"`` (torchvision).
 
 - :func:`read_cifar_split` unpickles with an allow-list (numpy array reconstruction and nothing
-  else), so a tampered file cannot run code.
+  else), so a tampered file cannot run code, and refuses arrays it would have to cast: pixels that
+  are not integers in 0..255, labels that are not integers (a ``ValueError`` naming the file).
 - :func:`write_cifar100` writes Python 2 strings and the classic ``numpy.core`` global names, so
   its files load like the official ones with either encoding, in numpy 1 and numpy 2.
 """
@@ -61,6 +62,48 @@ def _load(path: Path) -> dict:
     return entry
 
 
+def _pixels(path: Path, value: object) -> np.ndarray:
+    """``data`` as uint8; other integer arrays only when every value is in 0..255 (nothing is cast or wrapped)."""
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # ragged lists
+        raise ValueError(f"{path}: 'data' is not an array ({err}); expected uint8 pixel values 0..255") from None
+    if array.dtype == np.uint8:
+        return array
+    kind = array.dtype.kind
+    if kind in "iub" and array.size:
+        low, high = array.min(), array.max()
+        if kind != "b" and 0 <= low and high <= 255:
+            return array.astype(np.uint8)
+        found = f"{array.dtype} with values in [{low}, {high}]"
+    elif kind == "f" and array.size:
+        found = f"{array.dtype} with values in [{np.nanmin(array):g}, {np.nanmax(array):g}]"
+    else:
+        found = f"{array.dtype} of shape {array.shape}"
+    hint = " (scale float images in [0, 1] by 255 and round)" if kind == "f" else ""
+    raise ValueError(f"{path}: 'data' is {found}; expected uint8 pixel values 0..255{hint}, as CIFAR-100 stores them")
+
+
+def _labels(path: Path, value: object) -> np.ndarray:
+    """``fine_labels`` (a list of ints, or an integer array) as int64; a float or bool label is refused, not cut."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu":
+            odd = np.flatnonzero(value != np.round(value)) if value.dtype.kind == "f" else np.arange(value.size)
+            index = int(odd[0]) if odd.size else 0
+            example = f" (e.g. {value.reshape(-1)[index].item()!r} of image {index})" if value.size else ""
+            raise ValueError(f"{path}: 'fine_labels' is {value.dtype}{example}; expected integer class indices")
+        return value.astype(np.int64).reshape(-1)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{path}: 'fine_labels' is a {type(value).__name__}; expected a list of integer class indices")
+    for index, label in enumerate(value):
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise ValueError(
+                f"{path}: fine label {label!r} of image {index} is a {type(label).__name__}, not an integer; "
+                "expected integer class indices"
+            )
+    return np.asarray(value, dtype=np.int64)
+
+
 def read_cifar_split(root: str | Path, split: str, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N, 32, 32, 3] (HWC, RGB) and fine labels int64 [N] of ``root/cifar-100-python/<split>``.
 
@@ -74,8 +117,8 @@ def read_cifar_split(root: str | Path, split: str, num_classes: int | None = Non
     missing = {"data", "fine_labels"} - set(entry)
     if missing:
         raise ValueError(f"{path} is not a valid CIFAR-100 pickle: missing keys {sorted(missing)}")
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    data = _pixels(path, entry["data"])
+    labels = _labels(path, entry["fine_labels"])
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise ValueError(f"{path}: data must be [N, 3072] with N labels, got {data.shape} and {labels.shape}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes if num_classes is not None else False))

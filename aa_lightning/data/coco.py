@@ -16,6 +16,10 @@ Conventions (those of torchvision's detection reference and COCO's own evaluatio
   no area inside their image are counted and reported once per split (a warning naming the file);
   a training split left without one usable image, or an evaluation split without one usable
   (non-crowd, non-empty) box, is a ``ValueError`` naming the file and why.
+- Annotation files are checked when read (:func:`load_coco_annotations`): unique image and
+  annotation ids, integer ids and sizes, boxes of 4 finite numbers (booleans are not numbers), and
+  every split's categories those of the split read first (the model's); each error names the file
+  and the entry.
 - Evaluation: every image is kept (also those without annotations) and crowd boxes are kept with
   ``iscrowd=1``, which COCO evaluation treats as regions where detections are ignored; ``area``
   is the annotation's own (segmentation) area, which decides small/medium/large as in COCO.
@@ -84,6 +88,30 @@ class CategoryMapping:
         return self.category_ids[int(label)]
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool (JSON ``true`` is no coordinate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_unique_image_ids(path: Path, images: list[dict[str, Any]]) -> None:
+    """pycocotools indexes images by id: a repeated id drops an image and gives its boxes to another file."""
+    files: dict[int, list[str]] = {}
+    for im in images:
+        files.setdefault(im["id"], []).append(str(im["file_name"]))
+    repeated = {image_id: names for image_id, names in files.items() if len(names) > 1}
+    if repeated:
+        image_id, names = next(iter(repeated.items()))
+        more = f"; {len(repeated)} ids repeat" if len(repeated) > 1 else ""
+        raise ValueError(
+            f"{path}: image id {image_id} is used by {len(names)} entries of 'images' ({', '.join(names[:4])}); "
+            f"image ids must be unique{more}"
+        )
+
+
 def load_coco_annotations(path: str | os.PathLike) -> COCO:
     """Read and validate a COCO ``instances_*.json``; every error names the file."""
     path = Path(path)
@@ -103,30 +131,42 @@ def load_coco_annotations(path: str | os.PathLike) -> COCO:
             "'images', 'annotations' and 'categories' lists"
         )
     try:
-        image_ids = {int(im["id"]) for im in data["images"]}
         for im in data["images"]:
-            im["file_name"], int(im["width"]), int(im["height"])
+            im["file_name"], im["id"], im["width"], im["height"]
         category_ids = {int(c["id"]) for c in data["categories"]}
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
             f"{path}: malformed 'images' or 'categories' entry ({e!r}); images need "
             "id, file_name, width, height and categories need id, name"
         ) from e
+    for im in data["images"]:
+        for key in ("id", "width", "height"):
+            if not _is_int(im[key]):  # true would be image 1, or 1 pixel
+                raise ValueError(f"{path}: image {im['file_name']}: {key!r} must be an integer; got {im[key]!r}")
+    _check_unique_image_ids(path, data["images"])
+    image_ids = {im["id"] for im in data["images"]}
+    annotation_ids: dict[Any, int] = {}
     for ann in data["annotations"]:
         where = f"{path}: annotation {ann.get('id', '?') if isinstance(ann, dict) else ann!r}"
         if not isinstance(ann, dict):
             raise ValueError(f"{where} is not an object")
         bbox = ann.get("bbox")
-        if not (
-            isinstance(bbox, list)
-            and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-        ):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) and math.isfinite(v) for v in bbox)):
             raise ValueError(f"{where}: 'bbox' must be [x, y, width, height] (4 finite numbers); got {bbox!r}")
-        if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in category_ids:
-            raise ValueError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+        for key, known, listed in (("image_id", image_ids, "images"), ("category_id", category_ids, "categories")):
+            if not _is_int(ann.get(key)):
+                raise ValueError(f"{where}: {key} {ann.get(key)!r} is not an integer (the id of one of '{listed}')")
+            if ann[key] not in known:
+                raise ValueError(f"{where}: {key} {ann[key]!r} is not in '{listed}'")
+        if "id" in ann:
+            annotation_ids[ann["id"]] = annotation_ids.get(ann["id"], 0) + 1
+    repeated = [(ann_id, n) for ann_id, n in annotation_ids.items() if n > 1]
+    if repeated:
+        ann_id, n = repeated[0]
+        raise ValueError(
+            f"{path}: annotation id {ann_id!r} is used by {n} annotations; annotation ids must be unique "
+            f"(pycocotools keeps one, so evaluation would count another box twice); {len(repeated)} ids repeat"
+        )
     coco = COCO()  # built from the validated dict instead of letting pycocotools re-read the file
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
@@ -166,7 +206,16 @@ class COCODetection(Dataset):
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.image_dir}. {COCO_DOWNLOAD_HINT}")
         self.coco = load_coco_annotations(self.annotation_file)
-        self.categories = categories or CategoryMapping(self.coco.dataset["categories"])
+        #: the categories this file declares; ``categories`` (another split's, the model's) when given is used
+        self.file_categories = CategoryMapping(self.coco.dataset["categories"])
+        self.categories = categories or self.file_categories
+        for ann in self.coco.dataset["annotations"]:  # here, not as a KeyError in the middle of an epoch
+            if ann["category_id"] not in self.categories.category_ids:
+                raise ValueError(
+                    f"{self.annotation_file}: annotation {ann.get('id', '?')}: category_id {ann['category_id']} is "
+                    f"not one of the categories the model predicts ({self.categories.category_ids}, those of the "
+                    "split read first); every split must declare and use the same categories"
+                )
         self.transform = transform
         self.train = train
         ids = sorted(self.coco.imgs)
@@ -371,9 +420,9 @@ class COCODataModule(SplitLoaders, pl.LightningDataModule):
         )
 
     def _check_same_categories(self, dataset: COCODetection) -> None:
-        if dataset.categories.category_ids != self.categories.category_ids:
+        if dataset.file_categories.category_ids != self.categories.category_ids:
             raise ValueError(
-                f"{dataset.annotation_file} has category ids {dataset.categories.category_ids}, "
+                f"{dataset.annotation_file} has category ids {dataset.file_categories.category_ids}, "
                 f"which differ from the other split's {self.categories.category_ids}"
             )
 

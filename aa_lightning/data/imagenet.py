@@ -9,10 +9,15 @@ Decoding: PIL with JPEG draft mode — the decoder downscales by 1/2, 1/4 or 1/8
 domain while the image stays at least as large as needed (``train_size`` / ``resize_size``
 on its short side), which cuts decoding time of large photos several-fold. A file that cannot be
 decoded raises an error that names it.
+
+The class folders are scanned by :func:`.class_folders.scan_class_folders` (also the shard converter's scan):
+``ImageFolder``'s classes and order, but a folder link back into the tree (``train/n01/loop -> ..``), a folder
+reached twice through links, or a class folder without an image is an error naming it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from .class_folders import scan_class_folders
 from .images import rgb_array
 from .loaders import SplitLoaders, check_loader_settings
 from .transforms import (
@@ -30,6 +36,23 @@ from .transforms import (
     imagenet_eval_transform,
     imagenet_train_transform,
 )
+
+
+class ClassFolderImages(ImageFolder):
+    """torchvision's ``ImageFolder`` on the scan of :func:`.class_folders.scan_class_folders`: the same classes,
+    samples and order, but a folder link back into the tree or an empty class folder is an
+    :class:`~.class_folders.ImageTreeError` naming it (``ImageFolder`` loops through such links)."""
+
+    def __init__(self, root: str, loader: Callable[[str], Any], transform: Callable | None = None) -> None:
+        self._scan = scan_class_folders(root)
+        super().__init__(root, loader=loader, transform=transform)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = self._scan[0]
+        return classes, {name: label for label, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any):
+        return list(self._scan[1])
 
 
 class ImageDecodeError(RuntimeError):
@@ -122,7 +145,9 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         hp = self.hparams
         eval_loader = RGBLoader(hp.resize_size if hp.draft else None)
         eval_transform = imagenet_eval_transform(hp.eval_size, hp.resize_size, self.mean, self.std)
-        self.val_set = ImageFolder(self._folder("val", "validation"), loader=eval_loader, transform=eval_transform)
+        self.val_set = ClassFolderImages(
+            self._folder("val", "validation"), loader=eval_loader, transform=eval_transform
+        )
         self.test_set = self.val_set  # ILSVRC-2012's labelled val images are also the test set
         self.class_names = list(self.val_set.classes)
         self.num_classes = len(self.class_names)
@@ -130,7 +155,7 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
             train_transform = imagenet_train_transform(
                 hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed
             )
-            self.train_set = ImageFolder(
+            self.train_set = ClassFolderImages(
                 self._folder("train", "training"),
                 loader=RGBLoader(hp.train_size if hp.draft else None),
                 transform=train_transform,

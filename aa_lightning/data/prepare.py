@@ -54,7 +54,7 @@ def read_stamp(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 def list_split(src: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names and ``(path relative to src, label)`` of ``src/split``, numbered as ``ImageFolder`` does."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from aa_lightning.data.class_folders import ImageTreeError, scan_class_folders  # the folder reader's scan
 
     folder = src / split
     if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
@@ -62,8 +62,10 @@ def list_split(src: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]
             f"--src {src}: no class folders in {folder} (expected {folder}/<class, e.g. n01440764>/<image>.JPEG; "
             "see data/README.md)"
         )
-    classes, class_to_idx = find_classes(str(folder))
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    try:
+        classes, samples = scan_class_folders(folder)
+    except ImageTreeError as err:  # a folder link back into the tree, an empty class folder
+        raise ConversionError(str(err)) from None
     return classes, [(os.path.relpath(path, src), label) for path, label in samples]
 
 

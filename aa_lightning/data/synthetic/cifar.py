@@ -61,7 +61,7 @@ def write_synthetic_cifar(
         data_dir,
         STAMP,
         spec,
-        [f"{BASE_FOLDER}/{name}" for name in ("train", "test", "meta")],
+        lambda found: [f"{BASE_FOLDER}/{name}" for name in ("train", "test", "meta")],
         write,
         is_own_stamp=lambda found: found.get("generator") == "relations",
         what="the built-in synthetic data set (SyntheticCIFARDataModule)",

@@ -162,7 +162,7 @@ def _write_split(
         width = int(round(image_size * rng.uniform(0.8, 1.2)))
         pixels, objects = _render_image(height, width, max_objects, min_object_size, rng)
         image_id = i + 1
-        file_name = f"{image_id:012d}.jpg"
+        file_name = _image_file(image_id)
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {image_dir / file_name}")
@@ -186,6 +186,19 @@ def _write_split(
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     with open(root / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as f:
         json.dump(dataset, f)
+
+
+def _image_file(image_id: int) -> str:
+    return f"{image_id:012d}.jpg"
+
+
+def _files(params: dict[str, Any]) -> list[str]:
+    """The files :func:`generate_synthetic_coco` writes with these parameters (of its stamp), images and annotations."""
+    files = []
+    for split, count in ((params["train_split"], params["num_train"]), (params["val_split"], params["num_val"])):
+        files.append(f"annotations/instances_{split}.json")
+        files += [f"{split}/{_image_file(image_id)}" for image_id in range(1, int(count) + 1)]
+    return files
 
 
 def check_synthetic_coco_args(
@@ -241,11 +254,10 @@ def generate_synthetic_coco(
         root,
         _META_FILE,
         params,
-        [train_split, val_split, *(f"annotations/instances_{split}.json" for split in (train_split, val_split))],
+        _files,
         write,
         is_own_stamp=lambda found: {"version", "num_train", "num_val", "train_split", "val_split"} <= set(found),
         what="the synthetic COCO set (SyntheticCOCODataModule)",
-        stamped_entries=lambda found: [str(found.get("train_split")), str(found.get("val_split"))],
     )
     return Path(root)
 

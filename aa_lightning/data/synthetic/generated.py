@@ -6,7 +6,9 @@
 - the target folder must be missing, empty, or carry the generator's own stamp file (a JSON
   object that the generator recognizes); anything else is a ``ValueError`` naming the folder
   and what it holds. A stamped folder is regenerated (replaced whole) only when it holds
-  nothing but the generator's own top-level entries.
+  nothing but the files the generator wrote: those its ``files`` function lists for the stamp's
+  parameters, their folders and the stamp. Anything else, at any depth (a note in a generated
+  sub-folder, an extra image), is a ``ValueError`` naming it, and nothing is touched.
 - the set is written into a fresh temporary sibling ``.<name>.partial-<pid>-<hex>``, every file
   fsync'ed, the stamp written last, and the folder renamed into place; a killed generation
   leaves at most that hidden sibling (never a half set under the real name).
@@ -45,15 +47,37 @@ def _listing(names: Sequence[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
+def _not_listed(root: Path, own: set[str]) -> list[str]:
+    """The files, folders and links under ``root`` (links not followed) that are not in ``own``, as sorted
+    ``/``-separated relative paths; a foreign folder is named, not its contents."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        for name in (*dirnames, *filenames):
+            path = (base / name).as_posix()
+            if path not in own:
+                found.append(path)
+        dirnames[:] = [name for name in dirnames if (base / name).as_posix() in own]  # not into foreign ones
+    return sorted(found)
+
+
+def _with_folders(files: Sequence[str], stamp_name: str) -> set[str]:
+    """``files``, every folder above them and the stamp: what a generator's own set holds."""
+    own = {stamp_name}
+    for path in files:
+        parts = Path(path).parts
+        own.update(Path(*parts[: i + 1]).as_posix() for i in range(len(parts)))
+    return own
+
+
 def write_generated_set(
     root: str | os.PathLike,
     stamp_name: str,
     spec: dict[str, Any],
-    required: Sequence[str],
+    files: Callable[[dict[str, Any]], Sequence[str]],
     write: Callable[[Path], None],
     is_own_stamp: Callable[[dict[str, Any]], bool],
     what: str = "the synthetic data set",
-    stamped_entries: Callable[[dict[str, Any]], Sequence[str]] = lambda found: (),
 ) -> bool:
     """Make ``root`` hold the set described by ``spec``; returns False when it already does.
 
@@ -61,17 +85,17 @@ def write_generated_set(
         root: the data set folder.
         stamp_name: the stamp file in ``root``; it holds ``spec`` as JSON and is written last.
         spec: the generation parameters (the stamp's content).
-        required: paths relative to ``root`` that a complete set holds (their first components
-            are the generator's own top-level entries).
-        write: writes the set's files (not the stamp) into the folder it is given.
+        files: the files (paths relative to ``root``, ``/``-separated, not the stamp) that
+            ``write`` writes for a stamp's parameters: for ``spec`` what a complete set holds, for
+            an older stamp what may be removed when the set is regenerated.
+        write: writes the set's files (not the stamp) into the folder it is given; exactly
+            ``files(spec)`` (anything else is a ``RuntimeError``: the list and the writer disagree).
         is_own_stamp: whether a stamp's JSON object was written by this generator.
         what: how errors name the set.
-        stamped_entries: the top-level entries an older stamp says the generator wrote (when
-            they depend on the parameters, e.g. split folder names).
 
     Raises:
         ValueError: ``root`` is a file, or a non-empty folder without this generator's stamp, or a
-            stamped folder that also holds entries the generator did not write.
+            stamped folder that also holds files or folders the generator did not write.
     """
     given = Path(root)
     # the real folder: a symlinked data folder is written where it points (the temporary sibling on its file system)
@@ -88,10 +112,9 @@ def write_generated_set(
                 f"{stamp_name} stamp of this generator, so its files may be someone's data; the generator writes only "
                 "into a missing or empty folder or one it generated itself. Choose another folder (or empty this one)"
             )
-        if found == spec and all((root / path).exists() for path in required):
+        if found == spec and all((root / path).is_file() for path in files(spec)):
             return False
-        own = {Path(path).parts[0] for path in required} | {stamp_name} | set(map(str, stamped_entries(found)))
-        foreign = [name for name in existing if name not in own]
+        foreign = _not_listed(root, _with_folders(files(found), stamp_name))
         if foreign:
             raise ValueError(
                 f"refusing to regenerate {what} in {given}: besides its own files the folder holds "
@@ -102,6 +125,9 @@ def write_generated_set(
     partial.mkdir()
     try:
         write(partial)
+        unlisted = _not_listed(partial, _with_folders(files(spec), stamp_name))
+        if unlisted:
+            raise RuntimeError(f"{what}: the generator wrote {_listing(unlisted)}, which its file list lacks")
         tmp_stamp = partial / stamp_name
         tmp_stamp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")  # last: marks a complete set
         fsync_tree(partial)
