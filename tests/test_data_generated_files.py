@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from aa_lightning.data.cifar_format import read_cifar_split
-from aa_lightning.data.synthetic import write_synthetic_cifar
+from aa_lightning.data.synthetic.cifar import write_synthetic_cifar
 from aa_lightning.data.synthetic.coco import generate_synthetic_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
