@@ -11,8 +11,11 @@ a local folder or a URI (``s3://``, ``gs://``, ``azure://`` ...; chunks are cach
 - Resuming: ``StreamingDataLoader`` has ``state_dict`` / ``load_state_dict``, which Lightning stores in
   every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores, so a run resumed from a
   mid-epoch checkpoint continues the epoch without repeating or skipping samples (with the same number
-  of devices and workers). Workers are not persistent: they restart each epoch and pick up litdata's
-  epoch (its shuffle) from the loader.
+  of devices and workers) and then runs every later epoch in full, as the uninterrupted run does
+  (:class:`~aa_lightning.data.streaming_loader.ResumableStreamingDataLoader`). Each training sample's
+  augmentation is seeded from (seed, epoch, index in the shards), as the folder reader's is, so the resumed
+  run also augments every sample as the uninterrupted one. Workers are not persistent: they restart each
+  epoch and pick up litdata's epoch (its shuffle) from the loader.
 - A sample that cannot be decoded raises :class:`~aa_lightning.data.imagenet.ImageDecodeError` naming
   its source path (stored by the converter).
 
@@ -57,6 +60,12 @@ class DecodeAndTransform:
         self.transform = transform
         self.loader = RGBLoader(min_size)
         self.shards = shards
+
+    def set_random_seed(self, seed: int) -> None:
+        """Re-seed the transform (:class:`~aa_lightning.data.streaming_loader.SeededStreamingDataset` does it
+        before every training sample); a transform without ``set_random_seed`` is left as it is."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
         try:
@@ -147,7 +156,10 @@ class StreamingImageNetDataModule(ImageNetDataModule):
 
     def _dataset(self, split: str, transform: Callable, min_size: int | None, train: bool) -> Any:
         hp = self.hparams
-        return _litdata().StreamingDataset(
+        _litdata()
+        from .streaming_loader import SeededStreamingDataset
+
+        return SeededStreamingDataset(
             self._uri(split),
             cache_dir=hp.cache_dir,
             max_cache_size=hp.max_cache_size,
@@ -177,7 +189,10 @@ class StreamingImageNetDataModule(ImageNetDataModule):
         import torch
 
         pin_memory = self.hparams.pin_memory
-        return _litdata().StreamingDataLoader(
+        _litdata()
+        from .streaming_loader import ResumableStreamingDataLoader
+
+        return ResumableStreamingDataLoader(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,

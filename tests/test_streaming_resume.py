@@ -1,0 +1,145 @@
+"""A streamed run (litdata shards) killed mid-epoch and resumed with ``--ckpt_path last`` ends as the
+uninterrupted run does (issue 22, item 4): the same steps, the same samples in every epoch after the resume,
+with the same augmentation (the per-sample seed of (seed, epoch, index), as for the folder reader)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import REPO, run_cli, run_python
+from PIL import Image
+
+pytest.importorskip("litdata")
+
+CLASSES = ["n01", "n02", "n03", "n04"]
+TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 2  # 40 training images / batch 4 = 10 steps per epoch
+STEPS_PER_EPOCH = 10
+KILL_AT = 7  # mid-epoch 0; last.ckpt is from step 6
+
+
+def write_tree(root: Path, per_class: dict[str, int], classes: list[str] = CLASSES, size: int = 20) -> None:
+    """Class folders of small random JPEGs (each image distinct, so that its pixels identify it)."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for wnid in classes:
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
+
+
+def convert(src: Path, out: Path, chunk_bytes: str = "4KB") -> None:
+    result = run_python(
+        "-m",
+        "aa_lightning.data.prepare",
+        "imagenet",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--chunk-bytes",
+        chunk_bytes,
+        "--quiet",
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def recipe(tmp: Path, shards: Path, report: Path, kill_at: int = -1) -> list[str]:
+    """The streaming recipe on the tiny shards, a tiny ResNet, 2 epochs, last.ckpt every 3 steps; the only
+    callback is the probe that records every step (and kills the run at ``kill_at``)."""
+    probe_config = tmp / f"probe_{kill_at}.yaml"
+    probe = {"class_path": "fault_probes.StepProbe", "init_args": {"report": str(report), "kill_at": kill_at}}
+    probe_config.write_text(json.dumps({"trainer": {"callbacks": [probe]}}))
+    return [
+        "--config",
+        str(REPO / "configs" / "imagenet_aa_resnet50_streaming.yaml"),
+        "--runs_dir",
+        str(tmp / "runs"),
+        "--run_name",
+        "streamed",
+        "--checkpoint_every_n_steps",
+        "3",
+        "--test_ckpt_path",
+        "null",
+        "--data.init_args.data_dir",
+        str(shards),
+        "--data.init_args.cache_dir",
+        str(tmp / "cache"),
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.train_size",
+        "16",
+        "--data.init_args.eval_size",
+        "16",
+        "--data.init_args.resize_size",
+        "18",
+        "--model.init_args.model_name",
+        "test_resnet",
+        "--model.init_args.num_classes",
+        str(len(CLASSES)),
+        "--model.init_args.warmup_epochs",
+        "0",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "auto",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--config",
+        str(probe_config),
+    ]
+
+
+def steps(report: Path) -> dict[int, dict]:
+    """The probe's lines by step (a replayed step keeps its last record)."""
+    return {line["step"]: line for line in map(json.loads, report.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("streamed_resume")
+    write_tree(base / "imagenet", {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS})
+    convert(base / "imagenet", base / "shards")
+    return base / "shards"
+
+
+def test_a_streamed_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_end(shards, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    for folder in (reference, killed):
+        folder.mkdir()
+    ref_report, report = reference / "steps.jsonl", killed / "steps.jsonl"
+    result = run_cli(*recipe(reference, shards, ref_report), cwd=reference, probes=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "20 optimizer steps" in result.stdout, result.stdout[-2000:]
+    dead = run_cli(*recipe(killed, shards, report, kill_at=KILL_AT), cwd=killed, probes=True)
+    assert dead.returncode == -signal.SIGKILL, dead.stderr[-3000:]
+    resumed = run_cli(*recipe(killed, shards, report), "--ckpt_path", "last", cwd=killed, probes=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # before the fix: 10 optimizer steps (epoch 1 ran none of its batches)
+    assert "20 optimizer steps" in resumed.stdout, resumed.stdout[-2000:]
+    ref_steps, got = steps(ref_report), steps(report)
+    assert set(got) == set(ref_steps) == set(range(1, 2 * STEPS_PER_EPOCH + 1))
+    for step in range(KILL_AT, 2 * STEPS_PER_EPOCH + 1):  # every step after last.ckpt (step 6)
+        assert got[step]["epoch"] == ref_steps[step]["epoch"], step
+        assert got[step]["targets"] == ref_steps[step]["targets"], step  # the same samples
+        assert got[step]["image_sum"] == pytest.approx(ref_steps[step]["image_sum"], rel=1e-6), step  # augmentation
