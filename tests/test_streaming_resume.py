@@ -8,10 +8,9 @@ import json
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
-from cli_helpers import REPO, run_cli, run_python
-from PIL import Image
+from cli_helpers import REPO, run_cli
+from streaming_helpers import convert, write_tree
 
 pytest.importorskip("litdata")
 
@@ -19,37 +18,6 @@ CLASSES = ["n01", "n02", "n03", "n04"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 2  # 40 training images / batch 4 = 10 steps per epoch
 STEPS_PER_EPOCH = 10
 KILL_AT = 7  # mid-epoch 0; last.ckpt is from step 6
-
-
-def write_tree(root: Path, per_class: dict[str, int], classes: list[str] = CLASSES, size: int = 20) -> None:
-    """Class folders of small random JPEGs (each image distinct, so that its pixels identify it)."""
-    rng = np.random.default_rng(0)
-    for split, count in per_class.items():
-        for wnid in classes:
-            (root / split / wnid).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{i}.JPEG", quality=90)
-
-
-def convert(src: Path, out: Path, chunk_bytes: str = "4KB") -> None:
-    result = run_python(
-        "-m",
-        "aa_lightning.data.prepare",
-        "imagenet",
-        "--src",
-        str(src),
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "--chunk-bytes",
-        chunk_bytes,
-        "--quiet",
-        cwd=REPO,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def recipe(tmp: Path, shards: Path, report: Path, kill_at: int = -1) -> list[str]:
@@ -118,7 +86,7 @@ def steps(report: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("streamed_resume")
-    write_tree(base / "imagenet", {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS})
+    write_tree(base / "imagenet", {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS}, CLASSES)
     convert(base / "imagenet", base / "shards")
     return base / "shards"
 

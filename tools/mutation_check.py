@@ -74,6 +74,8 @@ ATTENTION = "aa_lightning/layers/relative_attention.py"
 AACONV = "aa_lightning/layers/augmented_conv.py"
 CIFAR = "aa_lightning/data/cifar.py"
 FAULTS = "aa_lightning/callbacks/faults.py"
+STREAMING_LOADER = "aa_lightning/data/streaming_loader.py"
+PREPARE = "aa_lightning/data/prepare.py"
 
 BREAKAGES: list[Breakage] = [
     breakage(
@@ -300,6 +302,22 @@ BREAKAGES: list[Breakage] = [
                 "        foreign = []",
             )
         ],
+    ),
+    breakage(
+        "streamed-resume-stays-in-restored-epoch",
+        "a streamed run resumed mid-epoch never leaves litdata's restore mode (every later epoch runs 0 batches)",
+        STREAMING_LOADER,
+        "            self.restore = False\n",
+        "            pass\n",
+        ["tests/test_streaming_resume.py"],
+    ),
+    breakage(
+        "streamed-augmentation-not-seeded-per-sample",
+        "streamed training samples are augmented from the pipeline's running generator, not from (seed, epoch, index)",
+        STREAMING_LOADER,
+        "        if isinstance(index, ChunkedIndex):\n",
+        "        if False:\n",
+        ["tests/test_streaming_resume.py"],
     ),
     breakage(
         "checkpoint-not-atomic",

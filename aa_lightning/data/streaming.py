@@ -44,6 +44,27 @@ def _litdata():
     return litdata
 
 
+class ObjectStoreError(OSError):
+    """A remote ``data_dir`` that cannot be read (no credentials, no access, no such bucket or file)."""
+
+
+_CREDENTIAL_WORDS = ("credential", "unauthenticated", "unauthorized", "accessdenied", "access denied", "forbidden")
+
+
+def object_store_error(uri: str, err: BaseException) -> ObjectStoreError:
+    """A one-line :class:`ObjectStoreError` naming ``uri`` for an error of litdata's object-store client
+    (missing credentials get the settings that provide them)."""
+    text = f"{type(err).__name__}: {err}"
+    cause = " ".join(text.split())[:200]
+    if any(word in text.lower() for word in _CREDENTIAL_WORDS):
+        return ObjectStoreError(
+            f"data.data_dir: cannot read {uri}: no valid credentials for the object store ({cause}). Provide them "
+            "as for the store's own command-line tool (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_KEY) or in data.storage_options"
+        )
+    return ObjectStoreError(f"data.data_dir: cannot read {uri} ({cause})")
+
+
 def is_remote(uri: str) -> bool:
     """Whether ``uri`` names object storage (``scheme://...``) rather than a local folder."""
     return "://" in uri
@@ -140,10 +161,13 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             from litdata.streaming.downloader import get_downloader
 
             with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, STAMP)
-                get_downloader(self.data_dir, tmp, [], self.hparams.storage_options or {}).download_file(
-                    f"{self.data_dir}/{STAMP}", local
-                )
+                local, remote = os.path.join(tmp, STAMP), f"{self.data_dir}/{STAMP}"
+                try:
+                    get_downloader(self.data_dir, tmp, [], self.hparams.storage_options or {}).download_file(
+                        remote, local
+                    )
+                except Exception as err:  # each store's client raises its own types (obstore, boto3, gcsfs, ...)
+                    raise object_store_error(remote, err) from err
                 stamp = read_stamp(tmp)
         else:
             stamp = read_stamp(self.data_dir)
@@ -167,6 +191,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             shuffle=train,
             drop_last=train,  # val: every image once over all ranks
             seed=hp.seed,
+            item_shuffle_window="full",  # a full permutation inside each chunk (litdata's default: blocks of 256)
             transform=DecodeAndTransform(transform, min_size, self._uri(split)),
         )
 
