@@ -16,6 +16,11 @@ a local folder or a URI (``s3://``, ``gs://``, ``azure://`` ...; chunks are cach
   augmentation is seeded from (seed, epoch, index in the shards), as the folder reader's is, so the resumed
   run also augments every sample as the uninterrupted one. Workers are not persistent: they restart each
   epoch and pick up litdata's epoch (its shuffle) from the loader.
+- Shuffle: litdata permutes the chunks every epoch and (``item_shuffle_window="full"``) all samples inside a
+  chunk, but each worker reads one chunk at a time; the converter writes the samples in a seeded random order,
+  so a chunk, and a batch, mixes the classes as the folder reader's do.
+- A remote ``data_dir`` that cannot be read (no credentials, no access) raises :class:`ObjectStoreError`, one
+  line naming the URI (and, for credentials, the settings that provide them).
 - A sample that cannot be decoded raises :class:`~aa_lightning.data.imagenet.ImageDecodeError` naming
   its source path (stored by the converter).
 
