@@ -29,10 +29,12 @@ URI is refused.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -143,9 +145,6 @@ def _die_with_parent() -> None:
     so that a killed conversion leaves no worker behind (``prctl(PR_SET_PDEATHSIG)``)."""
     if not _STOP_WITH_PARENT:
         return
-    import ctypes
-    import signal
-
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
