@@ -111,3 +111,69 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_end(s
         assert got[step]["epoch"] == ref_steps[step]["epoch"], step
         assert got[step]["targets"] == ref_steps[step]["targets"], step  # the same samples
         assert got[step]["image_sum"] == pytest.approx(ref_steps[step]["image_sum"], rel=1e-6), step  # augmentation
+
+
+class _Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def _fit(shards: Path, folder: Path, die_at: int = -1, ckpt_path: str | None = None) -> dict[int, tuple]:
+    """Lightning with ExactResume (as train.py), epochs cut to 6 of 10 batches by limit_train_batches, a
+    checkpoint every 3 steps; returns step -> (epoch, image sum) of every training step."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from aa_lightning.callbacks import ExactResume
+    from aa_lightning.data import StreamingImageNetDataModule
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: dict[int, tuple] = {}
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == die_at:
+                raise _Killed
+            self.seen[self.global_step + 1] = (self.current_epoch, round(float(batch[0].double().sum()), 4))
+            return (self.weight * batch[0].mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    model = Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[
+            ModelCheckpoint(dirpath=folder, every_n_train_steps=3, save_top_k=-1, filename="{step}"),
+            ExactResume(),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = StreamingImageNetDataModule(
+        data_dir=str(shards), batch_size=4, num_workers=0, train_size=16, eval_size=16, resize_size=18
+    )
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except _Killed:
+        pass
+    return model.seen
+
+
+def test_a_streamed_resume_in_an_epoch_cut_by_limit_train_batches_runs_the_next_epoch_in_full(shards, tmp_path):
+    """The restored epoch ends at limit_train_batches, before litdata's loader has yielded all its samples: the
+    next epoch still starts afresh (the trainer's epoch has moved on), with the uninterrupted run's batches."""
+    reference = _fit(shards, tmp_path / "reference")
+    assert sorted(reference) == list(range(1, 13)) and reference[7][0] == 1
+    killed = _fit(shards, tmp_path / "killed", die_at=4)  # in epoch 0; checkpoint at step 3
+    assert sorted(killed) == [1, 2, 3, 4]
+    resumed = _fit(shards, tmp_path / "killed", ckpt_path=str(tmp_path / "killed" / "step=3.ckpt"))
+    assert sorted(resumed) == list(range(4, 13))  # before the fix: steps 4-6 only (epoch 1 ran 0 batches)
+    assert resumed == {step: reference[step] for step in range(4, 13)}  # the same images, the same augmentation

@@ -307,8 +307,16 @@ BREAKAGES: list[Breakage] = [
         "streamed-resume-stays-in-restored-epoch",
         "a streamed run resumed mid-epoch never leaves litdata's restore mode (every later epoch runs 0 batches)",
         STREAMING_LOADER,
-        "            self.restore = False\n",
-        "            pass\n",
+        "                self.restore = False\n",
+        "                pass\n",
+        ["tests/test_streaming_resume.py"],
+    ),
+    breakage(
+        "streamed-resume-ignores-the-trainers-epoch",
+        "a streamed resume in an epoch cut by limit_train_batches replays that epoch's rest as the next epoch",
+        STREAMING_LOADER,
+        "            if delivered or moved_on:",
+        "            if delivered:",
         ["tests/test_streaming_resume.py"],
     ),
     breakage(

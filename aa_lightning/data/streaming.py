@@ -215,6 +215,11 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             )
             self.train_set = self._dataset("train", train_transform, hp.train_size if hp.draft else None, train=True)
 
+    def _run_epoch(self) -> int | None:
+        """The trainer's epoch (None outside a trainer): a restored training loader leaves its epoch when it moves."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
     def _loader(self, dataset: Any, train: bool) -> Any:
         import torch
 
@@ -224,6 +229,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
 
         return ResumableStreamingDataLoader(
             dataset,
+            run_epoch=self._run_epoch,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

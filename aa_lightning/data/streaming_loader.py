@@ -8,11 +8,13 @@ Imported by :mod:`aa_lightning.data.streaming` when the data are set up (this mo
 - :class:`ResumableStreamingDataLoader`: a loader restored mid-epoch (``load_state_dict``) replays the rest
   of that epoch and then starts the next epoch as a fresh one. litdata's own loader leaves its "restoring"
   mode only when an epoch's iterator is run to exhaustion; Lightning stops asking for batches at the epoch's
-  length, one batch before that, so the next epoch replayed the finished one's end: an empty epoch.
+  length (or its ``limit_train_batches``), before that, so the next epoch replayed the finished one's end:
+  an empty epoch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from litdata import StreamingDataLoader, StreamingDataset
@@ -36,16 +38,29 @@ class SeededStreamingDataset(StreamingDataset):
 
 
 class ResumableStreamingDataLoader(StreamingDataLoader):
-    """A ``StreamingDataLoader`` that leaves the restored epoch once all of its batches were delivered.
+    """A ``StreamingDataLoader`` that leaves the restored epoch when the next one begins.
 
-    litdata decides whether a restored loader is still inside its epoch from the samples it has yielded
-    (``0 < yielded < len(dataset)`` at ``load_state_dict``); the same test is applied when the next epoch's
-    iterator starts: a restored epoch that has yielded all its samples is over, and the new iterator starts
-    the next epoch (a new shuffle, all of its samples) as litdata does after an uninterrupted epoch.
+    A new iterator starts the next epoch (a new shuffle, all of its samples), as litdata does after an
+    uninterrupted epoch, once the restored epoch is over: all of its samples were yielded (litdata's own
+    test, ``yielded < len(dataset)``, at ``load_state_dict``), or ``run_epoch`` (e.g. the trainer's
+    ``current_epoch``) has moved on since the state was loaded (an epoch cut short by ``limit_train_batches``).
+    Other arguments: as ``StreamingDataLoader``.
     """
 
+    def __init__(self, *args: Any, run_epoch: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        self.run_epoch = run_epoch
+        self._restored_in: int | None = None
+        super().__init__(*args, **kwargs)
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(obj)
+        self._restored_in = self.run_epoch() if self.run_epoch is not None else None
+
     def __iter__(self) -> Any:
-        # litdata's own counter of the samples yielded in the epoch (the one its state_dict saves)
-        if self.restore and self._num_samples_yielded_streaming >= len(self.dataset):
-            self.restore = False
+        if self.restore:
+            # litdata's own counter of the samples yielded in the epoch (the one its state_dict saves)
+            delivered = self._num_samples_yielded_streaming >= len(self.dataset)
+            moved_on = self.run_epoch is not None and self.run_epoch() != self._restored_in
+            if delivered or moved_on:
+                self.restore = False
         yield from super().__iter__()
