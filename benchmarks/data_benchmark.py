@@ -6,6 +6,8 @@ converted to litdata shards), each reader produces the recipe's training batches
 
 - ``folder``: :class:`aa_lightning.data.ImageNetDataModule` (PIL draft decode + albumentations);
 - ``litdata``: :class:`aa_lightning.data.StreamingImageNetDataModule` on the shards (same decode + pipeline);
+- ``litdata-sequential``: the same with litdata's shuffle off (chunks and samples in storage order): what the
+  training shuffle (a new chunk order and a full permutation inside each chunk every epoch) costs;
 - ``timm``: ``timm.data.create_dataset`` + ``create_loader`` on the same folders (PIL decode, torchvision-style
   PIL transforms; ``color_jitter=0`` and no prefetcher, so that it does the same work in its workers).
 
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=8, help="timed batches per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-samples", type=int, default=200, help="images for the per-part timings")
-    p.add_argument("--readers", nargs="+", default=["folder", "litdata", "timm"])
+    p.add_argument("--readers", nargs="+", default=["folder", "litdata", "litdata-sequential", "timm"])
     p.add_argument("--out-dir", default=None, help="write data.json / data.md here")
     return p.parse_args(argv)
 
@@ -85,11 +87,13 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
         )
         dm.setup("fit")
         return dm.train_dataloader()
-    if reader == "litdata":
+    if reader in ("litdata", "litdata-sequential"):
         from aa_lightning.data import StreamingImageNetDataModule
 
         dm = StreamingImageNetDataModule(data_dir=str(shards), batch_size=batch, num_workers=workers, pin_memory=False)
         dm.setup("fit")
+        if reader == "litdata-sequential":
+            dm.train_set.set_shuffle(False)
         return dm.train_dataloader()
     if reader == "timm":
         from timm.data import create_dataset, create_loader
@@ -108,7 +112,7 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
             pin_memory=False,
             device=torch.device("cpu"),
         )
-    raise ValueError(f"--readers: unknown reader {reader!r} (folder, litdata, timm)")
+    raise ValueError(f"--readers: unknown reader {reader!r} (folder, litdata, litdata-sequential, timm)")
 
 
 def time_round(reader: str, root: Path, shards: Path, workers: int, batch: int, batches: int) -> float:

@@ -77,6 +77,8 @@ CIFAR = "aa_lightning/data/cifar.py"
 CIFAR_FORMAT = "aa_lightning/data/cifar_format.py"
 COCO = "aa_lightning/data/coco.py"
 FAULTS = "aa_lightning/training/faults.py"
+STREAMING_LOADER = "aa_lightning/data/streaming_loader.py"
+PREPARE = "aa_lightning/data/prepare.py"
 
 BREAKAGES: list[Breakage] = [
     breakage(
@@ -449,6 +451,86 @@ BREAKAGES: list[Breakage] = [
         "            self.train_set = ClassFolderImages(",
         "            self.train_set = ImageFolder(",
         ["tests/test_data_image_folders.py"],
+    ),
+    breakage(
+        "streamed-resume-stays-in-restored-epoch",
+        "a streamed run resumed mid-epoch never leaves litdata's restore mode (every later epoch runs 0 batches)",
+        STREAMING_LOADER,
+        "                self.restore = False\n",
+        "                pass\n",
+        ["tests/test_streaming_resume.py"],
+    ),
+    breakage(
+        "streamed-resume-ignores-the-trainers-epoch",
+        "a streamed resume in an epoch cut by limit_train_batches replays that epoch's rest as the next epoch",
+        STREAMING_LOADER,
+        "            if delivered or moved_on:",
+        "            if delivered:",
+        ["tests/test_streaming_resume.py"],
+    ),
+    breakage(
+        "streamed-augmentation-not-seeded-per-sample",
+        "streamed training samples are augmented from the pipeline's running generator, not from (seed, epoch, index)",
+        STREAMING_LOADER,
+        "        if isinstance(index, ChunkedIndex):\n",
+        "        if False:\n",
+        ["tests/test_streaming_resume.py"],
+    ),
+    breakage(
+        "converter-writes-class-by-class",
+        "the shard converter writes the samples class by class (streamed batches hold one or two classes)",
+        PREPARE,
+        "        samples[split] = [samples[split][i] for i in order]\n",
+        "        samples[split] = list(samples[split])\n",
+        ["tests/test_streaming_shuffle.py"],
+    ),
+    breakage(
+        "converter-takes-a-uri-out-for-a-folder",
+        "prepare --out s3://bucket/x is turned into a Path before the URI check (writes ./s3:/bucket/x)",
+        PREPARE,
+        'if "://" in str(out):  # before Path()',
+        'if "://" in str(Path(out)):  # before Path()',
+        ["tests/test_streaming_converter_inputs.py"],
+    ),
+    breakage(
+        "converter-empty-class-folder-traceback",
+        "an empty class folder stops the converter with torchvision's traceback instead of one line naming it",
+        PREPARE,
+        "        except FileNotFoundError as err:  # torchvision's make_dataset",
+        "        except KeyError as err:  # torchvision's make_dataset",
+        ["tests/test_streaming_converter_inputs.py"],
+    ),
+    breakage(
+        "converter-rerun-ignores-another-source",
+        "a converter re-run into the finished conversion of another --src says 'nothing to do'",
+        PREPARE,
+        "    if not overwrite and source != str(src_r):",
+        "    if False:",
+        ["tests/test_streaming_converter_inputs.py"],
+    ),
+    breakage(
+        "shards-published-0700",
+        "the published shard folder keeps mkdtemp's 0700 instead of the user's umask",
+        PREPARE,
+        "        _publishable(tmp)\n",
+        "        pass\n",
+        ["tests/test_streaming_converter_inputs.py"],
+    ),
+    breakage(
+        "converter-workers-outlive-a-kill",
+        "litdata's conversion workers keep running after the converter is killed",
+        PREPARE,
+        "    if not _STOP_WITH_PARENT:\n        return",
+        "    if True:\n        return",
+        ["tests/test_streaming_converter_inputs.py"],
+    ),
+    breakage(
+        "object-store-error-not-explained",
+        "missing object-store credentials reach the user as the store client's own multi-line error",
+        "aa_lightning/data/streaming.py",
+        "                    raise object_store_error(remote, err) from err",
+        "                    raise",
+        ["tests/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "checkpoint-not-atomic",

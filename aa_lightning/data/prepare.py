@@ -7,29 +7,42 @@ samples ``{"image": <the encoded file's bytes>, "label": int, "path": "<split>/<
 (the JPEG bytes as they are, not decoded pixels; the path relative to ``--src`` names a file that
 cannot be decoded when training). Labels are the sorted class folders, exactly as the folder
 reader (torchvision's ``ImageFolder``) numbers them. ``--out/aa_lightning_shards.json`` (the
-stamp) records the classes, the sample counts and the source; it is written last.
+stamp) records the classes, the sample counts, the source and the seed; it is written last.
+
+Order: the samples of each split are written in a random order drawn from ``--seed`` (default 0), not
+class by class, so every chunk (a ``--chunk-bytes`` file, ~600 ImageNet JPEGs at 64 MB) holds a mix of
+the classes. litdata's shuffle permutes the chunks and the samples inside a chunk but reads one chunk
+at a time per worker: on shards written class by class, a batch held one or two classes.
 
 Safety: ``--src`` is only read. The shards are written into a temporary sibling of ``--out``
 (``.<name>.partial-*``) and renamed to ``--out`` when both splits are complete, so a killed
 conversion leaves nothing that passes for a finished one (the next run removes such leftovers).
-A non-empty ``--out`` without the stamp is refused; a finished one is left as it is unless
-``--overwrite`` is given. Shards for remote training (s3:// etc.) are converted locally and then
-copied, e.g. ``aws s3 sync data/imagenet_litdata s3://bucket/imagenet_litdata``.
+A non-empty ``--out`` without the stamp is refused; a finished conversion of the same ``--src`` is
+left as it is, one of another ``--src`` is refused (the message says the sources differ), unless
+``--overwrite`` is given. The published folder and files get the permissions of the user's umask, as
+any other output. The litdata worker processes end with the converter, even when it is killed
+(Linux: the parent-death signal). Shards for remote training (s3:// etc.) are converted locally and
+then copied, e.g. ``aws s3 sync data/imagenet_litdata s3://bucket/imagenet_litdata``; an ``--out``
+URI is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from aa_lightning.atomic_files import fsync_dir, publish_folder, write_text_atomic
 
@@ -99,7 +112,83 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> bool:
         raise ConversionError(
             f"--overwrite: {out} also holds files this tool did not write: {foreign[:5]}; move them first"
         )
+    source = read_stamp(out).get("source")
+    if not overwrite and source != str(src_r):
+        raise ConversionError(
+            f"--out {out} holds a finished conversion of another source ({source}); the sources differ from "
+            f"--src {src_r}. Pass another --out, or --overwrite to replace it"
+        )
     return overwrite
+
+
+def _folder_mode() -> int:
+    """0o777 less the process umask: what ``mkdir`` gives a new folder (``mkdtemp`` gives 0o700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _publishable(folder: Path) -> None:
+    """Give ``folder`` (the staged conversion, a ``mkdtemp`` folder: 0o700) and the folders in it the umask's
+    folder mode, and its files the umask's file mode, as if they had been created by ``mkdir`` / ``open``."""
+    dir_mode = _folder_mode()
+    file_mode = dir_mode & 0o666
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
+
+
+_STOP_WITH_PARENT = False
+
+
+def _die_with_parent() -> None:
+    """In a process forked during a conversion (litdata's workers): ask Linux for SIGKILL when the parent dies,
+    so that a killed conversion leaves no worker behind (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not _STOP_WITH_PARENT:
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request: nobody would stop this process
+        os._exit(1)
+
+
+if sys.platform == "linux":
+    os.register_at_fork(after_in_child=_die_with_parent)
+
+
+def _check_class_folders(src: Path, split: str, classes: list[str], samples: list[tuple[str, int]]) -> None:
+    """A :class:`ConversionError` naming the first class folder of ``src/split`` without an image."""
+    found = {label for _, label in samples}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise ConversionError(_empty_class_message(src / split, empty))
+
+
+def _empty_class_message(folder: Path, empty: list[str]) -> str:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    more = f" (and {len(empty) - 1} more: {empty[1:4]})" if len(empty) > 1 else ""
+    return (
+        f"the class folder {folder / empty[0]} holds no images{more} ({', '.join(IMG_EXTENSIONS)}); add its images "
+        f"or remove the folder from both splits"
+    )
+
+
+def _empty_class_folders(folder: Path) -> list[str]:
+    """Class folders of ``folder`` with no image file in them (walked without following links)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    empty = []
+    for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
+        names = (name for _, _, files in os.walk(cls) for name in files)
+        if not any(name.lower().endswith(IMG_EXTENSIONS) for name in names):
+            empty.append(cls.name)
+    return empty
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -117,18 +206,28 @@ def convert_imagenet(
     chunk_bytes: str = "64MB",
     overwrite: bool = False,
     verbose: bool = True,
+    seed: int = 0,
 ) -> dict[str, Any] | None:
-    """Convert ``src/{train,val}/<class>/<image>`` into litdata shards in ``out``; returns the stamp written,
-    or None when ``out`` already holds a finished conversion (and ``overwrite`` is False)."""
+    """Convert ``src/{train,val}/<class>/<image>`` into litdata shards in ``out``, each split's samples in the
+    random order of ``seed``; returns the stamp written, or None when ``out`` already holds a finished
+    conversion of ``src`` (and ``overwrite`` is False)."""
+    if "://" in str(out):  # before Path(), which folds "s3://bucket" into "s3:/bucket"
+        raise ConversionError(
+            f"--out {out}: a URI; convert to a local folder, then copy it to the object store "
+            f"(e.g. aws s3 sync data/imagenet_litdata {out})"
+        )
     src, out = Path(src), Path(out)
-    if "://" in str(out):
-        raise ConversionError(f"--out {out}: convert to a local folder, then copy it to the object store")
     if not _check_out(src, out, overwrite):
         print(f"{out} already holds a finished conversion ({STAMP}); nothing to do (--overwrite to redo it)")
         return None
     classes, samples = {}, {}
     for split in SPLITS:
-        classes[split], samples[split] = list_split(src, split)
+        try:
+            classes[split], samples[split] = list_split(src, split)
+        except FileNotFoundError as err:  # torchvision's make_dataset: a class folder without images
+            empty = _empty_class_folders(src / split)
+            raise ConversionError(_empty_class_message(src / split, empty) if empty else str(err)) from err
+        _check_class_folders(src, split, classes[split], samples[split])
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))[:5]
         only_val = sorted(set(classes["val"]) - set(classes["train"]))[:5]
@@ -139,6 +238,9 @@ def convert_imagenet(
     for split in SPLITS:
         if not samples[split]:
             raise ConversionError(f"--src {src}: no images in {src / split}")
+        # a seeded random order, not class by class: every chunk holds a mix of the classes
+        order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(samples[split]))
+        samples[split] = [samples[split][i] for i in order]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
@@ -152,6 +254,8 @@ def convert_imagenet(
     }
     saved_env = {key: os.environ.get(key) for key in cache_env}
     os.environ.update(cache_env)
+    global _STOP_WITH_PARENT
+    _STOP_WITH_PARENT = True  # the processes forked from here on end when this one does
     try:
         import litdata
 
@@ -166,6 +270,7 @@ def convert_imagenet(
                 chunk_bytes=chunk_bytes,
                 num_workers=min(workers, len(samples[split])),
                 reorder_files=False,
+                keep_data_ordered=True,  # each worker writes its slice in the given (shuffled) order: reproducible
                 # fork: the workers inherit the imported modules (spawn re-imports torch & co. in each one)
                 start_method="fork" if sys.platform == "linux" else None,
                 verbose=verbose,
@@ -177,16 +282,19 @@ def convert_imagenet(
             "classes": classes["train"],
             "num_samples": {split: len(samples[split]) for split in SPLITS},
             "chunk_bytes": chunk_bytes,
+            "seed": seed,
             "seconds": round(time.perf_counter() - start, 1),
         }
         write_text_atomic(tmp / STAMP, json.dumps(stamp, indent=2) + "\n")
         (tmp / PARTIAL_MARKER).unlink()
+        _publishable(tmp)
         fsync_dir(tmp)
         publish_folder(tmp, out)  # --overwrite of our own finished conversion (checked above) swaps it out
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        _STOP_WITH_PARENT = False
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -206,11 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     imagenet.add_argument("--out", required=True, help="new or empty local folder for the shards")
     imagenet.add_argument("--workers", type=int, default=None, help="parallel reader processes (default: all cores)")
     imagenet.add_argument("--chunk-bytes", default="64MB", help="size of one shard file (default: 64MB)")
+    imagenet.add_argument("--seed", type=int, default=0, help="seed of the order the samples are written in")
     imagenet.add_argument("--overwrite", action="store_true", help="redo a finished conversion in --out")
     imagenet.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        convert_imagenet(args.src, args.out, args.workers, args.chunk_bytes, args.overwrite, verbose=not args.quiet)
+        convert_imagenet(
+            args.src, args.out, args.workers, args.chunk_bytes, args.overwrite, verbose=not args.quiet, seed=args.seed
+        )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

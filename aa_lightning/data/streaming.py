@@ -11,8 +11,16 @@ a local folder or a URI (``s3://``, ``gs://``, ``azure://`` ...; chunks are cach
 - Resuming: ``StreamingDataLoader`` has ``state_dict`` / ``load_state_dict``, which Lightning stores in
   every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores, so a run resumed from a
   mid-epoch checkpoint continues the epoch without repeating or skipping samples (with the same number
-  of devices and workers). Workers are not persistent: they restart each epoch and pick up litdata's
-  epoch (its shuffle) from the loader.
+  of devices and workers) and then runs every later epoch in full, as the uninterrupted run does
+  (:class:`~aa_lightning.data.streaming_loader.ResumableStreamingDataLoader`). Each training sample's
+  augmentation is seeded from (seed, epoch, index in the shards), as the folder reader's is, so the resumed
+  run also augments every sample as the uninterrupted one. Workers are not persistent: they restart each
+  epoch and pick up litdata's epoch (its shuffle) from the loader.
+- Shuffle: litdata permutes the chunks every epoch and (``item_shuffle_window="full"``) all samples inside a
+  chunk, but each worker reads one chunk at a time; the converter writes the samples in a seeded random order,
+  so a chunk, and a batch, mixes the classes as the folder reader's do.
+- A remote ``data_dir`` that cannot be read (no credentials, no access) raises :class:`ObjectStoreError`, one
+  line naming the URI (and, for credentials, the settings that provide them).
 - A sample that cannot be decoded raises :class:`~aa_lightning.data.imagenet.ImageDecodeError` naming
   its source path (stored by the converter).
 
@@ -41,6 +49,27 @@ def _litdata():
     return litdata
 
 
+class ObjectStoreError(OSError):
+    """A remote ``data_dir`` that cannot be read (no credentials, no access, no such bucket or file)."""
+
+
+_CREDENTIAL_WORDS = ("credential", "unauthenticated", "unauthorized", "accessdenied", "access denied", "forbidden")
+
+
+def object_store_error(uri: str, err: BaseException) -> ObjectStoreError:
+    """A one-line :class:`ObjectStoreError` naming ``uri`` for an error of litdata's object-store client
+    (missing credentials get the settings that provide them)."""
+    text = f"{type(err).__name__}: {err}"
+    cause = " ".join(text.split())[:200]
+    if any(word in text.lower() for word in _CREDENTIAL_WORDS):
+        return ObjectStoreError(
+            f"data.data_dir: cannot read {uri}: no valid credentials for the object store ({cause}). Provide them "
+            "as for the store's own command-line tool (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_KEY) or in data.storage_options"
+        )
+    return ObjectStoreError(f"data.data_dir: cannot read {uri} ({cause})")
+
+
 def is_remote(uri: str) -> bool:
     """Whether ``uri`` names object storage (``scheme://...``) rather than a local folder."""
     return "://" in uri
@@ -57,6 +86,12 @@ class DecodeAndTransform:
         self.transform = transform
         self.loader = RGBLoader(min_size)
         self.shards = shards
+
+    def set_random_seed(self, seed: int) -> None:
+        """Re-seed the transform (:class:`~aa_lightning.data.streaming_loader.SeededStreamingDataset` does it
+        before every training sample); a transform without ``set_random_seed`` is left as it is."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
         try:
@@ -131,10 +166,13 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             from litdata.streaming.downloader import get_downloader
 
             with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, STAMP)
-                get_downloader(self.data_dir, tmp, [], self.hparams.storage_options or {}).download_file(
-                    f"{self.data_dir}/{STAMP}", local
-                )
+                local, remote = os.path.join(tmp, STAMP), f"{self.data_dir}/{STAMP}"
+                try:
+                    get_downloader(self.data_dir, tmp, [], self.hparams.storage_options or {}).download_file(
+                        remote, local
+                    )
+                except Exception as err:  # each store's client raises its own types (obstore, boto3, gcsfs, ...)
+                    raise object_store_error(remote, err) from err
                 stamp = read_stamp(tmp)
         else:
             stamp = read_stamp(self.data_dir)
@@ -147,7 +185,10 @@ class StreamingImageNetDataModule(ImageNetDataModule):
 
     def _dataset(self, split: str, transform: Callable, min_size: int | None, train: bool) -> Any:
         hp = self.hparams
-        return _litdata().StreamingDataset(
+        _litdata()
+        from .streaming_loader import SeededStreamingDataset
+
+        return SeededStreamingDataset(
             self._uri(split),
             cache_dir=hp.cache_dir,
             max_cache_size=hp.max_cache_size,
@@ -155,6 +196,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             shuffle=train,
             drop_last=train,  # val: every image once over all ranks
             seed=hp.seed,
+            item_shuffle_window="full",  # a full permutation inside each chunk (litdata's default: blocks of 256)
             transform=DecodeAndTransform(transform, min_size, self._uri(split)),
         )
 
@@ -173,12 +215,21 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             )
             self.train_set = self._dataset("train", train_transform, hp.train_size if hp.draft else None, train=True)
 
+    def _run_epoch(self) -> int | None:
+        """The trainer's epoch (None outside a trainer): a restored training loader leaves its epoch when it moves."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
     def _loader(self, dataset: Any, train: bool) -> Any:
         import torch
 
         pin_memory = self.hparams.pin_memory
-        return _litdata().StreamingDataLoader(
+        _litdata()
+        from .streaming_loader import ResumableStreamingDataLoader
+
+        return ResumableStreamingDataLoader(
             dataset,
+            run_epoch=self._run_epoch,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
