@@ -51,7 +51,7 @@ def test_an_empty_class_folder_is_one_line_naming_it(src, capsys):
     (src / "val" / "n03" / "notes.txt").write_text("not an image")
     out = src.parent / "shards"
     assert main(["imagenet", "--src", str(src), "--out", str(out), "--workers", "1", "--quiet"]) == 2
-    assert f"the class folder {src / 'train' / 'n03'} holds no images" in one_error_line(capsys)
+    assert f"class folder {src / 'train' / 'n03'} holds no image" in one_error_line(capsys)
     assert not out.exists()
 
 

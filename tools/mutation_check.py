@@ -494,10 +494,10 @@ BREAKAGES: list[Breakage] = [
     ),
     breakage(
         "converter-empty-class-folder-traceback",
-        "an empty class folder stops the converter with torchvision's traceback instead of one line naming it",
+        "an empty class folder (or a link loop) stops the converter with a traceback instead of one line naming it",
         PREPARE,
-        "        except FileNotFoundError as err:  # torchvision's make_dataset",
-        "        except KeyError as err:  # torchvision's make_dataset",
+        "        raise ConversionError(str(err)) from None",
+        "        raise",
         ["tests/test_streaming_converter_inputs.py"],
     ),
     breakage(
