@@ -199,3 +199,41 @@ def test_no_private_timm_module_outside_the_compat_module():
         if private.search(line)
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("version", ["1.1.0", "1.0.8", "2.0.0.dev0", "unknown"])
+def test_timm_private_use_checks_the_timm_version(monkeypatch, version):
+    """The one private use (MnasNet-A1 at 1.25) fails in one line naming the version outside the
+    tested range, instead of building whatever another timm's private generator builds."""
+    from aa_lightning.models import _timm_compat
+
+    monkeypatch.setattr(timm, "__version__", version)
+    for name in ("semnasnet_125", "aa_mnasnet_125"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"^aa_lightning.models._timm_compat: timm {re.escape(version)} is "
+            r"outside the tested range >=1\.0\.9,<1\.1\.0 [^\n]*$",
+        ):
+            meta(name)
+    _timm_compat.check_timm_version("1.0.31")  # the tested one
+    assert type(meta("aa_mnasnet_100")).__name__ == "EfficientNet"  # public entry points need no check
+
+
+@pytest.mark.parametrize("name", ["aa_mnasnet_075", "aa_mnasnet_125", "semnasnet_125"])
+def test_mnasnet_weights_load_after_the_augment_step(tmp_path, name):
+    """pretrained=True with a local file: timm's loader runs after augment (the file has the AA layers),
+    for the classifier and the features_only network."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32) if name.startswith("aa_") else {}
+    source = timm.create_model(name, num_classes=5, **kwargs)
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    overlay = dict(file=str(path), num_classes=5)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=5, **kwargs)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+    features = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True, **kwargs)
+    own = features.state_dict()
+    assert own and all(torch.equal(v, source.state_dict()[k]) for k, v in own.items())
+    assert loaded.pretrained_cfg["architecture"] == name and "classifier" not in features.pretrained_cfg
