@@ -64,7 +64,7 @@ def _create_mnasnet_a1(
     strict = kwargs.pop("pretrained_strict", True)
     features = bool(kwargs.get("features_only", False))
     model = mnasnet_a1(channel_multiplier, cfg, **kwargs)
-    augment_with(model, attention, stages=None, min_reduction=min_reduction, img_size=img_size)
+    augment_with(model, attention, stages=None, min_reduction=min_reduction, img_size=img_size, cache=True)
     if pretrained:  # after the AA step: the file has the AA layers' weights (timm's own load, as it would do)
         load_pretrained(
             model,

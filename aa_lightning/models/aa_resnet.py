@@ -57,7 +57,7 @@ def _create_aa_resnet(
     kwargs.setdefault("layers", tuple(default_layers))  # timm's ResNet kwarg: e.g. (2, 2, 2, 2) for an AA-ResNet-18
 
     def augmented_resnet(**model_kwargs: Any) -> ResNet:
-        return augment_with(ResNet(block=block, **model_kwargs), attention, stages, img_size=img_size)
+        return augment_with(ResNet(block=block, **model_kwargs), attention, stages, img_size=img_size, cache=True)
 
     return build_model_with_cfg(
         augmented_resnet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
