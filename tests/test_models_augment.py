@@ -219,7 +219,7 @@ def test_timm_private_use_checks_the_timm_version(monkeypatch, version):
     assert type(meta("aa_mnasnet_100")).__name__ == "EfficientNet"  # public entry points need no check
 
 
-@pytest.mark.parametrize("name", ["aa_mnasnet_075", "aa_mnasnet_125", "semnasnet_125"])
+@pytest.mark.parametrize("name", ["aa_mnasnet_075", "semnasnet_125"])  # the public entry + augment, the compat path
 def test_mnasnet_weights_load_after_the_augment_step(tmp_path, name):
     """pretrained=True with a local file: timm's loader runs after augment (the file has the AA layers),
     for the classifier and the features_only network."""
