@@ -237,3 +237,18 @@ def test_mnasnet_weights_load_after_the_augment_step(tmp_path, name):
     own = features.state_dict()
     assert own and all(torch.equal(v, source.state_dict()[k]) for k, v in own.items())
     assert loaded.pretrained_cfg["architecture"] == name and "classifier" not in features.pretrained_cfg
+
+
+def test_new_layers_are_initialized_as_the_model_family_initializes_its_convs():
+    """timm's ResNet init (Kaiming normal, fan out; biases left) and EfficientNet init (the same std,
+    zero biases) reach the convs of the new AA layers, as when they were built inside the network."""
+    torch.manual_seed(0)
+    resnet = timm.create_model("aa_resnet50", layers=(1, 1, 1, 1), img_size=64)
+    mnasnet = timm.create_model("aa_mnasnet_100", img_size=64)
+    for model, zero_bias in ((resnet, False), (mnasnet, True)):
+        for name, layer in augmented(model).items():
+            for conv in (layer.conv, layer.qkv, layer.proj):
+                fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+                assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.2), name
+                if conv.bias is not None:
+                    assert bool((conv.bias == 0).all()) == zero_bias, name
