@@ -205,3 +205,24 @@ def test_aa_dims_refuses_more_heads_than_channels():
         aa_dims(64, 0.2, 0.1, 100)
     assert aa_dims(64, 0.2, 0.1, 64) == (64, 64)  # one channel per head still exists
     assert aa_dims(64, 0.2, 0.0, 100) == (0, 0)  # no attention asked for: a plain conv, no error
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("aa_resnet50", dict(aa_heads=True), r"aa_heads \(Nh\) must be an integer >= 1; got True"),
+        ("aa_resnet50", dict(aa_v=True), r"aa_v \(dv / Fout\) must be a number in \[0, 1\] .*; got True"),
+        ("aa_resnet50", dict(aa_k=True), r"aa_k \(dk / Fout\) must be a number > 0 .*; got True"),
+        ("aa_resnet50", dict(aa_min_dkh=True), r"aa_min_dkh must be an integer >= 1; got True"),
+        ("aa_resnet50", dict(aa_rel_init_std=True), r"aa_rel_init_std must be a number > 0 .*; got True"),
+        ("aa_resnet50", dict(aa_stages=(True, 2)), r"aa_stages must be a subset of \(1, 2, 3, 4\); got \(True, 2\)"),
+        ("aa_wrn28_10", dict(aa_stages=[True]), r"aa_stages must be a subset of \(1, 2, 3\) .*; got \(True,\)"),
+        ("aa_resnet50", dict(img_size=True), r"img_size must be an int or \(H, W\) of ints >= 1; got True"),
+        ("aa_mnasnet_100", dict(aa_min_reduction=True), r"aa_min_reduction must be an integer >= 2 .*; got True"),
+    ],
+)
+def test_booleans_are_not_numbers(name, kwargs, message):
+    """A YAML ``true`` is a Python int: aa_heads: true built 1 head, aa_v: true a fully attentional
+    layer, aa_stages: [true] stage 1, img_size: true a 1x1 table. Each is refused, naming the setting."""
+    with pytest.raises(ValueError, match=message):
+        meta(name, **kwargs)

@@ -79,6 +79,9 @@ COCO = "aa_lightning/data/coco.py"
 FAULTS = "aa_lightning/training/faults.py"
 STREAMING_LOADER = "aa_lightning/data/streaming_loader.py"
 PREPARE = "aa_lightning/data/prepare.py"
+AUGMENT = "aa_lightning/models/augmentation.py"
+SETTINGS = "aa_lightning/models/attention_settings.py"
+MODEL_TESTS = ("tests/test_models_settings.py", "tests/test_models_augment.py")
 
 BREAKAGES: list[Breakage] = [
     breakage(
@@ -579,6 +582,70 @@ BREAKAGES: list[Breakage] = [
         "        if name is not None and previous_name is not None and name != previous_name:",
         "        if False:",
         ["tests/test_cli_config_roundtrip.py", "tests/test_cli_recipes.py"],
+    ),
+    breakage(
+        "augment-skips-a-stage",
+        "augment leaves the last chosen stage plain (aa_resnet50: no AA layer in layer4)",
+        AUGMENT,
+        "    for number in chosen:\n",
+        "    for number in chosen[:-1]:\n",
+        MODEL_TESTS,
+    ),
+    breakage(
+        "augment-sizes-tables-for-the-output",
+        "augment sizes a strided conv's relative tables for its output grid, not its input",
+        AUGMENT,
+        "        layer = attention.augment(conv, sizes[name])",
+        "        layer = attention.augment(conv, tuple(-(-n // conv.stride[0]) for n in sizes[name]))",
+        MODEL_TESTS,
+    ),
+    breakage(
+        "augment-min-reduction-ignored",
+        "augment's min_reduction ignored (aa_mnasnet_*: every inverted residual augmented)",
+        AUGMENT,
+        "if PROBE_SIZE // probe[name][0] >= min_reduction}",
+        "if PROBE_SIZE // probe[name][0] >= 1}",
+        MODEL_TESTS,
+    ),
+    breakage(
+        "augment-cache-ignores-img-size",
+        "the traced conv sizes reused for another img_size (tables sized for the first one built)",
+        AUGMENT,
+        "key = (type(model), repr(model), tuple(img_size), tuple(convs)) if cache else None",
+        "key = (type(model), repr(model), tuple(convs)) if cache else None",
+        MODEL_TESTS,
+    ),
+    breakage(
+        "augment-init-skipped",
+        "the new AA layers keep torch's default init, not the model family's (Kaiming fan-out / zero biases)",
+        AUGMENT,
+        "        init(layer)\n",
+        "",
+        ("tests/test_models_augment.py",),
+    ),
+    breakage(
+        "grouped-dv-splits-groups",
+        "a grouped conv's dv rounded to Nh only (ResNeXt: the conv branch no longer splits into its groups)",
+        SETTINGS,
+        "            unit = math.lcm(self.heads, groups)",
+        "            unit = self.heads",
+        ("tests/test_models_augment.py",),
+    ),
+    breakage(
+        "bool-taken-as-integer",
+        "aa_heads: true builds 1 head (aa_stages: [true] stage 1, img_size: true a 1x1 table)",
+        SETTINGS,
+        "    return isinstance(value, int) and not isinstance(value, bool)",
+        "    return isinstance(value, int)",
+        MODEL_TESTS,
+    ),
+    breakage(
+        "bool-taken-as-number",
+        "aa_v: true builds fully attentional layers (aa_k: true, aa_rel_init_std: true accepted)",
+        SETTINGS,
+        "    return isinstance(value, (int, float)) and not isinstance(value, bool)",
+        "    return isinstance(value, (int, float))",
+        ("tests/test_models_settings.py",),
     ),
 ]
 

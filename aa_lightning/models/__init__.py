@@ -6,24 +6,23 @@
   ``semnasnet_125`` registered here)
 
 Every AA model takes the ``aa_*`` kwargs of :mod:`.attention_settings` and ``img_size``.
+The AA-ResNets and AA-MnasNets are timm's own networks with :func:`augment` (:mod:`.augmentation`) applied
+after construction; ``augment`` works on timm's other ResNet-family networks too.
 No weights are published: see :func:`load_checkpoint`.
 """
 
-from .aa_mnasnet import AAEfficientNet, AAEfficientNetFeatures
-from .aa_resnet import AABasicBlock, AABottleneck
+from . import aa_mnasnet, aa_resnet  # noqa: F401  (register the models)
 from .attention_settings import AttentionSettings
+from .augmentation import augment
 from .weights import NoPretrainedWeightsError, load_checkpoint
 from .wide_resnet import AAPreActBlock, PreActBlock, WideResNet
 
 __all__ = [
-    "AABasicBlock",
-    "AABottleneck",
-    "AAEfficientNet",
-    "AAEfficientNetFeatures",
     "AAPreActBlock",
     "AttentionSettings",
     "NoPretrainedWeightsError",
     "PreActBlock",
     "WideResNet",
+    "augment",
     "load_checkpoint",
 ]

@@ -14,126 +14,66 @@ width, Fout = 6 Fin). The depthwise conv, SE and projection are unchanged. This 
 +0.34M parameters from 0.75 to 1.4 (the paper: +0.1M to +0.35M). ``aa_min_reduction`` moves the
 threshold (8: also the 28x28 blocks). Keys are timm's (``blocks.S.B.conv_pw.{conv,qkv,proj,...}``
 in the augmented blocks).
+
+Built by timm (its ``semnasnet_*`` entry points; at 1.25 its MnasNet-A1 generator, see
+:mod:`._timm_compat`), then :func:`aa_lightning.augment` with ``stages=None, min_reduction=16``, which
+reads each block's input size from the network.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import pretrained_cfg_for_features
-from timm.models._efficientnet_blocks import InvertedResidual
-from timm.models._efficientnet_builder import (
-    decode_arch_def,
-    efficientnet_init_weights,
-    resolve_bn_args,
-    round_channels,
-)
-from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
-from torch import nn
+from timm.models import generate_default_cfgs, load_pretrained, register_model, resolve_pretrained_cfg
+from timm.models.efficientnet import EfficientNet
 
-from .attention_settings import AttentionSettings, grid, pop_img_size
+from ._timm_compat import mnasnet_a1
+from .attention_settings import AttentionSettings, is_integer, pop_img_size
+from .augmentation import augment_with
 from .weights import check_weight_source, checkpoint_filter_fn
 
 MNASNET_AA = AttentionSettings(k=0.1, v=0.05, heads=4)
 MIN_REDUCTION = 16
 
-# MnasNet-A1, as timm's efficientnet._gen_mnasnet_a1 defines it (the arch_def is data inside
-# that function; the rest of the build is timm's own builder).
-MNASNET_A1_ARCH = [
-    ["ds_r1_k3_s1_e1_c16_noskip"],  # 112x112 in
-    ["ir_r2_k3_s2_e6_c24"],  # 112x112 in
-    ["ir_r3_k5_s2_e3_c40_se0.25"],  # 56x56 in
-    ["ir_r4_k3_s2_e6_c80"],  # 28x28 in
-    ["ir_r2_k3_s1_e6_c112_se0.25"],  # 14x14 in
-    ["ir_r3_k5_s2_e6_c160_se0.25"],  # 14x14 in
-    ["ir_r1_k3_s1_e6_c320"],  # 7x7 in
-]
-
-
-def augment_inverted_residuals(
-    blocks: nn.Sequential, attention: AttentionSettings, img_size, min_reduction: int
-) -> list[str]:
-    """Swap ``conv_pw`` of every InvertedResidual whose input is at >= ``min_reduction`` for an
-    AugmentedConv2d (tables sized for ``img_size``); returns the augmented block names."""
-    reduction, augmented = 2, []  # the stem has stride 2
-    for stage_idx, stage in enumerate(blocks):
-        for block_idx, block in enumerate(stage):
-            if isinstance(block, InvertedResidual) and reduction >= min_reduction:
-                layer = attention.augment(block.conv_pw, grid(img_size, reduction))
-                if layer is not block.conv_pw:
-                    efficientnet_init_weights(layer)
-                    block.conv_pw = layer
-                    augmented.append(f"blocks.{stage_idx}.{block_idx}")
-            reduction *= block.conv_dw.stride[0]
-    return augmented
-
-
-class AAEfficientNet(EfficientNet):
-    """timm EfficientNet with attention-augmented inverted residuals (see module doc)."""
-
-    def __init__(
-        self, *, attention: AttentionSettings, img_size, aa_min_reduction: int = MIN_REDUCTION, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        self.augmented_blocks = augment_inverted_residuals(self.blocks, attention, img_size, aa_min_reduction)
-
-
-class AAEfficientNetFeatures(EfficientNetFeatures):
-    """timm EfficientNetFeatures (``features_only=True``) with the same augmented blocks."""
-
-    def __init__(
-        self, *, attention: AttentionSettings, img_size, aa_min_reduction: int = MIN_REDUCTION, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        self.augmented_blocks = augment_inverted_residuals(self.blocks, attention, img_size, aa_min_reduction)
-
 
 def _create_mnasnet_a1(
     variant: str, channel_multiplier: float, pretrained: bool = False, augment: bool = True, **kwargs: Any
-) -> nn.Module:
-    """timm's _gen_mnasnet_a1 + _create_effnet with the AA classes (``augment``) or timm's own."""
+) -> EfficientNet:
+    """timm's MnasNet-A1 at ``channel_multiplier`` with ``variant``'s cfg; ``augment``: the AA step applied
+    before the weights (if any) are loaded. timm builds it, so ``features_only`` is timm's
+    (``EfficientNetFeatures``) and the augmented convs are found in either network."""
     check_weight_source(variant, pretrained, kwargs)
-    model_kwargs = dict(
-        block_args=decode_arch_def(MNASNET_A1_ARCH),
-        stem_size=32,
-        round_chs_fn=partial(round_channels, multiplier=channel_multiplier),
-        norm_layer=kwargs.pop("norm_layer", None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
-    )
     if augment:
-        model_kwargs["attention"] = AttentionSettings.pop_from(kwargs, MNASNET_AA, model_specific=("aa_min_reduction",))
+        attention = AttentionSettings.pop_from(kwargs, MNASNET_AA, model_specific=("aa_min_reduction",))
         min_reduction = kwargs.pop("aa_min_reduction", MIN_REDUCTION)
-        if not isinstance(min_reduction, int) or min_reduction < 2:
+        if not is_integer(min_reduction) or min_reduction < 2:
             raise ValueError(
                 f"aa_min_reduction must be an integer >= 2 (16: the 14x14 and 7x7 blocks at 224); got {min_reduction!r}"
             )
-        model_kwargs.update(img_size=pop_img_size(variant, kwargs), aa_min_reduction=min_reduction)
-    model_kwargs.update(kwargs)
-
-    # the features_only handling of timm's efficientnet._create_effnet
-    features_mode, model_cls, kwargs_filter = "", AAEfficientNet if augment else EfficientNet, None
-    if model_kwargs.pop("features_only", False):
-        if "feature_cfg" in model_kwargs or "feature_cls" in model_kwargs:
-            features_mode = "cfg"
-        else:
-            kwargs_filter = ("num_classes", "num_features", "head_conv", "global_pool")
-            model_cls = AAEfficientNetFeatures if augment else EfficientNetFeatures
-            features_mode = "cls"
-    pretrained_strict = model_kwargs.pop("pretrained_strict", True)
-    model = build_model_with_cfg(
-        model_cls,
+        img_size = pop_img_size(variant, kwargs)
+    cfg = resolve_pretrained_cfg(
         variant,
-        pretrained,
-        features_only=features_mode == "cfg",
-        pretrained_strict=pretrained_strict and features_mode != "cls",
-        pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=kwargs_filter,
-        **model_kwargs,
+        pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+        pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
     )
-    if features_mode == "cls":
-        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    if not augment:
+        return mnasnet_a1(
+            channel_multiplier, cfg, pretrained=pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+        )
+    strict = kwargs.pop("pretrained_strict", True)
+    features = bool(kwargs.get("features_only", False))
+    model = mnasnet_a1(channel_multiplier, cfg, **kwargs)
+    augment_with(model, attention, stages=None, min_reduction=min_reduction, img_size=img_size, cache=True)
+    if pretrained:  # after the AA step: the file has the AA layers' weights (timm's own load, as it would do)
+        load_pretrained(
+            model,
+            pretrained_cfg=cfg.to_dict(),
+            num_classes=0 if features else model.num_classes,
+            in_chans=kwargs.get("in_chans", 3),
+            filter_fn=checkpoint_filter_fn,
+            strict=strict and not features,
+        )
     return model
 
 

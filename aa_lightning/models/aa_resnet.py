@@ -12,6 +12,9 @@ up except the augmented convs (``layerN.M.conv2.{conv,qkv,proj,rel_h,rel_w}``).
 - Strided convs (first block of stages 2-4) average-pool the attention input by the stride.
 - Relative tables are sized for ``img_size`` (default 224): attention grids 28/14/7 in
   stages 2/3/4; other input sizes resample them in the layer.
+- Built as timm builds its ``resnet*`` (``build_model_with_cfg(ResNet, ...)``) with the public
+  :func:`aa_lightning.augment` step applied right after construction (it reads each conv's
+  input size from the model); ``aa_lightning.augment`` does the same to timm's other ResNets.
 
 Baselines: timm's own ``resnet26/34/50/101/152``. timm's ResNet kwargs pass through
 (``layers``, ``channels``, ``stem_width``, ``output_stride``, ...): ``aa_resnet34`` with
@@ -20,103 +23,20 @@ Baselines: timm's own ``resnet26/34/50/101/152``. timm's ResNet kwargs pass thro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .attention_settings import AttentionSettings, grid, pop_img_size
+from .attention_settings import AttentionSettings, check_stages, pop_img_size
+from .augmentation import augment_with
 from .weights import check_weight_source, checkpoint_filter_fn
 
 DEEP_AA = AttentionSettings(k=0.2, v=0.1, heads=8)  # ResNet-50/101/152
 SHALLOW_AA = AttentionSettings(k=0.25, v=0.25, heads=8)  # ResNet-26/34
 AUGMENTED_STAGES = (2, 3, 4)
-
-
-def _block_input_size(feat_sizes: tuple[tuple[int, int], tuple[int, int]], stride: int) -> tuple[int, int]:
-    """Input (H, W) of a block: the stage's input for its strided first block, else its output."""
-    stage_in, stage_out = feat_sizes
-    return stage_in if stride > 1 else stage_out
-
-
-class AABasicBlock(BasicBlock):
-    """timm BasicBlock whose first 3x3 conv (``conv1``) is an AugmentedConv2d.
-
-    ``feat_sizes``: ((H, W) of the stage's input, (H, W) of its output) at ``img_size``.
-    """
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample=None,
-        *,
-        attention: AttentionSettings,
-        feat_sizes,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(inplanes, planes, stride, downsample, **kwargs)
-        self.conv1 = attention.augment(self.conv1, _block_input_size(feat_sizes, self.conv1.stride[0]))
-
-
-class AABottleneck(Bottleneck):
-    """timm Bottleneck whose 3x3 conv (``conv2``) is an AugmentedConv2d.
-
-    ``feat_sizes``: ((H, W) of the stage's input, (H, W) of its output) at ``img_size``.
-    """
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample=None,
-        *,
-        attention: AttentionSettings,
-        feat_sizes,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(inplanes, planes, stride, downsample, **kwargs)
-        self.conv2 = attention.augment(self.conv2, _block_input_size(feat_sizes, self.conv2.stride[0]))
-
-
-AA_BLOCKS = {BasicBlock: AABasicBlock, Bottleneck: AABottleneck}
-
-
-def stage_feat_sizes(img_size: Sequence[int], output_stride: int = 32, num_stages: int = 4):
-    """[((H, W) in, (H, W) out)] of each ResNet stage, as timm's ``make_blocks`` strides them
-    (stem /4, then /2 per stage until ``output_stride``, dilation after)."""
-    sizes, reduction = [], 4
-    for stage_idx in range(num_stages):
-        before = reduction
-        if stage_idx > 0 and reduction < output_stride:
-            reduction *= 2
-        sizes.append((grid(img_size, before), grid(img_size, reduction)))
-    return sizes
-
-
-def aa_stage_blocks(
-    block: type,
-    attention: AttentionSettings,
-    img_size: Sequence[int],
-    output_stride: int = 32,
-    stages: Sequence[int] = AUGMENTED_STAGES,
-) -> tuple[Callable, ...]:
-    """timm ResNet's per-stage ``block`` tuple: ``block`` in stages not in ``stages`` (1-based),
-    its AA version (bound to the stage's feature sizes) in the others."""
-    blocks = []
-    for stage, feat_sizes in enumerate(stage_feat_sizes(img_size, output_stride), start=1):
-        if stage not in stages:
-            blocks.append(block)
-            continue
-        fn = partial(AA_BLOCKS[block], attention=attention, feat_sizes=feat_sizes)
-        fn.expansion = block.expansion  # make_blocks reads block_fn.expansion
-        blocks.append(fn)
-    return tuple(blocks)
 
 
 def _create_aa_resnet(
@@ -127,23 +47,20 @@ def _create_aa_resnet(
     attention: AttentionSettings,
     **kwargs: Any,
 ) -> ResNet:
-    """timm's ResNet built by ``build_model_with_cfg`` with the AA blocks of ``variant``."""
+    """timm's ResNet (as timm's ``_create_resnet`` builds it: ``build_model_with_cfg(ResNet, ...)``), augmented
+    by :func:`~aa_lightning.models.augmentation.augment` right after construction, before timm loads weights or
+    wraps it for ``features_only``."""
     check_weight_source(variant, pretrained, kwargs)
     attention = AttentionSettings.pop_from(kwargs, attention, model_specific=("aa_stages",))
     img_size = pop_img_size(variant, kwargs)
-    stages = tuple(kwargs.pop("aa_stages", AUGMENTED_STAGES))
-    if not set(stages) <= {1, 2, 3, 4}:
-        raise ValueError(f"aa_stages must be a subset of (1, 2, 3, 4); got {stages}")
-    layers = tuple(kwargs.pop("layers", default_layers))  # timm's ResNet kwarg: e.g. (2, 2, 2, 2) for an AA-ResNet-18
-    blocks = aa_stage_blocks(block, attention, img_size, kwargs.get("output_stride", 32), stages)
+    stages = check_stages("aa_stages", kwargs.pop("aa_stages", AUGMENTED_STAGES), (1, 2, 3, 4))
+    kwargs.setdefault("layers", tuple(default_layers))  # timm's ResNet kwarg: e.g. (2, 2, 2, 2) for an AA-ResNet-18
+
+    def augmented_resnet(**model_kwargs: Any) -> ResNet:
+        return augment_with(ResNet(block=block, **model_kwargs), attention, stages, img_size=img_size, cache=True)
+
     return build_model_with_cfg(
-        ResNet,
-        variant,
-        pretrained,
-        block=blocks,
-        layers=layers,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
+        augmented_resnet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
 
 

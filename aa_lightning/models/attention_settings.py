@@ -56,24 +56,20 @@ class AttentionSettings:
         def fail(kwarg: str, allowed: str, got: Any) -> None:
             raise ValueError(f"{kwarg} must be {allowed}; got {got!r}")
 
-        if not isinstance(self.v, (int, float)) or not 0.0 <= self.v <= 1.0:
+        # bool is an int to Python: a YAML `true` must not become 1 head or a fully attentional layer
+        if not is_number(self.v) or not 0.0 <= self.v <= 1.0:
             fail("aa_v (dv / Fout)", "a number in [0, 1] (0: plain convs, 1: fully attentional)", self.v)
-        if (
-            not isinstance(self.k, (int, float))
-            or not math.isfinite(self.k)
-            or self.k < 0
-            or (self.v > 0 and self.k <= 0)
-        ):
+        if not is_number(self.k) or not math.isfinite(self.k) or self.k < 0 or (self.v > 0 and self.k <= 0):
             fail("aa_k (dk / Fout)", "a number > 0 (when aa_v > 0)", self.k)
-        if not isinstance(self.heads, int) or self.heads < 1:
+        if not is_integer(self.heads) or self.heads < 1:
             fail("aa_heads (Nh)", "an integer >= 1", self.heads)
-        if not isinstance(self.min_dkh, int) or self.min_dkh < 1:
+        if not is_integer(self.min_dkh) or self.min_dkh < 1:
             fail("aa_min_dkh", "an integer >= 1", self.min_dkh)
         if self.position not in POSITIONS:
             fail("aa_position", f"one of {POSITIONS}", self.position)
         if self.backend not in BACKENDS:
             fail("aa_backend", f"one of {BACKENDS}", self.backend)
-        if self.rel_init_std is not None and not self.rel_init_std > 0:
+        if self.rel_init_std is not None and not (is_number(self.rel_init_std) and self.rel_init_std > 0):
             fail("aa_rel_init_std", "a number > 0 or None (dkh**-0.5)", self.rel_init_std)
 
     @classmethod
@@ -97,10 +93,17 @@ class AttentionSettings:
         names = {field: kwarg for kwarg, field in KWARGS.items()}
         return {names[f.name]: getattr(self, f.name) for f in fields(self)}
 
-    def dims(self, out_channels: int, layer: str = "") -> tuple[int, int]:
-        """(dk, dv) of an augmented conv with Fout = ``out_channels``; ``layer`` names it in errors."""
+    def dims(self, out_channels: int, layer: str = "", groups: int = 1) -> tuple[int, int]:
+        """(dk, dv) of an augmented conv with Fout = ``out_channels``; ``layer`` names it in errors.
+
+        A grouped conv (ResNeXt's 3x3 convs, ``groups`` > 1) keeps whole groups in its conv branch of
+        Fout - dv channels: dv is rounded to a multiple of lcm(Nh, groups) instead of Nh (dk is not)."""
         try:
-            return aa_dims(out_channels, self.k, self.v, self.heads, self.min_dkh)
+            dk, dv = aa_dims(out_channels, self.k, self.v, self.heads, self.min_dkh)
+            unit = math.lcm(self.heads, groups)
+            if dv and unit != self.heads and dv != out_channels:
+                dv = aa_dims(out_channels, self.k, self.v, unit, self.min_dkh)[1]
+            return dk, dv
         except ValueError as err:
             where = f"{layer}: " if layer else ""
             raise ValueError(f"{where}aa_k={self.k}, aa_v={self.v}, aa_heads={self.heads}: {err}") from None
@@ -117,7 +120,7 @@ class AttentionSettings:
                 f"(stride {conv.stride[0]}, input {feat_size[0]}x{feat_size[1]})"
             )
         )
-        dk, dv = self.dims(conv.out_channels, layer)
+        dk, dv = self.dims(conv.out_channels, layer, conv.groups)
         if dv == 0:
             if self.v > 0:  # aa_dims never gives this; a requested layer must not vanish silently
                 raise ValueError(
@@ -156,10 +159,33 @@ def pop_img_size(variant: str, kwargs: dict[str, Any]) -> tuple[int, int]:
             pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
         )
         img_size = cfg.input_size[-2:]
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+    return to_img_size(img_size)
+
+
+def to_img_size(img_size: Any) -> tuple[int, int]:
+    """``img_size`` (an int or (H, W)) as (H, W); anything else (a bool too) is a ValueError naming it."""
+    size = (img_size,) * 2 if is_integer(img_size) else tuple(img_size) if isinstance(img_size, (tuple, list)) else ()
+    if len(size) != 2 or not all(is_integer(s) and s >= 1 for s in size):
         raise ValueError(f"img_size must be an int or (H, W) of ints >= 1; got {img_size!r}")
     return size  # type: ignore[return-value]
+
+
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (``True`` from a YAML file is not 1 head)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_stages(kwarg: str, stages: Any, allowed: Sequence[int], what: str = "") -> tuple[int, ...]:
+    """``stages`` (1-based) as a tuple, refused (naming ``kwarg``) unless a subset of ``allowed``."""
+    got = tuple(stages) if isinstance(stages, (tuple, list)) else stages
+    if not isinstance(got, tuple) or not all(is_integer(s) and s in allowed for s in got):
+        raise ValueError(f"{kwarg} must be a subset of {tuple(allowed)}{what}; got {got!r}")
+    return got
 
 
 def grid(img_size: Sequence[int], reduction: int) -> tuple[int, int]:

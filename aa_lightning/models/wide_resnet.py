@@ -21,14 +21,29 @@ from typing import Any
 import torch
 from timm.layers import BatchNormAct2d, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..constants import CIFAR100_MEAN, CIFAR100_STD
-from .attention_settings import AttentionSettings, grid, pop_img_size
+from .attention_settings import AttentionSettings, check_stages, grid, pop_img_size
 from .weights import check_weight_source, checkpoint_filter_fn
 
 WRN_AA = AttentionSettings(k=0.2, v=0.1, heads=8, min_dkh=20)
+
+
+def feature_take_indices(num_features: int, indices: int | list[int] | None = None) -> tuple[list[int], int]:
+    """(absolute feature indices, the largest) of timm's intermediates API: None -> all, an int n -> the
+    last n, a list -> those (negative from the end); out of range is a ValueError."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = [num_features + i if i < 0 else i for i in indices]
+        if not all(0 <= i < num_features for i in take):
+            raise ValueError(f"feature indices {list(indices)} out of range (0 to {num_features - 1})")
+    return take, max(take)
 
 
 class PreActBlock(nn.Module):
@@ -283,9 +298,7 @@ def wrn28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
 def aa_wrn28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """AA-WRN-28-10: conv1 of every block augmented (relative, Nh 8, k = 2v = 0.2, dkh >= 20)."""
     attention = AttentionSettings.pop_from(kwargs, WRN_AA, model_specific=("aa_stages",))
-    stages = tuple(kwargs.pop("aa_stages", (1, 2, 3)))
-    if not set(stages) <= {1, 2, 3}:
-        raise ValueError(f"aa_stages must be a subset of (1, 2, 3) (the WRN groups); got {stages}")
+    stages = check_stages("aa_stages", kwargs.pop("aa_stages", (1, 2, 3)), (1, 2, 3), " (the WRN groups)")
     img_size = pop_img_size("aa_wrn28_10", kwargs)
     reductions = (1, 1, 2, 4)  # group inputs / outputs
     blocks = tuple(
