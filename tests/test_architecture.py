@@ -116,3 +116,74 @@ def test_no_import_cycles():
 def test_every_package_says_what_lives_there(package):
     doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
     assert doc and len(doc.split()) >= 8, f"{package / '__init__.py'}: a docstring saying what the package holds"
+
+
+# -- private names of the libraries: only in aa_lightning/compat/ ---------------------------------------
+LIBRARIES = ("lightning", "pytorch_lightning", "timm", "torchmetrics", "albumentations", "triton", "litdata")
+STDLIB_OK = {"os", "pickle", "sys"}  # os._exit, pickle._Pickler: the standard library's documented names
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private names of LIBRARIES that ``path`` touches: imported (``from lightning.x import _y``, a ``_module``),
+    read as an attribute of anything that is not ours (``fit_loop._data_fetcher``), called on ``self`` /
+    ``super()`` or overridden where only a library base class defines them (``_sync_dist``)."""
+    import importlib
+    import inspect
+
+    tree = ast.parse(path.read_text())
+    module = importlib.import_module(_module_name(path))
+    ours = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | STDLIB_OK
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            mod = node.module or ""
+            if mod.split(".")[0] in LIBRARIES:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private or any(part.startswith("_") for part in mod.split(".")):
+                    found.append(f"{node.lineno}: from {mod} import {', '.join(a.name for a in node.names)}")
+            elif mod.startswith("aa_lightning"):
+                ours.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            ours.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            ours.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("aa_lightning"))
+
+    def library_defines(cls: type, name: str) -> bool:
+        owners = [base for base in cls.__mro__ if name in vars(base)]
+        return bool(owners) and all(base.__module__.split(".")[0] in LIBRARIES for base in owners)
+
+    classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    for name, class_node in classes.items():
+        cls = getattr(module, name, None)
+        if not inspect.isclass(cls):
+            continue
+        for item in class_node.body:
+            if isinstance(item, ast.FunctionDef) and item.name.startswith("_") and not item.name.startswith("__"):
+                if any(library_defines(base, item.name) for base in cls.__mro__[1:]):
+                    found.append(f"{item.lineno}: {name}.{item.name} overrides a private library method")
+        for node in ast.walk(class_node):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            value = node.value
+            on_self = isinstance(value, ast.Name) and value.id in ("self", "cls")
+            on_super = isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super"
+            if (on_self or on_super) and library_defines(cls, node.attr):
+                found.append(f"{node.lineno}: {ast.unparse(node)} is a library's private member")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            value = node.value
+            if isinstance(value, ast.Name) and (value.id in ("self", "cls", "ctx") or value.id in ours):
+                continue
+            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super":
+                continue  # judged above, against the class's bases
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_names_of_the_libraries_outside_compat():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] == "compat":
+            continue
+        offenders += [f"{path.relative_to(PACKAGE.parent)}:{use}" for use in _private_uses(path)]
+    assert not offenders, "private names outside aa_lightning/compat/:\n" + "\n".join(sorted(set(offenders)))

@@ -188,13 +188,13 @@ def test_augment_refuses_what_it_cannot_do():
 
 
 def test_no_private_timm_module_outside_the_compat_module():
-    """Only aa_lightning/models/_timm_compat.py may use timm's private API (goal: public ground)."""
+    """Only aa_lightning/compat/timm.py may use timm's private API (goal: public ground)."""
     package = Path(aa_lightning.__file__).parent
     private = re.compile(r"\btimm(\.\w+)*\._\w+|from\s+timm[\w.]*\s+import\s+(.*[\s,(])?_\w+")
     offenders = [
         f"{path.relative_to(package)}:{i}: {line.strip()}"
         for path in sorted(package.rglob("*.py"))
-        if path.name != "_timm_compat.py"
+        if path.relative_to(package).parts[0] != "compat"
         for i, line in enumerate(path.read_text().splitlines(), start=1)
         if private.search(line)
     ]
@@ -205,13 +205,13 @@ def test_no_private_timm_module_outside_the_compat_module():
 def test_timm_private_use_checks_the_timm_version(monkeypatch, version):
     """The one private use (MnasNet-A1 at 1.25) fails in one line naming the version outside the
     tested range, instead of building whatever another timm's private generator builds."""
-    from aa_lightning.models import _timm_compat
+    from aa_lightning.compat import timm as _timm_compat
 
     monkeypatch.setattr(timm, "__version__", version)
     for name in ("semnasnet_125", "aa_mnasnet_125"):
         with pytest.raises(
             RuntimeError,
-            match=rf"^aa_lightning.models._timm_compat: timm {re.escape(version)} is "
+            match=rf"^aa_lightning.compat.timm: timm {re.escape(version)} is "
             r"outside the tested range >=1\.0\.9,<1\.1\.0 [^\n]*$",
         ):
             meta(name)

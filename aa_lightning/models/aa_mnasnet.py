@@ -16,7 +16,7 @@ threshold (8: also the 28x28 blocks). Keys are timm's (``blocks.S.B.conv_pw.{con
 in the augmented blocks).
 
 Built by timm (its ``semnasnet_*`` entry points; at 1.25 its MnasNet-A1 generator, see
-:mod:`._timm_compat`), then :func:`aa_lightning.augment` with ``stages=None, min_reduction=16``, which
+:mod:`aa_lightning.compat.timm`), then :func:`aa_lightning.augment` with ``stages=None, min_reduction=16``, which
 reads each block's input size from the network.
 """
 
@@ -28,7 +28,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, load_pretrained, register_model, resolve_pretrained_cfg
 from timm.models.efficientnet import EfficientNet
 
-from ._timm_compat import mnasnet_a1
+from aa_lightning.compat.timm import mnasnet_a1
+
 from .attention_settings import AttentionSettings, is_integer, pop_img_size
 from .augmentation import augment_with
 from .weights import check_weight_source, checkpoint_filter_fn

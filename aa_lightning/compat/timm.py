@@ -33,7 +33,7 @@ def check_timm_version(version: str | None = None) -> None:
     low, high = TESTED_TIMM
     if match is None or not low <= tuple(int(n) for n in match.groups()) < high:
         raise RuntimeError(
-            f"aa_lightning.models._timm_compat: timm {version} is outside the tested range "
+            f"aa_lightning.compat.timm: timm {version} is outside the tested range "
             f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))} (timm's private MnasNet-A1 generator "
             "builds aa_mnasnet_125 / semnasnet_125); install a timm in that range"
         )
