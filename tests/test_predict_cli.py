@@ -1,5 +1,6 @@
-"""End to end in subprocesses: train.py with the attention callback from YAML writes overlays to
-TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint."""
+"""End to end: train.py (in-process, as cli_helpers.run_cli runs it) with the attention callback from YAML writes
+overlays to TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint in
+subprocesses."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from cli_helpers import REPO, events
+from cli_helpers import events, run_cli
 from cli_helpers import run_python as run
 from PIL import Image
 
@@ -69,7 +70,7 @@ def trained_run(tmp_path_factory) -> Path:
     }
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    result = run(str(REPO / "train.py"), "--config", str(config), cwd=root)
+    result = run_cli("--config", str(config), cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "tiny" / "version_0"
 
