@@ -13,7 +13,7 @@ import subprocess
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +113,8 @@ _LOGGERS = {"lightning.pytorch": logging.INFO, "lightning.fabric": logging.INFO,
 
 
 @contextlib.contextmanager
-def _as_a_fresh_process(cwd: Path, stderr: io.StringIO) -> Iterator[None]:
-    """Within: ``cwd`` the working directory, ``sys.argv`` as train.py's, the subprocesses' environment, one
+def _as_a_fresh_process(cwd: Path, stderr: io.StringIO, program: str) -> Iterator[None]:
+    """Within: ``cwd`` the working directory, ``sys.argv`` ``[program]``, the subprocesses' environment, one
     torch thread, Python's default warning filters (plus ``PYTHONWARNINGS=ignore::DeprecationWarning``) with
     warnings and the Lightning / aa_lightning loggers written to ``stderr``. After: all of it, the global random
     states, torch's global flags and the signal handlers as they were."""
@@ -135,7 +135,7 @@ def _as_a_fresh_process(cwd: Path, stderr: io.StringIO) -> Iterator[None]:
     saved_logger_state = {name: (lg.handlers[:], lg.propagate, lg.level) for name, lg in saved_loggers.items()}
     try:
         os.chdir(cwd)
-        sys.argv = [str(TRAIN)]  # LightningCLI warns when pytest's arguments sit beside the args it is given
+        sys.argv = [program]  # LightningCLI warns when pytest's arguments sit beside the args it is given
         if str(REPO / "tests") not in sys.path:
             sys.path.append(str(REPO / "tests"))  # tests/fault_probes.py, as probes=True gives a subprocess
         os.environ.update({k: v for k, v in python_env().items() if k not in ("PYTHONPATH",)})
@@ -185,15 +185,28 @@ def _level_handler(stream: io.StringIO, level: int) -> logging.Handler:
 
 def run_cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python train.py *args`` as :func:`aa_lightning.training.cli.main` in this process, as if in a fresh one
-    (see :func:`_as_a_fresh_process`): its stdout and stderr captured, ``sys.exit`` as the return code, an
-    uncaught exception as its traceback on stderr and return code 1."""
+    (see :func:`run_main_in_process`)."""
     from aa_lightning.training.cli import main
 
+    return run_main_in_process(main, *args, cwd=cwd, program=[str(TRAIN)])
+
+
+def run_main_in_process(
+    main: Callable[[list[str]], object], *args: str, cwd: Path, program: list[str]
+) -> subprocess.CompletedProcess:
+    """``python *program *args`` as ``main(list(args))`` in this process, as if in a fresh one (see
+    :func:`_as_a_fresh_process`): its stdout and stderr captured; the return code is what ``main`` returns if an
+    int (else 0), a ``SystemExit``'s code, or 1 with the traceback on stderr for an uncaught exception."""
     stdout, stderr = io.StringIO(), io.StringIO()
     returncode = 0
-    with _as_a_fresh_process(Path(cwd), stderr), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with (
+        _as_a_fresh_process(Path(cwd), stderr, program[0]),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
         try:
-            main(list(args))
+            returned = main(list(args))
+            returncode = returned if isinstance(returned, int) else 0
         except SystemExit as exit_:
             if exit_.code is None or isinstance(exit_.code, int):
                 returncode = exit_.code or 0
@@ -207,7 +220,7 @@ def run_cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             sys.stdout.flush()
             sys.stderr.flush()
     return subprocess.CompletedProcess(
-        [sys.executable, str(TRAIN), *args], returncode, stdout.getvalue(), stderr.getvalue()
+        [sys.executable, *program, *args], returncode, stdout.getvalue(), stderr.getvalue()
     )
 
 

@@ -1,6 +1,6 @@
 """End to end: train.py (in-process, as cli_helpers.run_cli runs it) with the attention callback from YAML writes
-overlays to TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint in
-subprocesses."""
+overlays to TensorBoard; aa_lightning.predict (in-process, then once as `python -m`) and `python -m
+aa_lightning.export` run on its checkpoint."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from cli_helpers import events, run_cli
+from cli_helpers import events, run_cli, run_main_in_process
 from cli_helpers import run_python as run
 from PIL import Image
 
@@ -98,9 +98,10 @@ def image_files(tmp_path_factory) -> list[Path]:
 
 def test_predict_command_writes_predictions_and_overlays(trained_run, image_files, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    result = run(
-        "-m",
-        "aa_lightning.predict",
+    from aa_lightning.predict import main
+
+    result = run_main_in_process(  # the `python -m` entry point: the failing call below
+        main,
         "--ckpt",
         str(ckpt),
         "--images",
@@ -108,6 +109,7 @@ def test_predict_command_writes_predictions_and_overlays(trained_run, image_file
         "--out",
         str(tmp_path / "out"),
         cwd=tmp_path,
+        program=["-m", "aa_lightning.predict"],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
