@@ -1,4 +1,5 @@
-"""train.py end to end in subprocesses on tiny generated data: fit + test, resume, DDP, bf16, errors."""
+"""train.py end to end on tiny generated data: fit + test, resume, DDP, bf16, errors; in this process through
+cli_helpers.run_cli, DDP and the README's quickstart command in subprocesses."""
 
 import os
 import re

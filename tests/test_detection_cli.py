@@ -1,4 +1,5 @@
-"""Detection through the real entry point (train.py) in subprocesses, on a tiny generated COCO set."""
+"""Detection through the real entry point (train.py's main, in this process; DDP in subprocesses), on a tiny
+generated COCO set."""
 
 from __future__ import annotations
 

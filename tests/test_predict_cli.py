@@ -1,5 +1,6 @@
-"""End to end in subprocesses: train.py with the attention callback from YAML writes overlays to
-TensorBoard; python -m aa_lightning.predict and python -m aa_lightning.export run on its checkpoint."""
+"""End to end: train.py (in-process, as cli_helpers.run_cli runs it) with the attention callback from YAML writes
+overlays to TensorBoard; aa_lightning.predict (in-process, then once as `python -m`) and `python -m
+aa_lightning.export` run on its checkpoint."""
 
 import json
 import shutil
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli_helpers import REPO, events
+from cli_helpers import events, run_cli, run_main_in_process
 from cli_helpers import run_python as run
 from PIL import Image
 
@@ -71,7 +72,7 @@ def trained_run(tmp_path_factory) -> Path:
     }
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(recipe))
-    result = run(str(REPO / "train.py"), "--config", str(config), cwd=root)
+    result = run_cli("--config", str(config), cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / "tiny" / "version_0"
 
@@ -103,9 +104,10 @@ def test_predict_command_writes_predictions_and_overlays(trained_run, image_file
     assert contents["class_names"] == [f"plus_at_{a:03d}deg_of_square" for a in (0, 90, 180, 270)]
     assert tuple(contents["data_config"]["input_size"]) == (3, 32, 32) and contents["data_config"]["crop_pct"] == 1
     shutil.rmtree(trained_run.parents[2] / "data")  # predict needs no data folder (nor an export, below)
-    result = run(
-        "-m",
-        "aa_lightning.predict",
+    from aa_lightning.predict import main
+
+    result = run_main_in_process(  # the `python -m` entry point: the failing call below
+        main,
         "--ckpt",
         str(ckpt),
         "--images",
@@ -113,6 +115,7 @@ def test_predict_command_writes_predictions_and_overlays(trained_run, image_file
         "--out",
         str(tmp_path / "out"),
         cwd=tmp_path,
+        program=["-m", "aa_lightning.predict"],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]

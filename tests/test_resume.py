@@ -62,7 +62,8 @@ def killed_and_resumed(tmp_path_factory):
     with --ckpt_path last; the resumed run snapshots its state at its first step."""
     tmp = tmp_path_factory.mktemp("killed")
     report = tmp / "steps.jsonl"
-    killed = run_cli("--config", str(aa_recipe(tmp, callbacks=[probe(report, kill_at=7)])), cwd=tmp, probes=True)
+    recipe = aa_recipe(tmp, callbacks=[probe(report, kill_at=7)])
+    killed = run_cli("--config", str(recipe), cwd=tmp, probes=True, fresh_process=True)  # SIGKILLs itself
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     version = tmp / "runs" / "tiny_aa" / "version_0"
     at_kill = load(version / "checkpoints" / "last.ckpt")
@@ -174,7 +175,8 @@ def test_a_signal_at_an_epochs_last_batch_stops_after_the_epoch_and_resumes_exac
     resume exactly."""
     report = tmp_path / "steps.jsonl"
     callbacks = [probe(report, kill_at=STEPS_PER_EPOCH, signal_name="TERM")]
-    stopped = run_cli("--config", str(aa_recipe(tmp_path, callbacks=callbacks)), cwd=tmp_path, probes=True)
+    recipe = aa_recipe(tmp_path, callbacks=callbacks)
+    stopped = run_cli("--config", str(recipe), cwd=tmp_path, probes=True, fresh_process=True)  # SIGTERMs itself
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert f"stopped by SIGTERM after step {STEPS_PER_EPOCH} (epoch 0, its end)" in stopped.stderr
     last_path = tmp_path / "runs" / "tiny_aa" / "version_0" / "checkpoints" / "last.ckpt"

@@ -647,6 +647,23 @@ BREAKAGES: list[Breakage] = [
         "    return isinstance(value, (int, float))",
         ("tests/test_models_settings.py",),
     ),
+    # the test harness itself: the CLI tests run train.py in-process and read its warnings from the run's stderr
+    breakage(
+        "in-process-cli-loses-warnings",
+        "run_cli in-process: the run's warnings go to pytest's record, not its stderr (warning checks pass vacuously)",
+        "tests/cli_helpers.py",
+        "            warnings.showwarning = show\n",
+        "",
+        ["tests/test_cli_in_process.py"],
+    ),
+    breakage(
+        "in-process-cli-runs-ddp",
+        "run_cli starts a DDP recipe in the test process (Lightning relaunches pytest's command line)",
+        "tests/cli_helpers.py",
+        "        return True\n\n    def more_than_one",
+        "        return False\n\n    def more_than_one",
+        ["tests/test_cli_in_process.py"],
+    ),
 ]
 
 
