@@ -29,8 +29,11 @@ off with a warning, so a multi-GPU recipe still runs on a laptop.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -39,13 +42,14 @@ from typing import Any
 
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.callbacks import (
@@ -56,6 +60,7 @@ from aa_lightning.callbacks import (
     NonFiniteLossGuard,
     RunInterrupted,
     RunSummary,
+    StopAnywhere,
     StopOnSignal,
     TrainingImageGrid,
 )
@@ -242,11 +247,107 @@ def merged_model_kwargs(args: list[str]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names one key twice (PyYAML would silently keep the last value)."""
+
+
+_CONFIG_FILE: contextvars.ContextVar[str | None] = contextvars.ContextVar("aa_lightning_config_file", default=None)
+
+
+def duplicate_yaml_key(text: str) -> tuple[str, int] | None:
+    """The first key (by line) that appears twice in one mapping of the YAML ``text``, with its 1-based line;
+    ``None`` when there is none or the text does not parse (the loader itself reports that)."""
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    found: list[tuple[int, str]] = []
+    stack: list[Any] = [node for node in documents if node is not None]
+    seen_nodes: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in keys:
+                        found.append((key_node.start_mark.line + 1, key_node.value))
+                    keys.add(key_node.value)
+                stack += [key_node, value_node]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+    if not found:
+        return None
+    line, key = min(found)
+    return key, line
+
+
+def strict_yaml_loader(base: Any) -> Any:
+    """jsonargparse's YAML loader ``base`` that first refuses a duplicate key (:class:`DuplicateKeyError`, naming the
+    key, its line and the ``--config`` file being parsed)."""
+
+    def load(value: Any) -> Any:
+        if isinstance(value, str):
+            duplicate = duplicate_yaml_key(value)
+            if duplicate is not None:
+                key, line = duplicate
+                source = _CONFIG_FILE.get()
+                if source is None:
+                    where = "a YAML value"
+                else:
+                    try:
+                        own = Path(source).read_text() == value
+                    except OSError:
+                        own = False
+                    where = source if own else f"a file included by {source}"
+                raise DuplicateKeyError(
+                    f"{where}: duplicate key '{key}' (line {line}); each key may appear once in a mapping "
+                    "(YAML would silently keep the last value)"
+                )
+        return base(value)
+
+    load.refuses_duplicate_keys = True  # type: ignore[attr-defined]
+    return load
+
+
+if not getattr(get_loader("yaml"), "refuses_duplicate_keys", False):  # recipes are parsed in jsonargparse's yaml mode
+    set_loader("yaml", strict_yaml_loader(get_loader("yaml")), exceptions=(yaml.YAMLError,))
+
+
+class RecipeParser(LightningArgumentParser):
+    """LightningCLI's parser that names the ``--config`` file it is reading when its YAML has a duplicate key."""
+
+    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Namespace:
+        token = _CONFIG_FILE.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            _CONFIG_FILE.reset(token)
+
+
+def check_runs_dir(runs_dir: str) -> None:
+    """A ``ValueError`` naming ``--runs_dir`` and the file in its way when it (or a folder above it) is a file."""
+    path = Path(runs_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ValueError(
+                    f"--runs_dir {path}: {candidate} is a file, not a folder; pass a folder (it is created if missing)"
+                )
+            return
+
+
 class AACLI(LightningCLI):
     """LightningCLI for aa-lightning recipes: fit, test, summary (see the module docstring)."""
 
-    def __init__(self, args: Any = None, start_time: float | None = None) -> None:
+    def __init__(
+        self, args: Any = None, start_time: float | None = None, stop_anywhere: StopAnywhere | None = None
+    ) -> None:
         self.start_time = time.perf_counter() if start_time is None else start_time
+        self.stop_anywhere = stop_anywhere  # told the trainer once it exists (its stage names where a signal came)
         self.resume_version: int | None = None
         self.resume_checkpoint: dict[str, Any] | None = None  # loaded (mmap) to check it before fitting
         super().__init__(
@@ -260,6 +361,7 @@ class AACLI(LightningCLI):
                 "description": "Train and test an aa-lightning recipe: python train.py --config configs/<recipe>.yaml",
                 "allow_abbrev": False,  # a misspelt key fails instead of being completed
             },
+            parser_class=RecipeParser,
             args=args,
             run=False,
         )
@@ -326,6 +428,7 @@ class AACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_runs_dir(cfg.runs_dir)
         cfg.run_name = self._run_name()
         # the task's own metric for ModelCheckpoint unless the config names one
         if cfg.checkpoint.get("monitor") is None:
@@ -379,7 +482,10 @@ class AACLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.stop_anywhere is not None:
+            self.stop_anywhere.trainer = trainer
+        return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         # last.ckpt after the best-checkpoint callback: at an epoch end it then holds that epoch's best score
@@ -419,20 +525,59 @@ class AACLI(LightningCLI):
         return results
 
 
+DEBUG_ENV = "AA_LIGHTNING_DEBUG"
+_PACKAGE_DIR = Path(aa_lightning.__file__).resolve().parent
+
+
+def project_value_error(err: BaseException) -> ValueError | None:
+    """The deepest ``ValueError`` raised by this project's code in ``err``'s chain of causes (LightningCLI /
+    jsonargparse wrap the error of a class they build in a ValueError of their own, ending in a dump of the whole
+    Namespace), or ``None`` when no ValueError of the chain was raised by ``aa_lightning`` (a bug elsewhere keeps
+    its traceback)."""
+    found = None
+    current: BaseException | None = err
+    while current is not None:
+        tb = current.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(current, ValueError) and tb is not None:
+            if Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR):
+                found = current
+        current = current.__cause__
+    return found
+
+
 def main(args: Any = None, start_time: float | None = None) -> dict[str, float] | None:
     """Parse the recipe and overrides (``args`` or ``sys.argv``), fit, test, print the summary.
 
     ``start_time``: ``time.perf_counter()`` at process start, so the summary's wall time counts imports.
+    A bad setting that one of this project's classes refuses while the CLI builds the model or the data is one
+    ``train.py: error:`` line (exit 2); ``AA_LIGHTNING_DEBUG=1`` raises it with its whole traceback instead.
     """
-    try:
-        cli = AACLI(args=args, start_time=start_time)
-        return cli.fit_and_test()
-    except RunInterrupted as err:  # SIGTERM / SIGINT: last.ckpt is saved; a scheduler sees the interruption
-        print(f"train.py: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
-    except (CheckpointError, NonFiniteLossError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    with StopAnywhere() as stop:
+        try:
+            try:
+                cli = AACLI(args=args, start_time=start_time, stop_anywhere=stop)
+            except ValueError as err:
+                own = project_value_error(err)
+                if own is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                    raise
+                print(
+                    f"train.py: error: {' '.join(str(own).split())} ({DEBUG_ENV}=1 shows the traceback)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.exit(2)
+            return cli.fit_and_test()
+        except RunInterrupted as err:  # SIGTERM / SIGINT: a scheduler sees the interruption
+            print(f"train.py: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
+        except SIGTERMException:  # Lightning's own stop on SIGTERM exits 0: it was a SIGTERM
+            print(f"train.py: {stop.interrupted(signal.SIGTERM)}", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGTERM)
+        except (CheckpointError, NonFiniteLossError) as err:
+            print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ from .faults import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     RunInterrupted,
+    StopAnywhere,
     StopOnSignal,
 )
 from .image_grid import TrainingImageGrid
@@ -26,6 +27,7 @@ __all__ = [
     "ExactResume",
     "RunInterrupted",
     "RunSummary",
+    "StopAnywhere",
     "StopOnSignal",
     "TrainingImageGrid",
 ]
