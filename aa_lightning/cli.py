@@ -48,7 +48,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
@@ -134,6 +134,20 @@ def run_checkpoints(runs_dir: str, run_name: str) -> list[tuple[int, Path]]:
                 found.append((int(match.group(1)), path.name == "last.ckpt", path.stat().st_mtime, path))
     found.sort(key=lambda item: item[:3], reverse=True)
     return [(version, path) for version, _, _, path in found]
+
+
+def claim_version(root: Path) -> int:
+    """Create ``root/version_N`` for a new run, N one above the highest existing version, and return N. The folder
+    is created exclusively (``os.mkdir``): of runs started together, each gets its own N (a loser takes the next)."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for m in (_VERSION_DIR.match(p.name) for p in root.iterdir()) if m]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(root / f"version_{version}")
+            return version
+        except FileExistsError:
+            version += 1
 
 
 def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int, dict[str, Any]]:
@@ -471,8 +485,11 @@ class AACLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         logger = self.config.trainer.get("logger")
         if logger is None or logger is True:
+            version = self.resume_version
+            if version is None and rank_zero_only.rank == 0:  # other DDP ranks take rank 0's folder (broadcast)
+                version = claim_version(Path(self.config.runs_dir) / self.config.run_name)
             kwargs["logger"] = TensorBoardLogger(
-                save_dir=self.config.runs_dir, name=self.config.run_name, version=self.resume_version
+                save_dir=self.config.runs_dir, name=self.config.run_name, version=version
             )
         self.run_summary = RunSummary()
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
