@@ -64,7 +64,12 @@ from aa_lightning.callbacks import (
     StopOnSignal,
     TrainingImageGrid,
 )
-from aa_lightning.models.weights import describe_differences, state_dict_differences
+from aa_lightning.models.weights import (
+    describe_differences,
+    non_finite_tensors,
+    state_dict_differences,
+    zip_checksum_failure,
+)
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 
@@ -117,6 +122,20 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"--ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' in it)")
+    corrupt = zip_checksum_failure(path)
+    if corrupt is not None:
+        raise CheckpointError(
+            f"--ckpt_path: {path} fails its checksum (the CRC-32 of record {corrupt!r} does not match its bytes): "
+            "the file was damaged after it was written; resume from another checkpoint"
+        )
+    non_finite = non_finite_tensors(checkpoint["state_dict"], "state_dict")
+    non_finite += non_finite_tensors(checkpoint.get("optimizer_states") or [], "optimizer_states")
+    if non_finite:
+        more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
+        raise CheckpointError(
+            f"--ckpt_path: {path} holds non-finite values: {non_finite[0]}{more}; a diverged or damaged state "
+            "does not resume: resume from an earlier checkpoint"
+        )
     return checkpoint
 
 
