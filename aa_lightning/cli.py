@@ -44,8 +44,8 @@ import torch
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -214,6 +214,237 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.n
             f"{describe_differences(*differences)}; resume with the checkpoint's own config "
             f"({path.parent.parent / 'config.yaml'}) or pass a matching checkpoint"
         )
+
+
+#: the checkpoint key of the settings a resume must not change (:class:`RecordResumeSettings`)
+RESUME_SETTINGS_KEY = "aa_lightning_resume_settings"
+#: model keys the saved optimizer state and learning-rate schedule were built from
+SCHEDULE_KEYS = (
+    "optimizer",
+    "base_lr",
+    "reference_batch_size",
+    "momentum",
+    "nesterov",
+    "betas",
+    "weight_decay",
+    "warmup_epochs",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "lr_milestone_epochs",
+    "lr_milestone_steps",
+    "lr_gamma",
+)
+_GLOBAL_BATCH = (
+    "the global batch sets the peak learning rate and the steps per epoch, and the saved position inside the epoch "
+    "counts the run's batches"
+)
+_LENGTH = "the learning-rate schedule was built for the run's length and would not stretch to another"
+_WHY = {
+    "data.batch_size": _GLOBAL_BATCH,
+    "world size": _GLOBAL_BATCH,
+    "trainer.accumulate_grad_batches": _GLOBAL_BATCH,
+    "trainer.max_epochs": _LENGTH,
+    "trainer.max_steps": _LENGTH,
+    "trainer.limit_train_batches": "the schedule and the saved position count the run's batches per epoch",
+    "data.num_workers": "the training loader's saved position is that of a loader with the run's number of worker "
+    "processes",
+}
+_WHY_MODEL = "the saved optimizer state and learning-rate schedule hold the run's own value, which a resume would keep"
+
+
+def _shown(value: Any) -> str:
+    """A setting as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        value = list(value)
+    return str(value)
+
+
+def resume_settings(config: Namespace, trainer: Trainer) -> dict[str, Any]:
+    """The settings of this run that a resume must keep (recorded in every checkpoint; :func:`check_resume_settings`):
+    the model's optimizer and schedule keys, ``data.batch_size`` / ``data.num_workers``, the trainer's length and
+    accumulation, and the world size (devices x nodes)."""
+    settings: dict[str, Any] = {}
+    model_args = config.model.get("init_args") or Namespace()
+    for key in SCHEDULE_KEYS:
+        if key in model_args:
+            settings[f"model.{key}"] = model_args[key]
+    data_args = config.data.get("init_args") or Namespace()
+    for key in ("batch_size", "num_workers"):
+        if key in data_args:
+            settings[f"data.{key}"] = data_args[key]
+    for key in ("max_epochs", "max_steps", "accumulate_grad_batches", "limit_train_batches"):
+        settings[f"trainer.{key}"] = config.trainer.get(key)
+    settings["world size"] = trainer.world_size
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+
+
+def check_resume_settings(checkpoint: dict[str, Any], path: Path, current: dict[str, Any]) -> None:
+    """A :class:`CheckpointError` naming the first setting of ``current`` (:func:`resume_settings`) that differs from
+    the one ``checkpoint`` was trained with, why it cannot change and how to continue. A checkpoint of an older
+    version of this project (no recorded settings) is compared on its model hyper-parameters only."""
+    saved = checkpoint.get(RESUME_SETTINGS_KEY)
+    if not isinstance(saved, dict):
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = {f"model.{key}": hparams[key] for key in SCHEDULE_KEYS if key in hparams}
+    for key, value in current.items():
+        if key not in saved:
+            continue
+        old = list(saved[key]) if isinstance(saved[key], tuple) else saved[key]
+        if old == value:
+            continue
+        if key == "world size":
+            how = f"as many processes as before (--trainer.devices x --trainer.num_nodes = {old})"
+        else:
+            how = f"--{key} {_shown(old)}"
+        raise CheckpointError(
+            f"--ckpt_path {path}: this run sets {key} {_shown(value)} but the checkpoint's {_shown(old)}: "
+            f"{_WHY.get(key, _WHY_MODEL)}. Resume with {how} (the run's config.yaml has its settings), or train with "
+            "the new value as a new run (another --run_name)"
+        )
+
+
+#: a temporary file of :func:`aa_lightning.atomic_files.atomic_open` for a checkpoint (``.<name>.ckpt.<8 chars>.tmp``)
+_KILLED_SAVE = re.compile(r"^\.(.+\.ckpt)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_killed_saves(folder: Path) -> list[Path]:
+    """Remove the temporary files that checkpoint saves killed before their rename left in ``folder`` (only files of
+    this project's own pattern, ``.<name>.ckpt.XXXXXXXX.tmp``; no links, nothing else); returns them."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _KILLED_SAVE.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class RecordResumeSettings(Callback):
+    """Writes the run's :func:`resume_settings` into every checkpoint."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RESUME_SETTINGS_KEY] = dict(self.settings)
+
+
+class _HeldCalls:
+    """What a held logger's ``experiment`` is: each call is recorded, to be made on the real one later."""
+
+    def __init__(self, calls: list[tuple[str, tuple, dict]]) -> None:
+        self._calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self._calls.append((f"experiment.{name}", args, kwargs))
+
+        return record
+
+
+class ResumeTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger that, with ``hold``, writes nothing (no events file, no hparams.yaml, nothing logged through
+    ``experiment``) until :meth:`release`, when a resume has succeeded; a failed resume drops what it held."""
+
+    def __init__(self, *args: Any, hold: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[tuple[str, tuple, dict]] | None = [] if hold else None
+
+    @property
+    def experiment(self) -> Any:
+        if self._held is not None:
+            return _HeldCalls(self._held)
+        return super().experiment
+
+    def _hold(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        if self._held is None:
+            return False
+        self._held.append((name, args, kwargs))
+        return True
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        if not self._hold("log_hyperparams", *args, **kwargs):
+            super().log_hyperparams(*args, **kwargs)
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        if not self._hold("log_metrics", *args, **kwargs):
+            super().log_metrics(*args, **kwargs)
+
+    def log_graph(self, *args: Any, **kwargs: Any) -> None:
+        if not self._hold("log_graph", *args, **kwargs):
+            super().log_graph(*args, **kwargs)
+
+    def save(self) -> None:
+        if not self._hold("save"):
+            super().save()
+
+    def finalize(self, status: str) -> None:
+        if self._held is None:  # a held logger has written nothing: a failed resume leaves no trace
+            super().finalize(status)
+
+    def release(self) -> None:
+        """Make the held calls, in order, and write directly from now on."""
+        held, self._held = self._held, None
+        for name, args, kwargs in held or []:
+            if name.startswith("experiment."):
+                getattr(self.experiment, name.partition(".")[2])(*args, **kwargs)
+            else:
+                getattr(self, name)(*args, **kwargs)
+
+
+class ResumeSafeSaveConfig(SaveConfigCallback):
+    """LightningCLI's config saver that, on a resumed fit, writes ``config.yaml`` once the resume has succeeded
+    (:meth:`release`), not at setup: a resume that fails leaves the run's record as it was."""
+
+    _pending: tuple[LightningModule, str] | None = None
+    defer = False  # set by the CLI on a resume
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.defer and not self.already_saved:
+            self._pending = (pl_module, stage)
+            return
+        super().setup(trainer, pl_module, stage)
+
+    def release(self, trainer: Trainer) -> None:
+        if self._pending is not None:
+            pl_module, stage = self._pending
+            self._pending = None
+            super().setup(trainer, pl_module, stage)
+
+
+class ResumeGate(Callback):
+    """Releases what a resumed run holds back (the logger's writes, config.yaml) and removes the temporary files of
+    killed saves in its checkpoint folder, once the resume has succeeded: at the start of training, after the
+    checkpoint and the training loader's position are restored (or at the end of a fit that had nothing left)."""
+
+    def __init__(self, logger: ResumeTensorBoardLogger | None, checkpoint_folder: Path | None) -> None:
+        self.logger = logger
+        self.checkpoint_folder = checkpoint_folder
+        self.released = False
+
+    def release(self, trainer: Trainer) -> None:
+        if self.released:
+            return
+        self.released = True
+        if self.logger is not None:
+            self.logger.release()
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResumeSafeSaveConfig):
+                callback.release(trainer)
+        if self.checkpoint_folder is not None and trainer.is_global_zero:
+            for path in remove_killed_saves(self.checkpoint_folder):
+                rank_zero_warn(f"removed {path}: the temporary file of a checkpoint save that was killed")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.release(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.release(trainer)
 
 
 _MERGED_KWARGS = {"model_kwargs": "model_name", "backbone_kwargs": "backbone"}
@@ -389,7 +620,8 @@ class AACLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # the tasks own their optimizer and schedule
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
+            save_config_callback=ResumeSafeSaveConfig,  # a resumed run rewrites its config.yaml once it has resumed
+            save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "Train and test an aa-lightning recipe: python train.py --config configs/<recipe>.yaml",
                 "allow_abbrev": False,  # a misspelt key fails instead of being completed
@@ -503,22 +735,41 @@ class AACLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         logger = self.config.trainer.get("logger")
+        resuming = self.resume_checkpoint is not None
+        run_logger = None
         if logger is None or logger is True:
             version = self.resume_version
             if version is None and rank_zero_only.rank == 0:  # other DDP ranks take rank 0's folder (broadcast)
                 version = claim_version(Path(self.config.runs_dir) / self.config.run_name)
-            kwargs["logger"] = TensorBoardLogger(
-                save_dir=self.config.runs_dir, name=self.config.run_name, version=version
+            run_logger = ResumeTensorBoardLogger(
+                save_dir=self.config.runs_dir, name=self.config.run_name, version=version, hold=resuming
             )
+            kwargs["logger"] = run_logger
+        checkpoint_folder = None
+        if resuming and self.resume_version is not None:
+            checkpoint_folder = Path(self.config.runs_dir) / self.config.run_name / f"version_{self.resume_version}"
+            checkpoint_folder = checkpoint_folder / "checkpoints"
         self.run_summary = RunSummary()
+        self.resume_settings = RecordResumeSettings()
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        kwargs["callbacks"] = callbacks + [self.run_summary, ExactResume(), NonFiniteLossGuard(), StopOnSignal()]
+        kwargs["callbacks"] = callbacks + [
+            self.run_summary,
+            ExactResume(),
+            ResumeGate(run_logger, checkpoint_folder),  # after ExactResume: the loader's position is restored
+            NonFiniteLossGuard(),
+            StopOnSignal(),
+            self.resume_settings,
+        ]
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResumeSafeSaveConfig):
+                callback.defer = resuming
+        self.resume_settings.settings = resume_settings(self.config, trainer)
         if self.stop_anywhere is not None:
             self.stop_anywhere.trainer = trainer
         return trainer
@@ -536,6 +787,7 @@ class AACLI(LightningCLI):
         if self.resume_checkpoint is not None:  # before the logger or the config saver writes to the run folder
             checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
             check_checkpoint_fits(checkpoint, Path(cfg.ckpt_path), self.model)
+            check_resume_settings(checkpoint, Path(cfg.ckpt_path), self.resume_settings.settings)
             del checkpoint
         # weights_only: a checkpoint handed in by path loads without unpickling code (this project's checkpoints
         # hold tensors and plain containers only, the random states included)
