@@ -8,8 +8,15 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
 - ``--ckpt_path``: resume; ``last`` finds the newest intact checkpoint of
   ``<runs_dir>/<run_name>/version_*/checkpoints/`` (``last.ckpt`` first; a file that does not load is
   skipped with a warning naming it) and continues logging into that ``version_N`` (a path inside such a
-  folder does the same). The checkpoint is loaded and checked against the model (names and shapes of
-  every tensor) before anything is written to the run folder.
+  folder does the same). The checkpoint is loaded and checked before anything is written to the run folder:
+  its zip records' CRC-32, finite weights and optimizer state, the model (names and shapes of every tensor) and
+  the settings its schedule and loader position were built from (:func:`check_resume_settings`: another batch
+  size, world size, base_lr, max_epochs or num_workers is refused, naming it). Until the resume has succeeded the
+  run writes nothing to its folder (:class:`ResumeGate`); the temporary files of killed saves there are removed.
+- A new run claims its ``version_N`` folder exclusively (:func:`claim_version`): runs started together get their own.
+- SIGTERM / SIGINT at any moment exit 143 / 130; a ``ValueError`` of this project's classes while the model or the
+  data is built is one ``error:`` line (``AA_LIGHTNING_DEBUG=1``: the traceback); a recipe with a duplicate key is
+  an error naming the file and the key.
 - ``--checkpoint_every_n_steps``: ``last.ckpt`` is written every N optimizer steps and at every epoch end
   (:class:`~aa_lightning.callbacks.LastCheckpoint`), so a killed run resumes where it was (docs/training.md,
   "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
