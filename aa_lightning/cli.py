@@ -855,7 +855,7 @@ def main(args: Any = None, start_time: float | None = None) -> dict[str, float] 
                 cli = AACLI(args=args, start_time=start_time, stop_anywhere=stop)
             except ValueError as err:
                 own = project_value_error(err)
-                if own is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                if isinstance(err, CheckpointError) or own is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                     raise
                 print(
                     f"train.py: error: {' '.join(str(own).split())} ({DEBUG_ENV}=1 shows the traceback)",
