@@ -44,13 +44,20 @@ def copy_of(finished_run, tmp_path):
         (["--data.num_workers", "2"], "data.num_workers", "2", "0"),
     ],
 )
-def test_a_resume_with_another_setting_is_refused_naming_it(finished_run, tmp_path, override, setting, new, old):
+def test_a_resume_with_another_setting_is_refused_naming_it(
+    finished_run, tmp_path, monkeypatch, capsys, override, setting, new, old
+):
+    from aa_lightning.cli import main
+
     run = copy_of(finished_run, tmp_path)
     before = folder_bytes(run)
-    result = run_cli("--config", str(one_epoch_recipe(tmp_path)), "--ckpt_path", "last", *override, cwd=tmp_path)
-    assert result.returncode == 1, result.stderr[-3000:]
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("train.py: error: ") and "Traceback" not in result.stderr, result.stderr[-3000:]
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(SystemExit) as info:  # train.py's main in this process (the refusal comes before any fit)
+        main(args=["--config", str(one_epoch_recipe(tmp_path)), "--ckpt_path", "last", *override])
+    stderr = capsys.readouterr().err
+    assert info.value.code == 1, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: ") and "Traceback" not in stderr, stderr[-3000:]
     assert f"{setting} {new}" in line and f"checkpoint's {old}" in line and "last.ckpt" in line, line
     assert "resume with" in line.lower() and "another --run_name" in line, line
     assert folder_bytes(run) == before
