@@ -298,6 +298,11 @@ def check_resume_settings(checkpoint: dict[str, Any], path: Path, current: dict[
     if not isinstance(saved, dict):
         hparams = checkpoint.get("hyper_parameters") or {}
         saved = {f"model.{key}": hparams[key] for key in SCHEDULE_KEYS if key in hparams}
+        loops = checkpoint.get("loops") or {}
+        loader_states = ((loops.get("fit_loop") or {}).get("state_dict") or {}).get("combined_loader") or []
+        single_process = [isinstance(state, dict) and "_snapshot" not in state for state in loader_states]
+        if single_process and all(single_process) and current.get("data.num_workers"):
+            saved["data.num_workers"] = 0  # a loader without workers saved this position (torchdata's own state)
     for key, value in current.items():
         if key not in saved:
             continue

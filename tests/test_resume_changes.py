@@ -91,3 +91,20 @@ def test_a_resume_removes_only_the_temporary_files_of_a_killed_save(finished_run
     names = {p.name for p in checkpoints.iterdir()}
     assert not names & set(ours) and set(theirs) <= names, names
     assert (other_version / ours[0]).read_bytes() == b"in flight"
+
+
+def test_an_older_checkpoint_without_recorded_settings_is_checked_on_what_it_holds(tmp_path):
+    """A checkpoint written before the settings were recorded: its model hyper-parameters, and a loader position of a
+    loader without workers (torchdata keeps no '_snapshot' then), still refuse a change, naming it."""
+    from aa_lightning.cli import CheckpointError, check_resume_settings
+
+    checkpoint = {
+        "hyper_parameters": {"base_lr": 0.2, "model_name": "x"},
+        "loops": {"fit_loop": {"state_dict": {"combined_loader": [{"_num_yielded": 3, "fetcher_state": {}}]}}},
+    }
+    path = tmp_path / "last.ckpt"
+    check_resume_settings(checkpoint, path, {"model.base_lr": 0.2, "data.num_workers": 0, "world size": 4})
+    with pytest.raises(CheckpointError, match=r"model.base_lr 0.4 but the checkpoint's 0.2"):
+        check_resume_settings(checkpoint, path, {"model.base_lr": 0.4, "data.num_workers": 0})
+    with pytest.raises(CheckpointError, match=r"data.num_workers 2 but the checkpoint's 0"):
+        check_resume_settings(checkpoint, path, {"model.base_lr": 0.2, "data.num_workers": 2})
