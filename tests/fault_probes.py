@@ -75,3 +75,29 @@ class FinalWeights(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path)
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signal_name`` (``TERM``, ``INT``) to its own process when the Lightning hook ``hook`` runs
+    (e.g. ``on_sanity_check_start``, ``on_fit_start``, ``on_test_start``); once."""
+
+    def __init__(self, hook: str, signal_name: str = "TERM") -> None:
+        self.signal_name = signal_name
+        self._sent = False
+        setattr(self, hook, self._send)
+
+    def _send(self, *args: Any, **kwargs: Any) -> None:
+        if not self._sent:
+            self._sent = True
+            os.kill(os.getpid(), getattr(signal, f"SIG{self.signal_name}"))
+
+
+class RaiseAt(pl.Callback):
+    """Raises ``RuntimeError(message)`` when the Lightning hook ``hook`` runs (a fault after the resume check)."""
+
+    def __init__(self, hook: str, message: str = "probe failure") -> None:
+        self.message = message
+        setattr(self, hook, self._raise)
+
+    def _raise(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(self.message)

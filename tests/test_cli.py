@@ -128,10 +128,25 @@ def test_fit_then_test_writes_checkpoints_tensorboard_and_a_summary(tmp_path):
 
 
 def test_resume_from_last_continues_the_step_count_in_the_same_run(tmp_path):
-    recipe = str(tiny_recipe(tmp_path))
-    first = run_cli("--config", recipe, "--test_ckpt_path", "null", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli("--config", recipe, "--ckpt_path", "last", "--trainer.max_epochs", "2", cwd=tmp_path)
+    """A 2-epoch run stopped by SIGTERM at the end of epoch 0 (step 4), resumed: one run of 8 steps. (Resuming with
+    another trainer.max_epochs is refused: tests/test_resume_changes.py.)"""
+    recipe = tiny_recipe(tmp_path)
+    config = yaml.safe_load(recipe.read_text())
+    config["trainer"]["max_epochs"] = 2
+    recipe.write_text(yaml.safe_dump(config))
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "fault_probes.StepProbe",
+            "init_args": {"report": str(tmp_path / "steps.jsonl"), "kill_at": 4, "signal_name": "TERM"},
+        }
+    ]
+    stopped = tmp_path / "stopped" / "tiny.yaml"  # the same run name, runs_dir and data
+    stopped.parent.mkdir()
+    stopped.write_text(yaml.safe_dump(config))
+    first = run_cli("--config", str(stopped), "--test_ckpt_path", "null", cwd=tmp_path, probes=True)
+    assert first.returncode == 143, first.stderr[-3000:]
+    recipe = str(recipe)
+    second = run_cli("--config", recipe, "--ckpt_path", "last", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert summary_value(second.stdout, r"(\d+) optimizer steps") == "8"
     version = tmp_path / "runs" / "tiny" / "version_0"

@@ -18,7 +18,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_checkpoints_are_written_atomically_beside_the_target_whatever_tmpdir_is(tmp_path, monkeypatch):
     """Item 2: a write killed before the rename leaves the old file intact and nothing in $TMPDIR."""
-    from aa_lightning.callbacks import AtomicCheckpointIO
+    from aa_lightning.training.faults import AtomicCheckpointIO
 
     other_tmp = tmp_path / "elsewhere"
     other_tmp.mkdir()

@@ -124,7 +124,7 @@ def _fit(shards: Path, folder: Path, die_at: int = -1, ckpt_path: str | None = N
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from aa_lightning.callbacks import ExactResume
+    from aa_lightning.training.faults import ExactResume
     from aa_lightning.data import StreamingImageNetDataModule
 
     class Recorder(pl.LightningModule):

@@ -82,6 +82,7 @@ PREPARE = "aa_lightning/data/prepare.py"
 AUGMENT = "aa_lightning/models/augmentation.py"
 SETTINGS = "aa_lightning/models/attention_settings.py"
 MODEL_TESTS = ("tests/test_models_settings.py", "tests/test_models_augment.py")
+CLI = "aa_lightning/training/cli.py"
 
 BREAKAGES: list[Breakage] = [
     breakage(
@@ -663,6 +664,88 @@ BREAKAGES: list[Breakage] = [
         "        return True\n\n    def more_than_one",
         "        return False\n\n    def more_than_one",
         ["tests/test_cli_in_process.py"],
+    ),
+    breakage(
+        "version-claim-not-exclusive",
+        "a new run takes the next version_N without creating it exclusively (runs started together share one folder)",
+        CLI,
+        '            os.mkdir(root / f"version_{version}")\n            return version',
+        "            return version",
+        ["tests/test_concurrent_runs.py"],
+    ),
+    breakage(
+        "resume-settings-not-checked",
+        "a resume with another batch size / base_lr / max_epochs / world size / num_workers is not refused",
+        CLI,
+        "            check_resume_settings(checkpoint, Path(cfg.ckpt_path), self.resume_settings.settings)\n",
+        "",
+        ["tests/test_resume_changes.py"],
+    ),
+    breakage(
+        "resume-writes-before-it-succeeded",
+        "a resumed run's logger and config.yaml write at setup, before the resume has succeeded",
+        CLI,
+        "                save_dir=self.config.runs_dir, name=self.config.run_name, version=version, hold=resuming",
+        "                save_dir=self.config.runs_dir, name=self.config.run_name, version=version, hold=False",
+        ["tests/test_resume_changes.py"],
+        more=[Edit(CLI, "                callback.defer = resuming", "                callback.defer = False")],
+    ),
+    breakage(
+        "killed-save-leftovers-kept",
+        "the temporary files of killed checkpoint saves are never removed",
+        CLI,
+        "            if _KILLED_SAVE.match(path.name) and path.is_file() and not path.is_symlink():",
+        "            if False:",
+        ["tests/test_resume_changes.py"],
+    ),
+    breakage(
+        "killed-save-cleanup-too-broad",
+        "the cleanup of killed saves removes any *.tmp file beside the checkpoints, the user's too",
+        CLI,
+        "            if _KILLED_SAVE.match(path.name) and path.is_file() and not path.is_symlink():",
+        '            if path.name.endswith(".tmp") and path.is_file():',
+        ["tests/test_resume_changes.py"],
+    ),
+    breakage(
+        "checkpoint-checksum-not-checked",
+        "a resume and read_checkpoint load a checkpoint whose bytes fail its zip CRC-32 (a flipped bit resumes)",
+        "aa_lightning/models/weights.py",
+        "            return archive.testzip()",
+        "            return None",
+        ["tests/test_checkpoint_integrity.py"],
+    ),
+    breakage(
+        "non-finite-checkpoint-accepted",
+        "a checkpoint with NaN / inf weights or optimizer state is resumed and read for predict",
+        "aa_lightning/models/weights.py",
+        "                if bad:\n                    found.append(",
+        "                if False:\n                    found.append(",
+        ["tests/test_checkpoint_integrity.py"],
+    ),
+    breakage(
+        "signal-outside-training-ignored",
+        "SIGTERM / SIGINT outside the training steps (sanity check, start-up, test) are left to Lightning / Python "
+        "(exit 0 or 1)",
+        FAULTS,
+        "                self._previous[signum] = signal.signal(signum, self._handler)\n        return self",
+        "                pass\n        return self",
+        ["tests/test_signals_anywhere.py"],
+    ),
+    breakage(
+        "project-value-error-traceback",
+        "a ValueError of the project's classes while building the model / data prints the 60-line double traceback",
+        CLI,
+        '                if isinstance(err, CheckpointError) or own is None or os.environ.get(DEBUG_ENV, "") not in',
+        '                if True or os.environ.get(DEBUG_ENV, "") not in',
+        ["tests/test_cli_errors.py"],
+    ),
+    breakage(
+        "duplicate-yaml-key-accepted",
+        "a recipe YAML that names one key twice silently keeps the last value",
+        CLI,
+        "            if duplicate is not None:\n                key, line = duplicate",
+        "            if False:\n                key, line = duplicate",
+        ["tests/test_cli_errors.py"],
     ),
 ]
 

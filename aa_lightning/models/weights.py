@@ -10,12 +10,15 @@
   reader of the project: the detection backbone and the predict tool use it too);
   :func:`load_checkpoint` loads it into a built model, checking that it is of the same model.
 
-Files are read with ``torch.load(weights_only=True)`` or safetensors: no code is unpickled.
+Files are read with ``torch.load(weights_only=True)`` or safetensors: no code is unpickled. A torch file (a zip)
+whose bytes fail its records' CRC-32 (:func:`zip_checksum_failure`: a bit flipped after the write) and weights that
+are not finite (:func:`non_finite_tensors`) are refused, naming the file and the record or tensor.
 """
 
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,6 +91,38 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     return resample_relative_tables(strip_lightning_prefix(state_dict), model)
 
 
+def zip_checksum_failure(path: str | Path) -> str | None:
+    """The first record of the zip-format torch file ``path`` whose bytes do not match their stored CRC-32 (the file
+    changed after it was written: a flipped bit, a partial copy), or ``None`` when every record matches or the file
+    is not a zip (an old-format torch file has no checksums)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"the archive itself ({type(err).__name__}: {err})"
+
+
+def non_finite_tensors(tree: Any, name: str) -> list[str]:
+    """``"name[...] (k of n values are NaN / inf)"`` for every floating tensor in the nested dicts / lists ``tree``
+    (``name``: how to call its root) that holds a NaN or an infinity."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [(name, tree)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, Tensor):
+            if (value.is_floating_point() or value.is_complex()) and value.numel():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    found.append(f"{where} ({bad} of {value.numel()} values are NaN / inf)")
+        elif isinstance(value, dict):
+            stack += [(f"{where}[{key!r}]", item) for key, item in reversed(list(value.items()))]
+        elif isinstance(value, (list, tuple)):
+            stack += [(f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value)))]
+    return found
+
+
 class Checkpoint(NamedTuple):
     """A checkpoint file as :func:`read_checkpoint` reads it.
 
@@ -148,6 +183,19 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     state = strip_lightning_prefix(state)
     if not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds no state dict (a dict of tensors)")
+    corrupt = zip_checksum_failure(path) if path.suffix != ".safetensors" else None
+    if corrupt is not None:
+        raise ValueError(
+            f"cannot read checkpoint {path}: it fails its checksum (the CRC-32 of record {corrupt!r} does not match "
+            "its bytes): the file was damaged after it was written; use another copy or checkpoint"
+        )
+    non_finite = non_finite_tensors(dict(state), "weights")
+    if non_finite:
+        raise ValueError(
+            f"cannot use checkpoint {path}: weight tensor {non_finite[0]}"
+            + (f" and {len(non_finite) - 1} more" if len(non_finite) > 1 else "")
+            + ": a diverged or damaged checkpoint; use an earlier one"
+        )
     hparams = contents.get("hyper_parameters")
     model_kwargs = (hparams.get("model_kwargs") or {}) if isinstance(hparams, dict) else {}
     arch = contents.get("arch")  # timm's train.py records the model here, Lightning in hyper_parameters

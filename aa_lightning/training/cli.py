@@ -8,8 +8,15 @@ on; dotted overrides such as ``--model.model_name aa_resnet50`` or ``--data.batc
 - ``--ckpt_path``: resume; ``last`` finds the newest intact checkpoint of
   ``<runs_dir>/<run_name>/version_*/checkpoints/`` (``last.ckpt`` first; a file that does not load is
   skipped with a warning naming it) and continues logging into that ``version_N`` (a path inside such a
-  folder does the same). The checkpoint is loaded and checked against the model (names and shapes of
-  every tensor) before anything is written to the run folder.
+  folder does the same). The checkpoint is loaded and checked before anything is written to the run folder:
+  its zip records' CRC-32, finite weights and optimizer state, the model (names and shapes of every tensor) and
+  the settings its schedule and loader position were built from (:func:`check_resume_settings`: another batch
+  size, world size, base_lr, max_epochs or num_workers is refused, naming it). Until the resume has succeeded the
+  run writes nothing to its folder (:class:`ResumeGate`); the temporary files of killed saves there are removed.
+- A new run claims its ``version_N`` folder exclusively (:func:`claim_version`): runs started together get their own.
+- SIGTERM / SIGINT at any moment exit 143 / 130; a ``ValueError`` of this project's classes while the model or the
+  data is built is one ``error:`` line (``AA_LIGHTNING_DEBUG=1``: the traceback); a recipe with a duplicate key is
+  an error naming the file and the key.
 - ``--checkpoint_every_n_steps``: ``last.ckpt`` is written every N optimizer steps and at every epoch end
   (:class:`~aa_lightning.training.faults.LastCheckpoint`), so a killed run resumes where it was (docs/training.md,
   "Faults and resuming"). All checkpoints are written atomically; SIGTERM / SIGINT save ``last.ckpt`` and exit
@@ -30,9 +37,11 @@ off with a warning, so a multi-GPU recipe still runs on a laptop.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -42,17 +51,23 @@ from typing import Any
 
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.callbacks import RunSummary, TrainingImageGrid
-from aa_lightning.models.weights import describe_differences, state_dict_differences
+from aa_lightning.models.weights import (
+    describe_differences,
+    non_finite_tensors,
+    state_dict_differences,
+    zip_checksum_failure,
+)
 from aa_lightning.training.faults import (
     AtomicCheckpointIO,
     ExactResume,
@@ -60,6 +75,7 @@ from aa_lightning.training.faults import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     RunInterrupted,
+    StopAnywhere,
     StopOnSignal,
 )
 
@@ -114,6 +130,20 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"--ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' in it)")
+    corrupt = zip_checksum_failure(path)
+    if corrupt is not None:
+        raise CheckpointError(
+            f"--ckpt_path: {path} fails its checksum (the CRC-32 of record {corrupt!r} does not match its bytes): "
+            "the file was damaged after it was written; resume from another checkpoint"
+        )
+    non_finite = non_finite_tensors(checkpoint["state_dict"], "state_dict")
+    non_finite += non_finite_tensors(checkpoint.get("optimizer_states") or [], "optimizer_states")
+    if non_finite:
+        more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
+        raise CheckpointError(
+            f"--ckpt_path: {path} holds non-finite values: {non_finite[0]}{more}; a diverged or damaged state "
+            "does not resume: resume from an earlier checkpoint"
+        )
     return checkpoint
 
 
@@ -131,6 +161,20 @@ def run_checkpoints(runs_dir: str, run_name: str) -> list[tuple[int, Path]]:
                 found.append((int(match.group(1)), path.name == "last.ckpt", path.stat().st_mtime, path))
     found.sort(key=lambda item: item[:3], reverse=True)
     return [(version, path) for version, _, _, path in found]
+
+
+def claim_version(root: Path) -> int:
+    """Create ``root/version_N`` for a new run, N one above the highest existing version, and return N. The folder
+    is created exclusively (``os.mkdir``): of runs started together, each gets its own N (a loser takes the next)."""
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for m in (_VERSION_DIR.match(p.name) for p in root.iterdir()) if m]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(root / f"version_{version}")
+            return version
+        except FileExistsError:
+            version += 1
 
 
 def find_last_checkpoint(runs_dir: str, run_name: str) -> tuple[Path, int, dict[str, Any]]:
@@ -182,6 +226,242 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], path: Path, model: torch.n
 
 #: the kwargs dicts merged over their sources, and the name whose change starts a source's dict afresh
 MERGED_KWARGS = {"model_kwargs": "model_name", "backbone_kwargs": "backbone"}
+
+
+#: the checkpoint key of the settings a resume must not change (:class:`RecordResumeSettings`)
+RESUME_SETTINGS_KEY = "aa_lightning_resume_settings"
+#: model keys the saved optimizer state and learning-rate schedule were built from
+SCHEDULE_KEYS = (
+    "optimizer",
+    "base_lr",
+    "reference_batch_size",
+    "momentum",
+    "nesterov",
+    "betas",
+    "weight_decay",
+    "warmup_epochs",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "lr_milestone_epochs",
+    "lr_milestone_steps",
+    "lr_gamma",
+)
+_GLOBAL_BATCH = (
+    "the global batch sets the peak learning rate and the steps per epoch, and the saved position inside the epoch "
+    "counts the run's batches"
+)
+_LENGTH = "the learning-rate schedule was built for the run's length and would not stretch to another"
+_WHY = {
+    "data.batch_size": _GLOBAL_BATCH,
+    "world size": _GLOBAL_BATCH,
+    "trainer.accumulate_grad_batches": _GLOBAL_BATCH,
+    "trainer.max_epochs": _LENGTH,
+    "trainer.max_steps": _LENGTH,
+    "trainer.limit_train_batches": "the schedule and the saved position count the run's batches per epoch",
+    "data.num_workers": "the training loader's saved position is that of a loader with the run's number of worker "
+    "processes",
+}
+_WHY_MODEL = "the saved optimizer state and learning-rate schedule hold the run's own value, which a resume would keep"
+
+
+def _shown(value: Any) -> str:
+    """A setting as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        value = list(value)
+    return str(value)
+
+
+def resume_settings(config: Namespace, trainer: Trainer) -> dict[str, Any]:
+    """The settings of this run that a resume must keep (recorded in every checkpoint; :func:`check_resume_settings`):
+    the model's optimizer and schedule keys, ``data.batch_size`` / ``data.num_workers``, the trainer's length and
+    accumulation, and the world size (devices x nodes)."""
+    settings: dict[str, Any] = {}
+    model_args = config.model.get("init_args") or Namespace()
+    for key in SCHEDULE_KEYS:
+        if key in model_args:
+            settings[f"model.{key}"] = model_args[key]
+    data_args = config.data.get("init_args") or Namespace()
+    for key in ("batch_size", "num_workers"):
+        if key in data_args:
+            settings[f"data.{key}"] = data_args[key]
+    for key in ("max_epochs", "max_steps", "accumulate_grad_batches", "limit_train_batches"):
+        settings[f"trainer.{key}"] = config.trainer.get(key)
+    settings["world size"] = trainer.world_size
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+
+
+def check_resume_settings(checkpoint: dict[str, Any], path: Path, current: dict[str, Any]) -> None:
+    """A :class:`CheckpointError` naming the first setting of ``current`` (:func:`resume_settings`) that differs from
+    the one ``checkpoint`` was trained with, why it cannot change and how to continue. A checkpoint of an older
+    version of this project (no recorded settings) is compared on its model hyper-parameters only."""
+    saved = checkpoint.get(RESUME_SETTINGS_KEY)
+    if not isinstance(saved, dict):
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = {f"model.{key}": hparams[key] for key in SCHEDULE_KEYS if key in hparams}
+        loops = checkpoint.get("loops") or {}
+        loader_states = ((loops.get("fit_loop") or {}).get("state_dict") or {}).get("combined_loader") or []
+        single_process = [isinstance(state, dict) and "_snapshot" not in state for state in loader_states]
+        if single_process and all(single_process) and current.get("data.num_workers"):
+            saved["data.num_workers"] = 0  # a loader without workers saved this position (torchdata's own state)
+    for key, value in current.items():
+        if key not in saved:
+            continue
+        old = list(saved[key]) if isinstance(saved[key], tuple) else saved[key]
+        if old == value:
+            continue
+        if key == "world size":
+            how = f"as many processes as before (--trainer.devices x --trainer.num_nodes = {old})"
+        else:
+            how = f"--{key} {_shown(old)}"
+        raise CheckpointError(
+            f"--ckpt_path {path}: this run sets {key} {_shown(value)} but the checkpoint's {_shown(old)}: "
+            f"{_WHY.get(key, _WHY_MODEL)}. Resume with {how} (the run's config.yaml has its settings), or train with "
+            "the new value as a new run (another --run_name)"
+        )
+
+
+#: a temporary file of :func:`aa_lightning.atomic_files.atomic_open` for a checkpoint (``.<name>.ckpt.<8 chars>.tmp``)
+_KILLED_SAVE = re.compile(r"^\.(.+\.ckpt)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_killed_saves(folder: Path) -> list[Path]:
+    """Remove the temporary files that checkpoint saves killed before their rename left in ``folder`` (only files of
+    this project's own pattern, ``.<name>.ckpt.XXXXXXXX.tmp``; no links, nothing else); returns them."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _KILLED_SAVE.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class RecordResumeSettings(Callback):
+    """Writes the run's :func:`resume_settings` into every checkpoint."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RESUME_SETTINGS_KEY] = dict(self.settings)
+
+
+class _HeldCalls:
+    """What a held logger's ``experiment`` is: each call is recorded, to be made on the real one later."""
+
+    def __init__(self, calls: list[tuple[str, tuple, dict]]) -> None:
+        self._calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self._calls.append((f"experiment.{name}", args, kwargs))
+
+        return record
+
+
+class ResumeTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger that, with ``hold``, writes nothing (no events file, no hparams.yaml, nothing logged through
+    ``experiment``) until :meth:`release`, when a resume has succeeded; a failed resume drops what it held."""
+
+    def __init__(self, *args: Any, hold: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[tuple[str, tuple, dict]] | None = [] if hold else None
+
+    @property
+    def experiment(self) -> Any:
+        if self._held is not None:
+            return _HeldCalls(self._held)
+        return super().experiment
+
+    def _hold(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        if self._held is None:
+            return False
+        self._held.append((name, args, kwargs))
+        return True
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        if not self._hold("log_hyperparams", *args, **kwargs):
+            super().log_hyperparams(*args, **kwargs)
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        if not self._hold("log_metrics", *args, **kwargs):
+            super().log_metrics(*args, **kwargs)
+
+    def log_graph(self, *args: Any, **kwargs: Any) -> None:
+        if not self._hold("log_graph", *args, **kwargs):
+            super().log_graph(*args, **kwargs)
+
+    def save(self) -> None:
+        if not self._hold("save"):
+            super().save()
+
+    def finalize(self, status: str) -> None:
+        if self._held is None:  # a held logger has written nothing: a failed resume leaves no trace
+            super().finalize(status)
+
+    def release(self) -> None:
+        """Make the held calls, in order, and write directly from now on."""
+        held, self._held = self._held, None
+        for name, args, kwargs in held or []:
+            if name.startswith("experiment."):
+                getattr(self.experiment, name.partition(".")[2])(*args, **kwargs)
+            else:
+                getattr(self, name)(*args, **kwargs)
+
+
+class ResumeSafeSaveConfig(SaveConfigCallback):
+    """LightningCLI's config saver that, on a resumed fit, writes ``config.yaml`` once the resume has succeeded
+    (:meth:`release`), not at setup: a resume that fails leaves the run's record as it was."""
+
+    _pending: tuple[LightningModule, str] | None = None
+    defer = False  # set by the CLI on a resume
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.defer and not self.already_saved:
+            self._pending = (pl_module, stage)
+            return
+        super().setup(trainer, pl_module, stage)
+
+    def release(self, trainer: Trainer) -> None:
+        if self._pending is not None:
+            pl_module, stage = self._pending
+            self._pending = None
+            super().setup(trainer, pl_module, stage)
+
+
+class ResumeGate(Callback):
+    """Releases what a resumed run holds back (the logger's writes, config.yaml) and removes the temporary files of
+    killed saves in its checkpoint folder, once the resume has succeeded: at the start of training, after the
+    checkpoint and the training loader's position are restored (or at the end of a fit that had nothing left)."""
+
+    def __init__(self, logger: ResumeTensorBoardLogger | None, checkpoint_folder: Path | None) -> None:
+        self.logger = logger
+        self.checkpoint_folder = checkpoint_folder
+        self.released = False
+
+    def release(self, trainer: Trainer) -> None:
+        if self.released:
+            return
+        self.released = True
+        if self.logger is not None:
+            self.logger.release()
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResumeSafeSaveConfig):
+                callback.release(trainer)
+        if self.checkpoint_folder is not None and trainer.is_global_zero:
+            for path in remove_killed_saves(self.checkpoint_folder):
+                rank_zero_warn(f"removed {path}: the temporary file of a checkpoint save that was killed")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.release(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.release(trainer)
 
 
 def _kwargs_dict(value: Any) -> dict[str, Any] | None:
@@ -267,11 +547,107 @@ class AAArgumentParser(LightningArgumentParser):
         return cfg
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names one key twice (PyYAML would silently keep the last value)."""
+
+
+_CONFIG_FILE: contextvars.ContextVar[str | None] = contextvars.ContextVar("aa_lightning_config_file", default=None)
+
+
+def duplicate_yaml_key(text: str) -> tuple[str, int] | None:
+    """The first key (by line) that appears twice in one mapping of the YAML ``text``, with its 1-based line;
+    ``None`` when there is none or the text does not parse (the loader itself reports that)."""
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    found: list[tuple[int, str]] = []
+    stack: list[Any] = [node for node in documents if node is not None]
+    seen_nodes: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in keys:
+                        found.append((key_node.start_mark.line + 1, key_node.value))
+                    keys.add(key_node.value)
+                stack += [key_node, value_node]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+    if not found:
+        return None
+    line, key = min(found)
+    return key, line
+
+
+def strict_yaml_loader(base: Any) -> Any:
+    """jsonargparse's YAML loader ``base`` that first refuses a duplicate key (:class:`DuplicateKeyError`, naming the
+    key, its line and the ``--config`` file being parsed)."""
+
+    def load(value: Any) -> Any:
+        if isinstance(value, str):
+            duplicate = duplicate_yaml_key(value)
+            if duplicate is not None:
+                key, line = duplicate
+                source = _CONFIG_FILE.get()
+                if source is None:
+                    where = "a YAML value"
+                else:
+                    try:
+                        own = Path(source).read_text() == value
+                    except OSError:
+                        own = False
+                    where = source if own else f"a file included by {source}"
+                raise DuplicateKeyError(
+                    f"{where}: duplicate key '{key}' (line {line}); each key may appear once in a mapping "
+                    "(YAML would silently keep the last value)"
+                )
+        return base(value)
+
+    load.refuses_duplicate_keys = True  # type: ignore[attr-defined]
+    return load
+
+
+if not getattr(get_loader("yaml"), "refuses_duplicate_keys", False):  # recipes are parsed in jsonargparse's yaml mode
+    set_loader("yaml", strict_yaml_loader(get_loader("yaml")), exceptions=(yaml.YAMLError,))
+
+
+class RecipeParser(AAArgumentParser):
+    """LightningCLI's parser that names the ``--config`` file it is reading when its YAML has a duplicate key."""
+
+    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Namespace:
+        token = _CONFIG_FILE.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            _CONFIG_FILE.reset(token)
+
+
+def check_runs_dir(runs_dir: str) -> None:
+    """A ``ValueError`` naming ``--runs_dir`` and the file in its way when it (or a folder above it) is a file."""
+    path = Path(runs_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ValueError(
+                    f"--runs_dir {path}: {candidate} is a file, not a folder; pass a folder (it is created if missing)"
+                )
+            return
+
+
 class AACLI(LightningCLI):
     """LightningCLI for aa-lightning recipes: fit, test, summary (see the module docstring)."""
 
-    def __init__(self, args: Any = None, start_time: float | None = None) -> None:
+    def __init__(
+        self, args: Any = None, start_time: float | None = None, stop_anywhere: StopAnywhere | None = None
+    ) -> None:
         self.start_time = time.perf_counter() if start_time is None else start_time
+        self.stop_anywhere = stop_anywhere  # told the trainer once it exists (its stage names where a signal came)
         self.resume_version: int | None = None
         self.resume_checkpoint: dict[str, Any] | None = None  # loaded (mmap) to check it before fitting
         super().__init__(
@@ -280,12 +656,13 @@ class AACLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,  # the tasks own their optimizer and schedule
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
-            parser_class=AAArgumentParser,  # merges model_kwargs / backbone_kwargs over their sources
+            save_config_callback=ResumeSafeSaveConfig,  # a resumed run rewrites its config.yaml once it has resumed
+            save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "Train and test an aa-lightning recipe: python train.py --config configs/<recipe>.yaml",
                 "allow_abbrev": False,  # a misspelt key fails instead of being completed
             },
+            parser_class=RecipeParser,
             args=args,
             run=False,
         )
@@ -334,6 +711,7 @@ class AACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_runs_dir(cfg.runs_dir)
         cfg.run_name = self._run_name()
         # the task's own metric for ModelCheckpoint unless the config names one
         if cfg.checkpoint.get("monitor") is None:
@@ -375,19 +753,44 @@ class AACLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         logger = self.config.trainer.get("logger")
+        resuming = self.resume_checkpoint is not None
+        run_logger = None
         if logger is None or logger is True:
-            kwargs["logger"] = TensorBoardLogger(
-                save_dir=self.config.runs_dir, name=self.config.run_name, version=self.resume_version
+            version = self.resume_version
+            if version is None and rank_zero_only.rank == 0:  # other DDP ranks take rank 0's folder (broadcast)
+                version = claim_version(Path(self.config.runs_dir) / self.config.run_name)
+            run_logger = ResumeTensorBoardLogger(
+                save_dir=self.config.runs_dir, name=self.config.run_name, version=version, hold=resuming
             )
+            kwargs["logger"] = run_logger
+        checkpoint_folder = None
+        if resuming and self.resume_version is not None:
+            checkpoint_folder = Path(self.config.runs_dir) / self.config.run_name / f"version_{self.resume_version}"
+            checkpoint_folder = checkpoint_folder / "checkpoints"
         self.run_summary = RunSummary()
+        self.resume_settings = RecordResumeSettings()
         callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        kwargs["callbacks"] = callbacks + [self.run_summary, ExactResume(), NonFiniteLossGuard(), StopOnSignal()]
+        kwargs["callbacks"] = callbacks + [
+            self.run_summary,
+            ExactResume(),
+            ResumeGate(run_logger, checkpoint_folder),  # after ExactResume: the loader's position is restored
+            NonFiniteLossGuard(),
+            StopOnSignal(),
+            self.resume_settings,
+        ]
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, ResumeSafeSaveConfig):
+                callback.defer = resuming
+        self.resume_settings.settings = resume_settings(self.config, trainer)
+        if self.stop_anywhere is not None:
+            self.stop_anywhere.trainer = trainer
+        return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         # last.ckpt after the best-checkpoint callback: at an epoch end it then holds that epoch's best score
@@ -402,6 +805,7 @@ class AACLI(LightningCLI):
         if self.resume_checkpoint is not None:  # before the logger or the config saver writes to the run folder
             checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
             check_checkpoint_fits(checkpoint, Path(cfg.ckpt_path), self.model)
+            check_resume_settings(checkpoint, Path(cfg.ckpt_path), self.resume_settings.settings)
             del checkpoint
         # weights_only: a checkpoint handed in by path loads without unpickling code (this project's checkpoints
         # hold tensors and plain containers only, the random states included)
@@ -427,20 +831,59 @@ class AACLI(LightningCLI):
         return results
 
 
+DEBUG_ENV = "AA_LIGHTNING_DEBUG"
+_PACKAGE_DIR = Path(aa_lightning.__file__).resolve().parent
+
+
+def project_value_error(err: BaseException) -> ValueError | None:
+    """The deepest ``ValueError`` raised by this project's code in ``err``'s chain of causes (LightningCLI /
+    jsonargparse wrap the error of a class they build in a ValueError of their own, ending in a dump of the whole
+    Namespace), or ``None`` when no ValueError of the chain was raised by ``aa_lightning`` (a bug elsewhere keeps
+    its traceback)."""
+    found = None
+    current: BaseException | None = err
+    while current is not None:
+        tb = current.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(current, ValueError) and tb is not None:
+            if Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR):
+                found = current
+        current = current.__cause__
+    return found
+
+
 def main(args: Any = None, start_time: float | None = None) -> dict[str, float] | None:
     """Parse the recipe and overrides (``args`` or ``sys.argv``), fit, test, print the summary.
 
     ``start_time``: ``time.perf_counter()`` at process start, so the summary's wall time counts imports.
+    A bad setting that one of this project's classes refuses while the CLI builds the model or the data is one
+    ``train.py: error:`` line (exit 2); ``AA_LIGHTNING_DEBUG=1`` raises it with its whole traceback instead.
     """
-    try:
-        cli = AACLI(args=args, start_time=start_time)
-        return cli.fit_and_test()
-    except RunInterrupted as err:  # SIGTERM / SIGINT: last.ckpt is saved; a scheduler sees the interruption
-        print(f"train.py: {err}", file=sys.stderr, flush=True)
-        sys.exit(err.exit_code)
-    except (CheckpointError, NonFiniteLossError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    with StopAnywhere() as stop:
+        try:
+            try:
+                cli = AACLI(args=args, start_time=start_time, stop_anywhere=stop)
+            except ValueError as err:
+                own = project_value_error(err)
+                if isinstance(err, CheckpointError) or own is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                    raise
+                print(
+                    f"train.py: error: {' '.join(str(own).split())} ({DEBUG_ENV}=1 shows the traceback)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.exit(2)
+            return cli.fit_and_test()
+        except RunInterrupted as err:  # SIGTERM / SIGINT: a scheduler sees the interruption
+            print(f"train.py: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
+        except SIGTERMException:  # Lightning's own stop on SIGTERM exits 0: it was a SIGTERM
+            print(f"train.py: {stop.interrupted(signal.SIGTERM)}", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGTERM)
+        except (CheckpointError, NonFiniteLossError) as err:
+            print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

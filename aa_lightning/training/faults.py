@@ -13,6 +13,9 @@
   run with :class:`RunInterrupted` (the CLI exits 143 / 130).
 - :class:`NonFiniteLossGuard`: a NaN / inf training loss stops the run with :class:`NonFiniteLossError`
   naming the step, the value and the last good checkpoint (before any checkpoint of that step).
+- :class:`StopAnywhere`: SIGTERM / SIGINT at any other moment of the process (start-up, the sanity check,
+  validation or test outside a training epoch, after fitting) stop it at once with :class:`RunInterrupted`
+  (exit 143 / 130), never a silent exit 0.
 """
 
 from __future__ import annotations
@@ -274,6 +277,60 @@ class StopOnSignal(pl.Callback):
             f"saved {saved}; resume with --ckpt_path last (same --run_name)",
             signum,
         )
+
+
+class StopAnywhere:
+    """Process-wide SIGTERM / SIGINT handlers for the moments :class:`StopOnSignal` does not cover: the signal
+    raises :class:`RunInterrupted` where the process is (nothing is saved by this stop; the message names the
+    trainer's stage and the run's last checkpoint). Lightning's own SIGTERM handler, installed when a trainer
+    call starts, keeps calling this one; its ``SIGTERMException`` (a ``SystemExit`` with status 0) is not left to
+    decide the exit status.
+
+    Use as a context manager around the whole job (main thread only); ``trainer`` is set once it is built.
+    """
+
+    def __init__(self) -> None:
+        self.trainer: pl.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopAnywhere:
+        import threading
+
+        self._pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            for signum in StopOnSignal.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def stage(self) -> str:
+        """Where the process is: the trainer's running stage (``sanity_check``, ``train``, ``validate``,
+        ``test``...), ``start-up`` before the trainer exists, ``between stages`` otherwise."""
+        if self.trainer is None:
+            return "start-up"
+        stage = self.trainer.state.stage
+        return stage.value if stage is not None else "between stages"
+
+    def interrupted(self, signum: int) -> RunInterrupted:
+        """The :class:`RunInterrupted` of ``signum`` at this moment."""
+        last = last_good_checkpoint(self.trainer) if self.trainer is not None else "none saved yet"
+        return RunInterrupted(
+            f"stopped by {signal.Signals(signum).name} ({self.stage()}); nothing was saved by this stop, the run's "
+            f"last checkpoint is {last}; resume with --ckpt_path last (same --run_name) once one exists",
+            signum,
+        )
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked loader worker: what it would do without this handler
+            signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise self.interrupted(signum)
 
 
 class NonFiniteLossGuard(pl.Callback):
