@@ -769,7 +769,9 @@ class AACLI(LightningCLI):
             checkpoint_folder = checkpoint_folder / "checkpoints"
         self.run_summary = RunSummary()
         self.resume_settings = RecordResumeSettings()
-        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        self.last_checkpoint = LastCheckpoint(every_n_train_steps=self.config.checkpoint_every_n_steps)
+        trainer_config = self.config_init.get("trainer") or {}
+        callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         kwargs["callbacks"] = callbacks + [
             self.run_summary,
@@ -778,8 +780,11 @@ class AACLI(LightningCLI):
             NonFiniteLossGuard(),
             StopOnSignal(),
             self.resume_settings,
+            # last: its step saves follow the non-finite-loss check; at an epoch end the best-checkpoint callback
+            # (saved at the validation's end) has already updated the state it holds
+            self.last_checkpoint,
         ]
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
@@ -791,11 +796,6 @@ class AACLI(LightningCLI):
         if self.stop_anywhere is not None:
             self.stop_anywhere.trainer = trainer
         return trainer
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
-        # last.ckpt after the best-checkpoint callback: at an epoch end it then holds that epoch's best score
-        self.last_checkpoint = LastCheckpoint(every_n_train_steps=self.config.checkpoint_every_n_steps)
-        return super()._instantiate_trainer(config, list(callbacks) + [self.last_checkpoint])
 
     # -- the job ---------------------------------------------------------------------------------------
     def fit_and_test(self) -> dict[str, float] | None:

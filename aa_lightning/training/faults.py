@@ -29,11 +29,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.callbacks import ModelCheckpoint
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from aa_lightning.atomic_files import atomic_open
+from aa_lightning.compat.lightning import restore_training_loader_state
 
 
 class RunInterrupted(Exception):
@@ -65,62 +67,75 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (remote ``fsspec`` paths keep Lightning's own writer)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(pl.Callback):
     """Writes ``last.ckpt`` every ``every_n_train_steps`` optimizer steps (0: only at epoch ends) and at
     the end of every training epoch (after its validation), whatever any monitored metric did.
 
     A step save that falls on an epoch's last batch is left to the epoch-end save, which follows
-    the epoch's validation (so the checkpoint also holds that epoch's best score).
+    the epoch's validation (so the checkpoint also holds that epoch's best score). Written with the
+    public ``trainer.save_checkpoint`` (so through the trainer's CheckpointIO, atomically, on every DDP
+    rank's call) into the best-checkpoint callback's folder (``<run>/checkpoints``), or ``dirpath``.
     """
+
+    FILE_NAME = "last.ckpt"
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0) -> None:
         if every_n_train_steps < 0:
             raise ValueError(
                 f"checkpoint_every_n_steps must be >= 0 (0: at epoch ends only), got {every_n_train_steps}"
             )
-        super().__init__(
-            dirpath=dirpath,
-            filename=self.CHECKPOINT_NAME_LAST,
-            monitor=None,
-            save_top_k=1,
-            save_last=False,
-            every_n_train_steps=every_n_train_steps or None,
-            every_n_epochs=None if every_n_train_steps else 1,
-            save_on_train_epoch_end=True,
-            enable_version_counter=False,
-        )
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_at_step: int | None = None
+        self.path = ""  # the file this callback writes (empty before the first save)
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(kind="last")  # independent of the step interval, which may change on resume
+        # the key checkpoints of earlier versions (a ModelCheckpoint subclass) stored this callback's state under
+        return "LastCheckpoint{'kind': 'last'}"
 
-    @property
-    def path(self) -> str:
-        """The file this callback writes (empty before the first save)."""
-        return self.best_model_path
+    def _folder(self, trainer: pl.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        best = trainer.checkpoint_callback
+        if best is not None and getattr(best, "dirpath", None):
+            return Path(best.dirpath)
+        logger = trainer.logger
+        if logger is not None and logger.log_dir is not None:
+            return Path(logger.log_dir) / "checkpoints"
+        return Path(trainer.default_root_dir) / "checkpoints"
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch-end save follows
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save_now(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save_now(trainer)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # saves at step intervals and at train epoch ends only
-
     def save_now(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` now (unless this step is saved already or the trainer is not fitting)."""
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting or trainer.sanity_checking or trainer.fast_dev_run or self._saved_at_step == trainer.global_step:
+            return
+        path = self._folder(trainer) / self.FILE_NAME
+        trainer.save_checkpoint(path)
+        self._saved_at_step = trainer.global_step
+        self.path = str(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the path follows the run folder of this run, not the one written in the checkpoint
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> LastCheckpoint | None:
@@ -131,6 +146,7 @@ def last_good_checkpoint(trainer: pl.Trainer) -> str:
     """The newest checkpoint written by this run (``last.ckpt`` or the best one), or a sentence saying there is none."""
     paths = [getattr(cb, "best_model_path", "") for cb in trainer.checkpoint_callbacks]
     paths += [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
+    paths += [cb.path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
     existing = [p for p in paths if p and os.path.isfile(p)]
     return max(existing, key=os.path.getmtime) if existing else "none saved yet"
 
@@ -146,16 +162,7 @@ class ExactResume(pl.Callback):
     """
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning.fabric.utilities.data import _set_sampler_epoch
-
-        fit_loop = trainer.fit_loop
-        if not getattr(fit_loop, "_combined_loader_states_to_load", None) or fit_loop._combined_loader is None:
-            return
-        for loader in fit_loop._combined_loader.flattened:  # the epoch first: the restored position is inside it
-            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
-        fit_loop._load_combined_loader_states()
-        if fit_loop._data_fetcher is not None:
-            iter(fit_loop._data_fetcher)  # a new iterator, from the restored state
+        restore_training_loader_state(trainer)  # Lightning #20550, in aa_lightning.compat.lightning
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
