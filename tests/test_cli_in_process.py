@@ -38,9 +38,11 @@ def test_an_in_process_run_reports_like_a_process_and_leaves_no_state_behind(tmp
     assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["data"]["init_args"]["batch_size"] == 3
     unknown = run_cli_in_process("--config", recipe, "--model.init_args.optimizer", "sgdd", cwd=tmp_path)
     assert unknown.returncode == 2 and "sgdd" in unknown.stderr and unknown.stdout == ""  # the parser's exit
-    uncaught = run_cli_in_process("--config", recipe, "--model.init_args.label_smoothing", "1.5", cwd=tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("aa_lightning.training.cli.AACLI", lambda *args, **kwargs: 1 / 0)
+        uncaught = run_cli_in_process("--config", recipe, cwd=tmp_path)
     assert uncaught.returncode == 1  # as the interpreter exits on an uncaught exception, with its traceback
-    assert "Traceback" in uncaught.stderr and "model.label_smoothing must be in [0, 1)" in uncaught.stderr
+    assert "Traceback" in uncaught.stderr and "ZeroDivisionError: division by zero" in uncaught.stderr
 
     assert (torch.get_num_threads(), os.getcwd(), list(sys.argv), dict(os.environ)) == before
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
