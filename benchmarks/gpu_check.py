@@ -7,7 +7,7 @@
 
 Each step writes ``<step>.json`` and ``<step>.md``. ``--device cpu --smoke`` runs the same code on
 tiny shapes on a CPU (the triton backend through ``TRITON_INTERPRET=1``), so the script is checked
-where no GPU is: ``tests/test_gpu_check.py``.
+where no GPU is: ``tests/benchmarks/test_gpu_check.py``.
 
 - correctness: outputs and the five gradients of ``reference`` / ``chunked`` / ``fused`` /
   ``triton`` against ``reference`` in float64 (float32 and bfloat16 inputs), zoo-like shapes.

@@ -4,7 +4,7 @@
 builds sm_90 (``("cuda", 80, 32)``: sm_80) cubin with the ptxas that ships in the triton wheel,
 which rejects what the hardware rejects; ``ptxas -v`` on the kernel's PTX reports registers and
 spill bytes, the compiled kernel's metadata its shared memory. Used by
-``tests/test_triton_compile.py`` and ``benchmarks/triton_compile_report.py``.
+``tests/kernels/test_triton_compile.py`` and ``benchmarks/triton_compile_report.py``.
 """
 
 from __future__ import annotations

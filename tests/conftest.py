@@ -1,5 +1,6 @@
-"""Fixtures shared by several test modules. Helper modules beside the tests (cli_helpers, attention_loop_reference,
-...) are imported by name: pytest puts this folder on sys.path (rootdir conftest, no __init__.py)."""
+"""Fixtures shared by several test modules. The test folders mirror the package (tests/layers/, tests/models/, ...);
+shared helpers live in the ``helpers`` package (tests/helpers/: cli_helpers, attention_loop_reference, ...), imported
+as ``helpers.<module>``: pytest puts this folder on sys.path (rootdir conftest, no __init__.py)."""
 
 from pathlib import Path
 

@@ -3,7 +3,7 @@ copy of the repository and run the tests there; print a Markdown table of which 
 
     python tools/mutation_check.py                       # every breakage, the default suite each time
     python tools/mutation_check.py --quick               # each breakage against its own test files only
-    python tools/mutation_check.py --tests tests/test_cli.py tests/test_product_training.py
+    python tools/mutation_check.py --tests tests/training/test_cli.py tests/training/test_product_training.py
     python tools/mutation_check.py --only loss-times-zero val-split-overlaps --quick
     python tools/mutation_check.py --list
 
@@ -81,7 +81,7 @@ STREAMING_LOADER = "aa_lightning/data/streaming_loader.py"
 PREPARE = "aa_lightning/data/prepare.py"
 AUGMENT = "aa_lightning/models/augmentation.py"
 SETTINGS = "aa_lightning/models/attention_settings.py"
-MODEL_TESTS = ("tests/test_models_settings.py", "tests/test_models_augment.py")
+MODEL_TESTS = ("tests/models/test_models_settings.py", "tests/models/test_models_augment.py")
 CLI = "aa_lightning/training/cli.py"
 
 BREAKAGES: list[Breakage] = [
@@ -91,7 +91,7 @@ BREAKAGES: list[Breakage] = [
         CLASSIFICATION,
         "        return loss\n\n    def _evaluate",
         "        return loss * 0\n\n    def _evaluate",
-        ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"],
+        ["tests/training/test_product_training.py", "tests/training/test_cli.py", "tests/tasks/test_classification.py"],
     ),
     breakage(
         "detection-loss-times-zero",
@@ -99,7 +99,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/tasks/detection.py",
         "        return loss\n\n    def _evaluate",
         "        return loss * 0\n\n    def _evaluate",
-        ["tests/test_detection_cli.py", "tests/test_detection_model.py"],
+        ["tests/training/test_detection_cli.py", "tests/tasks/test_detection_model.py"],
     ),
     breakage(
         "relative-terms-dropped",
@@ -107,7 +107,11 @@ BREAKAGES: list[Breakage] = [
         ATTENTION,
         'if rel_h is None and backend != "reference":',
         'if backend in ("chunked", "cpu_kernel") or (rel_h is None and backend != "reference"):',
-        ["tests/test_relative_attention.py", "tests/test_augmented_conv.py", "tests/test_cpu_kernel.py"],
+        [
+            "tests/attention/test_relative_attention.py",
+            "tests/layers/test_augmented_conv.py",
+            "tests/kernels/test_cpu_kernel.py",
+        ],
     ),
     breakage(
         "rel-h-rel-w-swapped",
@@ -115,7 +119,7 @@ BREAKAGES: list[Breakage] = [
         AACONV,
         "relative_attention_2d(q, k, v, rel_h, rel_w, backend=self.backend)",
         "relative_attention_2d(q, k, v, rel_w, rel_h, backend=self.backend)",
-        ["tests/test_augmented_conv.py", "tests/test_relative_attention.py"],
+        ["tests/layers/test_augmented_conv.py", "tests/attention/test_relative_attention.py"],
     ),
     Breakage(
         "h-w-swapped-in-relative-index",
@@ -132,7 +136,7 @@ BREAKAGES: list[Breakage] = [
                 "r_h = rel_h.to(q.dtype)[relative_offsets_index(w, q.device)]",
             ),
         ),
-        ("tests/test_relative_attention.py", "tests/test_augmented_conv.py"),
+        ("tests/attention/test_relative_attention.py", "tests/layers/test_augmented_conv.py"),
     ),
     breakage(
         "attention-not-concatenated",
@@ -140,7 +144,7 @@ BREAKAGES: list[Breakage] = [
         AACONV,
         "return torch.cat([conv_out, attn], dim=1)",
         "return torch.cat([conv_out, attn * 0], dim=1)",
-        ["tests/test_augmented_conv.py", "tests/test_models.py"],
+        ["tests/layers/test_augmented_conv.py", "tests/models/test_models.py"],
     ),
     breakage(
         "optimizer-step-skipped",
@@ -149,7 +153,7 @@ BREAKAGES: list[Breakage] = [
         "    def configure_optimizers(self) -> dict[str, Any]:\n",
         "    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):\n"
         "        optimizer_closure()\n\n    def configure_optimizers(self) -> dict[str, Any]:\n",
-        ["tests/test_product_training.py", "tests/test_cli.py", "tests/test_classification.py"],
+        ["tests/training/test_product_training.py", "tests/training/test_cli.py", "tests/tasks/test_classification.py"],
     ),
     breakage(
         "lr-scaling-ignored",
@@ -157,7 +161,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/tasks/optim.py",
         "    return base_lr * global_batch / reference_batch_size, global_batch",
         "    return base_lr, global_batch",
-        ["tests/test_classification.py", "tests/test_cli.py"],
+        ["tests/tasks/test_classification.py", "tests/training/test_cli.py"],
     ),
     breakage(
         "warmup-ignored",
@@ -165,7 +169,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/tasks/optim.py",
         "    if after == 0:\n        return main",
         "    if True:\n        return main",
-        ["tests/test_classification.py"],
+        ["tests/tasks/test_classification.py"],
     ),
     breakage(
         "label-smoothing-ignored",
@@ -173,7 +177,7 @@ BREAKAGES: list[Breakage] = [
         CLASSIFICATION,
         "nn.CrossEntropyLoss(label_smoothing=label_smoothing)",
         "nn.CrossEntropyLoss()",
-        ["tests/test_product_classification.py", "tests/test_classification.py"],
+        ["tests/tasks/test_product_classification.py", "tests/tasks/test_classification.py"],
     ),
     breakage(
         "weight-decay-on-norms",
@@ -181,7 +185,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/tasks/optim.py",
         "    return param_groups_weight_decay(model, weight_decay)[::-1]",
         '    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]',
-        ["tests/test_classification.py"],
+        ["tests/tasks/test_classification.py"],
     ),
     Breakage(
         "ddp-metric-sync-off",
@@ -199,7 +203,7 @@ BREAKAGES: list[Breakage] = [
                 "sync_on_compute=False),",
             ),
         ),
-        ("tests/test_cli.py",),
+        ("tests/training/test_cli.py",),
     ),
     breakage(
         "ddp-eval-padded",
@@ -207,7 +211,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/loaders.py",
         "sampler = UnrepeatedDistributedSampler(dataset,",
         "sampler = torch.utils.data.DistributedSampler(dataset,",
-        ["tests/test_cli.py"],
+        ["tests/training/test_cli.py"],
     ),
     breakage(
         "val-split-overlaps-train",
@@ -215,7 +219,7 @@ BREAKAGES: list[Breakage] = [
         CIFAR,
         "train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])",
         "train_idx, val_idx = np.sort(order[n_val // 2:]), np.sort(order[:n_val])",
-        ["tests/test_product_data.py", "tests/test_data_cifar.py"],
+        ["tests/data/test_product_data.py", "tests/data/test_data_cifar.py"],
     ),
     breakage(
         "val-augmented",
@@ -223,7 +227,7 @@ BREAKAGES: list[Breakage] = [
         CIFAR,
         "self.val_set = ArrayImageDataset(images[val_idx], labels[val_idx], eval_transform)",
         "self.val_set = ArrayImageDataset(images[val_idx], labels[val_idx], train_transform)",
-        ["tests/test_product_data.py", "tests/test_data_cifar.py"],
+        ["tests/data/test_product_data.py", "tests/data/test_data_cifar.py"],
     ),
     breakage(
         "checkpoint-monitor-min",
@@ -231,7 +235,7 @@ BREAKAGES: list[Breakage] = [
         CLASSIFICATION,
         'checkpoint_monitor: tuple[str, str] = ("val/top1", "max")',
         'checkpoint_monitor: tuple[str, str] = ("val/top1", "min")',
-        ["tests/test_cli.py"],
+        ["tests/training/test_cli.py"],
     ),
     breakage(
         "export-without-checkpoint-weights",
@@ -239,7 +243,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/predict.py",
         "        load_checkpoint(model, source)  # the model zoo's checks: same model, same shapes",
         "        pass  # the checkpoint is not loaded",
-        ["tests/test_export.py", "tests/test_predict.py", "tests/test_predict_cli.py"],
+        ["tests/commands/test_export.py", "tests/commands/test_predict.py", "tests/commands/test_predict_cli.py"],
     ),
     breakage(
         "predict-ignores-checkpoint-mean-std",
@@ -248,7 +252,7 @@ BREAKAGES: list[Breakage] = [
         "    return create_transform(**classifier.preprocessing, is_training=False)(Image.fromarray(image))",
         "    config = {**classifier.preprocessing, 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}\n"
         "    return create_transform(**config, is_training=False)(Image.fromarray(image))",
-        ["tests/test_checkpoint_metadata.py", "tests/test_predict.py"],
+        ["tests/commands/test_checkpoint_metadata.py", "tests/commands/test_predict.py"],
     ),
     breakage(
         "checkpoint-without-preprocessing",
@@ -256,7 +260,7 @@ BREAKAGES: list[Breakage] = [
         CLASSIFICATION,
         "            checkpoint[DATA_CONFIG_KEY] = dict(self.data_config)",
         "            pass",
-        ["tests/test_checkpoint_metadata.py", "tests/test_predict_cli.py"],
+        ["tests/commands/test_checkpoint_metadata.py", "tests/commands/test_predict_cli.py"],
     ),
     breakage(
         "checkpoint-without-class-names",
@@ -264,7 +268,11 @@ BREAKAGES: list[Breakage] = [
         CLASSIFICATION,
         "            checkpoint[CLASS_NAMES_KEY] = list(self.class_names)",
         "            pass",
-        ["tests/test_checkpoint_metadata.py", "tests/test_predict.py", "tests/test_predict_cli.py"],
+        [
+            "tests/commands/test_checkpoint_metadata.py",
+            "tests/commands/test_predict.py",
+            "tests/commands/test_predict_cli.py",
+        ],
     ),
     breakage(
         "export-without-preprocessing",
@@ -272,7 +280,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/export.py",
         "        data_config=dict(classifier.preprocessing),",
         "        data_config=None,",
-        ["tests/test_checkpoint_metadata.py", "tests/test_export.py"],
+        ["tests/commands/test_checkpoint_metadata.py", "tests/commands/test_export.py"],
     ),
     breakage(
         "imagenet-preprocessing-without-resize",
@@ -280,7 +288,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/imagenet.py",
         "        return eval_data_config(self.hparams.eval_size, self.hparams.resize_size, self.mean, self.std)",
         "        return eval_data_config(self.hparams.eval_size, self.hparams.eval_size, self.mean, self.std)",
-        ["tests/test_checkpoint_metadata.py"],
+        ["tests/commands/test_checkpoint_metadata.py"],
     ),
     breakage(
         "crop-pct-one-ulp-short",
@@ -288,7 +296,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/transforms.py",
         "    while math.floor(image_size / crop_pct) < resize_size:",
         "    while False:",
-        ["tests/test_checkpoint_metadata.py"],
+        ["tests/commands/test_checkpoint_metadata.py"],
     ),
     breakage(
         "export-files-keep-library-mode",
@@ -296,7 +304,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/export.py",
         "            os.chmod(staging / name, new_file_mode())",
         "            pass",
-        ["tests/test_checkpoint_metadata.py"],
+        ["tests/commands/test_checkpoint_metadata.py"],
     ),
     breakage(
         "validation-uses-test-set",
@@ -304,7 +312,7 @@ BREAKAGES: list[Breakage] = [
         CIFAR,
         '        if stage in (None, "test") or (self.hparams.val_split == 0 and stage in ("fit", "validate")):',
         "        if True:",
-        ["tests/test_product_data.py", "tests/test_data_cifar.py"],
+        ["tests/data/test_product_data.py", "tests/data/test_data_cifar.py"],
         more=[
             Edit(
                 CIFAR,
@@ -323,7 +331,7 @@ BREAKAGES: list[Breakage] = [
                 "    out = q.new_empty(*q.shape[:4], q.shape[4], dtype=torch.float32)",
             ),
         ),
-        ("tests/test_product_compile.py",),
+        ("tests/models/test_product_compile.py",),
         pytest_args=("-m", "slow"),
     ),
     breakage(
@@ -332,7 +340,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/kernels/cpu/factorized_attention_tiled.c",
         "        const float* wT = tab->wT + (W - 1 - i % W);",
         "        const float* wT = tab->wT + (W - i % W);",
-        ["tests/test_cpu_kernel.py"],
+        ["tests/kernels/test_cpu_kernel.py"],
     ),
     breakage(
         "low-precision-q-scaled-in-its-dtype",
@@ -340,7 +348,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/kernels/cpu/ops.py",
         "        scaled.view(q.shape).copy_(q)\n        scaled.mul_(scale)",
         "        torch.mul(q, scale, out=scaled.view(q.shape))",
-        ["tests/test_cpu_kernel.py"],
+        ["tests/kernels/test_cpu_kernel.py"],
     ),
     breakage(
         "last-ckpt-not-rewritten",
@@ -350,7 +358,7 @@ BREAKAGES: list[Breakage] = [
         "        self.save_now(trainer)",
         "    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:\n"
         "        if not self.best_model_path:\n            self.save_now(trainer)",
-        ["tests/test_resume.py", "tests/test_cli.py"],
+        ["tests/training/test_resume.py", "tests/training/test_cli.py"],
     ),
     breakage(
         "generator-overwrites-foreign-folder",
@@ -358,7 +366,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/synthetic/generated.py",
         "        if found is None or not is_own_stamp(found):\n            raise ValueError(",
         "        if False:\n            raise ValueError(",
-        ["tests/test_data_generators.py"],
+        ["tests/data/test_data_generators.py"],
         more=[
             Edit(
                 "aa_lightning/data/synthetic/generated.py",
@@ -373,7 +381,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/synthetic/generated.py",
         "        dirnames[:] = [name for name in dirnames if (base / name).as_posix() in own]  # not into foreign ones",
         "        dirnames[:] = []",
-        ["tests/test_data_generated_files.py"],
+        ["tests/data/test_data_generated_files.py"],
     ),
     breakage(
         "cifar-pixels-cast-unchecked",
@@ -381,7 +389,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/cifar_format.py",
         "    if array.dtype == np.uint8:\n        return array\n",
         "    if True:\n        return array.astype(np.uint8)\n",
-        ["tests/test_data_cifar_arrays.py"],
+        ["tests/data/test_data_cifar_arrays.py"],
     ),
     breakage(
         "cifar-labels-truncated",
@@ -389,7 +397,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/cifar_format.py",
         "        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):",
         "        if False:",
-        ["tests/test_data_cifar_arrays.py"],
+        ["tests/data/test_data_cifar_arrays.py"],
         more=[Edit(CIFAR_FORMAT, '        if value.dtype.kind not in "iu":', "        if False:")],
     ),
     breakage(
@@ -398,7 +406,7 @@ BREAKAGES: list[Breakage] = [
         COCO,
         '    _check_unique_image_ids(path, data["images"])\n',
         "",
-        ["tests/test_detection_annotations.py"],
+        ["tests/data/test_detection_annotations.py"],
     ),
     breakage(
         "coco-booleans-as-coordinates",
@@ -406,7 +414,7 @@ BREAKAGES: list[Breakage] = [
         COCO,
         "return isinstance(value, (int, float)) and not isinstance(value, bool)",
         "return isinstance(value, (int, float))",
-        ["tests/test_detection_annotations.py"],
+        ["tests/data/test_detection_annotations.py"],
     ),
     breakage(
         "coco-unpredicted-category-mid-epoch",
@@ -414,7 +422,7 @@ BREAKAGES: list[Breakage] = [
         COCO,
         'if ann["category_id"] not in self.categories.category_ids:',
         "if False:",
-        ["tests/test_detection_annotations.py"],
+        ["tests/data/test_detection_annotations.py"],
     ),
     breakage(
         "coco-split-categories-unchecked",
@@ -422,7 +430,7 @@ BREAKAGES: list[Breakage] = [
         COCO,
         "if dataset.file_categories.category_ids != self.categories.category_ids:",
         "if dataset.categories.category_ids != self.categories.category_ids:",
-        ["tests/test_detection_annotations.py"],
+        ["tests/data/test_detection_annotations.py"],
     ),
     breakage(
         "folder-scan-follows-links-into-the-tree",
@@ -430,7 +438,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/class_folders.py",
         "        if is_link and (_inside(real, top_real) or _inside(top_real, real)):",
         "        if False:",
-        ["tests/test_data_image_folders.py"],
+        ["tests/data/test_data_image_folders.py"],
     ),
     breakage(
         "folder-scan-reads-a-folder-twice",
@@ -438,7 +446,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/class_folders.py",
         "        if real in read:",
         "        if False:",
-        ["tests/test_data_image_folders.py"],
+        ["tests/data/test_data_image_folders.py"],
     ),
     breakage(
         "empty-class-folder-unnamed",
@@ -446,7 +454,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/class_folders.py",
         "        if len(samples) == before:",
         "        if False:",
-        ["tests/test_data_image_folders.py"],
+        ["tests/data/test_data_image_folders.py"],
     ),
     breakage(
         "folder-reader-without-the-scan",
@@ -454,7 +462,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/imagenet.py",
         "            self.train_set = ClassFolderImages(",
         "            self.train_set = ImageFolder(",
-        ["tests/test_data_image_folders.py"],
+        ["tests/data/test_data_image_folders.py"],
     ),
     breakage(
         "streamed-resume-stays-in-restored-epoch",
@@ -462,7 +470,7 @@ BREAKAGES: list[Breakage] = [
         STREAMING_LOADER,
         "                self.restore = False\n",
         "                pass\n",
-        ["tests/test_streaming_resume.py"],
+        ["tests/data/test_streaming_resume.py"],
     ),
     breakage(
         "streamed-resume-ignores-the-trainers-epoch",
@@ -470,7 +478,7 @@ BREAKAGES: list[Breakage] = [
         STREAMING_LOADER,
         "            if delivered or moved_on:",
         "            if delivered:",
-        ["tests/test_streaming_resume.py"],
+        ["tests/data/test_streaming_resume.py"],
     ),
     breakage(
         "streamed-augmentation-not-seeded-per-sample",
@@ -478,7 +486,7 @@ BREAKAGES: list[Breakage] = [
         STREAMING_LOADER,
         "        if isinstance(index, ChunkedIndex):\n",
         "        if False:\n",
-        ["tests/test_streaming_resume.py"],
+        ["tests/data/test_streaming_resume.py"],
     ),
     breakage(
         "converter-writes-class-by-class",
@@ -486,7 +494,7 @@ BREAKAGES: list[Breakage] = [
         PREPARE,
         "        samples[split] = [samples[split][i] for i in order]\n",
         "        samples[split] = list(samples[split])\n",
-        ["tests/test_streaming_shuffle.py"],
+        ["tests/data/test_streaming_shuffle.py"],
     ),
     breakage(
         "converter-takes-a-uri-out-for-a-folder",
@@ -494,7 +502,7 @@ BREAKAGES: list[Breakage] = [
         PREPARE,
         'if "://" in str(out):  # before Path()',
         'if "://" in str(Path(out)):  # before Path()',
-        ["tests/test_streaming_converter_inputs.py"],
+        ["tests/data/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "converter-empty-class-folder-traceback",
@@ -502,7 +510,7 @@ BREAKAGES: list[Breakage] = [
         PREPARE,
         "        raise ConversionError(str(err)) from None",
         "        raise",
-        ["tests/test_streaming_converter_inputs.py"],
+        ["tests/data/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "converter-rerun-ignores-another-source",
@@ -510,7 +518,7 @@ BREAKAGES: list[Breakage] = [
         PREPARE,
         "    if not overwrite and source != str(src_r):",
         "    if False:",
-        ["tests/test_streaming_converter_inputs.py"],
+        ["tests/data/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "shards-published-0700",
@@ -518,7 +526,7 @@ BREAKAGES: list[Breakage] = [
         PREPARE,
         "        _publishable(tmp)\n",
         "        pass\n",
-        ["tests/test_streaming_converter_inputs.py"],
+        ["tests/data/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "converter-workers-outlive-a-kill",
@@ -526,7 +534,7 @@ BREAKAGES: list[Breakage] = [
         PREPARE,
         "    if not _STOP_WITH_PARENT:\n        return",
         "    if True:\n        return",
-        ["tests/test_streaming_converter_inputs.py"],
+        ["tests/data/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "object-store-error-not-explained",
@@ -534,7 +542,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/data/streaming.py",
         "                    raise object_store_error(remote, err) from err",
         "                    raise",
-        ["tests/test_streaming_converter_inputs.py"],
+        ["tests/data/test_streaming_converter_inputs.py"],
     ),
     breakage(
         "checkpoint-not-atomic",
@@ -542,7 +550,7 @@ BREAKAGES: list[Breakage] = [
         FAULTS,
         "        atomic_torch_save(checkpoint, path)",
         "        super().save_checkpoint(checkpoint, path, storage_options)",
-        ["tests/test_faults.py"],
+        ["tests/training/test_faults.py"],
     ),
     breakage(
         "resume-random-state-not-restored",
@@ -550,15 +558,15 @@ BREAKAGES: list[Breakage] = [
         FAULTS,
         "        if self._pending is None:\n            return",
         "        if True:\n            return",
-        ["tests/test_resume.py"],
+        ["tests/training/test_resume.py"],
     ),
     breakage(
         "resume-loader-position-lost",
         "a resumed run restarts the training loader at the epoch's start (replays its first batches)",
         FAULTS,
-        "        fit_loop._load_combined_loader_states()",
-        "        pass",
-        ["tests/test_resume.py"],
+        "        restore_training_loader_state(trainer)  # Lightning #20550",
+        "        pass  # Lightning #20550",
+        ["tests/training/test_resume.py"],
     ),
     breakage(
         "sigterm-exits-zero",
@@ -566,7 +574,7 @@ BREAKAGES: list[Breakage] = [
         FAULTS,
         "        self.exit_code = 128 + int(signum)",
         "        self.exit_code = 0",
-        ["tests/test_resume.py"],
+        ["tests/training/test_resume.py"],
     ),
     breakage(
         "kwargs-override-replaces-recipe",
@@ -574,7 +582,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/training/cli.py",
         "            merged[kwargs_key] = {**before, **given}",
         "            merged[kwargs_key] = given",
-        ["tests/test_cli_config_roundtrip.py", "tests/test_faults.py"],
+        ["tests/training/test_cli_config_roundtrip.py", "tests/training/test_faults.py"],
     ),
     breakage(
         "kwargs-kept-for-another-model",
@@ -582,7 +590,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/training/cli.py",
         "        if name is not None and previous_name is not None and name != previous_name:",
         "        if False:",
-        ["tests/test_cli_config_roundtrip.py", "tests/test_cli_recipes.py"],
+        ["tests/training/test_cli_config_roundtrip.py", "tests/training/test_cli_recipes.py"],
     ),
     breakage(
         "augment-skips-a-stage",
@@ -622,7 +630,7 @@ BREAKAGES: list[Breakage] = [
         AUGMENT,
         "        init(layer)\n",
         "",
-        ("tests/test_models_augment.py",),
+        ("tests/models/test_models_augment.py",),
     ),
     breakage(
         "grouped-dv-splits-groups",
@@ -630,7 +638,7 @@ BREAKAGES: list[Breakage] = [
         SETTINGS,
         "            unit = math.lcm(self.heads, groups)",
         "            unit = self.heads",
-        ("tests/test_models_augment.py",),
+        ("tests/models/test_models_augment.py",),
     ),
     breakage(
         "bool-taken-as-integer",
@@ -646,24 +654,24 @@ BREAKAGES: list[Breakage] = [
         SETTINGS,
         "    return isinstance(value, (int, float)) and not isinstance(value, bool)",
         "    return isinstance(value, (int, float))",
-        ("tests/test_models_settings.py",),
+        ("tests/models/test_models_settings.py",),
     ),
     # the test harness itself: the CLI tests run train.py in-process and read its warnings from the run's stderr
     breakage(
         "in-process-cli-loses-warnings",
         "run_cli in-process: the run's warnings go to pytest's record, not its stderr (warning checks pass vacuously)",
-        "tests/cli_helpers.py",
+        "tests/helpers/cli_helpers.py",
         "            warnings.showwarning = show\n",
         "",
-        ["tests/test_cli_in_process.py"],
+        ["tests/training/test_cli_in_process.py"],
     ),
     breakage(
         "in-process-cli-runs-ddp",
         "run_cli starts a DDP recipe in the test process (Lightning relaunches pytest's command line)",
-        "tests/cli_helpers.py",
+        "tests/helpers/cli_helpers.py",
         "        return True\n\n    def more_than_one",
         "        return False\n\n    def more_than_one",
-        ["tests/test_cli_in_process.py"],
+        ["tests/training/test_cli_in_process.py"],
     ),
     breakage(
         "version-claim-not-exclusive",
@@ -671,7 +679,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         '            os.mkdir(root / f"version_{version}")\n            return version',
         "            return version",
-        ["tests/test_concurrent_runs.py"],
+        ["tests/training/test_concurrent_runs.py"],
     ),
     breakage(
         "resume-settings-not-checked",
@@ -679,7 +687,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         "            check_resume_settings(checkpoint, Path(cfg.ckpt_path), self.resume_settings.settings)\n",
         "",
-        ["tests/test_resume_changes.py"],
+        ["tests/training/test_resume_changes.py"],
     ),
     breakage(
         "resume-writes-before-it-succeeded",
@@ -687,7 +695,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         "                save_dir=self.config.runs_dir, name=self.config.run_name, version=version, hold=resuming",
         "                save_dir=self.config.runs_dir, name=self.config.run_name, version=version, hold=False",
-        ["tests/test_resume_changes.py"],
+        ["tests/training/test_resume_changes.py"],
         more=[Edit(CLI, "                callback.defer = resuming", "                callback.defer = False")],
     ),
     breakage(
@@ -696,7 +704,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         "            if _KILLED_SAVE.match(path.name) and path.is_file() and not path.is_symlink():",
         "            if False:",
-        ["tests/test_resume_changes.py"],
+        ["tests/training/test_resume_changes.py"],
     ),
     breakage(
         "killed-save-cleanup-too-broad",
@@ -704,7 +712,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         "            if _KILLED_SAVE.match(path.name) and path.is_file() and not path.is_symlink():",
         '            if path.name.endswith(".tmp") and path.is_file():',
-        ["tests/test_resume_changes.py"],
+        ["tests/training/test_resume_changes.py"],
     ),
     breakage(
         "checkpoint-checksum-not-checked",
@@ -712,7 +720,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/models/weights.py",
         "            return archive.testzip()",
         "            return None",
-        ["tests/test_checkpoint_integrity.py"],
+        ["tests/training/test_checkpoint_integrity.py"],
     ),
     breakage(
         "non-finite-checkpoint-accepted",
@@ -720,7 +728,7 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/models/weights.py",
         "                if bad:\n                    found.append(",
         "                if False:\n                    found.append(",
-        ["tests/test_checkpoint_integrity.py"],
+        ["tests/training/test_checkpoint_integrity.py"],
     ),
     breakage(
         "signal-outside-training-ignored",
@@ -729,7 +737,7 @@ BREAKAGES: list[Breakage] = [
         FAULTS,
         "                self._previous[signum] = signal.signal(signum, self._handler)\n        return self",
         "                pass\n        return self",
-        ["tests/test_signals_anywhere.py"],
+        ["tests/training/test_signals_anywhere.py"],
     ),
     breakage(
         "project-value-error-traceback",
@@ -737,7 +745,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         '                if isinstance(err, CheckpointError) or own is None or os.environ.get(DEBUG_ENV, "") not in',
         '                if True or os.environ.get(DEBUG_ENV, "") not in',
-        ["tests/test_cli_errors.py"],
+        ["tests/training/test_cli_errors.py"],
     ),
     breakage(
         "duplicate-yaml-key-accepted",
@@ -745,7 +753,7 @@ BREAKAGES: list[Breakage] = [
         CLI,
         "            if duplicate is not None:\n                key, line = duplicate",
         "            if False:\n                key, line = duplicate",
-        ["tests/test_cli_errors.py"],
+        ["tests/training/test_cli_errors.py"],
     ),
 ]
 

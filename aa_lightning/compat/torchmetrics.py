@@ -7,7 +7,7 @@ longer pair up (gloo: "Received data size doesn't match expected size"; NCCL: a 
 ``dist_sync_fn`` is still called once per element, so there is no public hook: the private
 ``Metric._sync_dist`` and ``Metric._reductions`` are used here (upstream: Lightning-AI/torchmetrics#2170,
 "Imbalanced metric states with drop_last=False", and #3336; the slow DDP test with uneven shards in
-tests/test_detection_cli.py fails if their roles change).
+tests/training/test_detection_cli.py fails if their roles change).
 """
 
 from __future__ import annotations
