@@ -104,6 +104,44 @@ def zip_checksum_failure(path: str | Path) -> str | None:
         return f"the archive itself ({type(err).__name__}: {err})"
 
 
+class TorchFileError(ValueError):
+    """A torch checkpoint file that cannot be used: ``kind`` is ``"empty"``, ``"unpickling"`` (it holds objects
+    ``weights_only`` refuses, or is not a torch file), ``"unreadable"`` (truncated, not a checkpoint) or
+    ``"checksum"``; ``detail`` says what was found. Callers word the message for their command."""
+
+    def __init__(self, path: Path, kind: str, detail: str) -> None:
+        super().__init__(f"{path}: {kind}: {detail}")
+        self.path, self.kind, self.detail = path, kind, detail
+
+
+def load_torch_file(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` (no code unpickled; memory-mapped when ``mmap``
+    and the file is a zip), then the zip records' CRC-32 verified (:func:`zip_checksum_failure`): the one reader of
+    torch checkpoint files (resume, predict, export, the detection backbone). Raises ``FileNotFoundError`` or a
+    :class:`TorchFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise TorchFileError(path, "empty", "0 bytes")
+    try:
+        try:
+            contents = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            contents = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
+    except pickle.UnpicklingError as err:
+        detail = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        raise TorchFileError(path, "unpickling", detail) from None
+    except Exception as err:  # EOFError, zip errors ... of a truncated or foreign file
+        raise TorchFileError(path, "unreadable", " ".join(f"{type(err).__name__}: {err}".split())[:200]) from None
+    corrupt = zip_checksum_failure(path)
+    if corrupt is not None:
+        raise TorchFileError(path, "checksum", corrupt)
+    return contents
+
+
 def non_finite_tensors(tree: Any, name: str) -> list[str]:
     """``"name[...] (k of n values are NaN / inf)"`` for every floating tensor in the nested dicts / lists ``tree``
     (``name``: how to call its root) that holds a NaN or an infinity."""
@@ -150,6 +188,23 @@ def _find_model_name(hparams: Any) -> str | None:
     return None
 
 
+def _read_failure(err: TorchFileError) -> str:
+    """The one-line message of :func:`read_checkpoint` for a file :func:`load_torch_file` refused."""
+    path = err.path
+    if err.kind == "unpickling":
+        return (
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint, or one holding Python objects that "
+            f"torch.load(weights_only=True) refuses to unpickle (re-save its state_dict or use safetensors): "
+            f"{err.detail}"
+        )
+    if err.kind == "checksum":
+        return (
+            f"cannot read checkpoint {path}: it fails its checksum (the CRC-32 of record {err.detail!r} does not "
+            "match its bytes): the file was damaged after it was written; use another copy or checkpoint"
+        )
+    return f"cannot read checkpoint {path}: {err.detail}"
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a Lightning ``.ckpt`` (weights under ``state_dict``, keys prefixed ``model.``), a timm /
     torch ``.pth`` (a state dict, or one under ``state_dict`` / ``model`` / ``state_dict_ema``) or a
@@ -167,28 +222,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         state = load_file(str(path))
     else:
         try:
-            contents = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            detail = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-            raise ValueError(
-                f"cannot read checkpoint {path}: not a PyTorch checkpoint, or one holding Python objects that "
-                f"torch.load(weights_only=True) refuses to unpickle (re-save its state_dict or use safetensors): "
-                f"{detail}"
-            ) from None
-        except Exception as err:  # not a torch file, truncated, ...
-            raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+            contents = load_torch_file(path)
+        except TorchFileError as err:
+            raise ValueError(_read_failure(err)) from None
         if not isinstance(contents, dict):
             raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint; got {type(contents).__name__}")
         state = next((contents[k] for k in STATE_DICT_KEYS if isinstance(contents.get(k), dict)), contents)
     state = strip_lightning_prefix(state)
     if not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds no state dict (a dict of tensors)")
-    corrupt = zip_checksum_failure(path) if path.suffix != ".safetensors" else None
-    if corrupt is not None:
-        raise ValueError(
-            f"cannot read checkpoint {path}: it fails its checksum (the CRC-32 of record {corrupt!r} does not match "
-            "its bytes): the file was damaged after it was written; use another copy or checkpoint"
-        )
     non_finite = non_finite_tensors(dict(state), "weights")
     if non_finite:
         raise ValueError(

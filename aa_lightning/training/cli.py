@@ -63,10 +63,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.callbacks import RunSummary, TrainingImageGrid
 from aa_lightning.models.weights import (
+    TorchFileError,
     describe_differences,
+    load_torch_file,
     non_finite_tensors,
     state_dict_differences,
-    zip_checksum_failure,
 )
 from aa_lightning.training.faults import (
     AtomicCheckpointIO,
@@ -111,31 +112,27 @@ class CheckpointError(ValueError):
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """``torch.load`` of a Lightning checkpoint (memory-mapped, on the CPU), or a :class:`CheckpointError`
     naming the file and what is wrong with it (empty, truncated, not a checkpoint)."""
-    if not path.is_file():
-        raise CheckpointError(f"--ckpt_path: no checkpoint file at {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"--ckpt_path: {path} is empty (0 bytes): not a checkpoint (a write that was killed?)")
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no code unpickled
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
-    except Exception as err:  # EOFError, UnpicklingError, zip errors ... of a truncated or foreign file
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        checkpoint = load_torch_file(path, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"--ckpt_path: no checkpoint file at {path}") from None
+    except TorchFileError as err:
+        size = path.stat().st_size
+        if err.kind == "empty":
+            raise CheckpointError(
+                f"--ckpt_path: {path} is empty (0 bytes): not a checkpoint (a write that was killed?)"
+            ) from None
+        if err.kind == "checksum":
+            raise CheckpointError(
+                f"--ckpt_path: {path} fails its checksum (the CRC-32 of record {err.detail!r} does not match its "
+                "bytes): the file was damaged after it was written; resume from another checkpoint"
+            ) from None
         raise CheckpointError(
-            f"--ckpt_path: {path} ({size} bytes) is not a loadable checkpoint (truncated or not a checkpoint): {reason}"
+            f"--ckpt_path: {path} ({size} bytes) is not a loadable checkpoint (truncated or not a checkpoint): "
+            f"{err.detail}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"--ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict' in it)")
-    corrupt = zip_checksum_failure(path)
-    if corrupt is not None:
-        raise CheckpointError(
-            f"--ckpt_path: {path} fails its checksum (the CRC-32 of record {corrupt!r} does not match its bytes): "
-            "the file was damaged after it was written; resume from another checkpoint"
-        )
     non_finite = non_finite_tensors(checkpoint["state_dict"], "state_dict")
     non_finite += non_finite_tensors(checkpoint.get("optimizer_states") or [], "optimizer_states")
     if non_finite:
