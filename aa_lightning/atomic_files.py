@@ -16,17 +16,29 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _file_mode() -> int:
-    """0o666 less the process umask: what ``open()`` would give a new file (mkstemp gives 0o600)."""
+def new_folder_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the process umask (0o777 less it; ``mkdtemp`` gives 0o700)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return 0o777 & ~umask
 
 
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file under the process umask (0o666 less it): for files that a library
-    writes with its own mode (safetensors: 0o600) before they are published."""
-    return _file_mode()
+    writes with its own mode (safetensors and ``mkstemp``: 0o600) before they are published."""
+    return new_folder_mode() & 0o666
+
+
+_file_mode = new_file_mode
+
+
+def give_umask_modes(folder: str | os.PathLike) -> None:
+    """Give ``folder``, the folders in it and its files the modes ``mkdir`` / ``open`` would under the umask."""
+    dir_mode, file_mode = new_folder_mode(), new_file_mode()
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
 
 
 @contextlib.contextmanager
@@ -101,3 +113,41 @@ def fsync_tree(folder: str | os.PathLike) -> None:
             finally:
                 os.close(fd)
         fsync_dir(dirpath)
+
+
+#: the file that marks a staged sibling as this project's unfinished output (:func:`staged_folder`)
+PARTIAL_MARKER = ".aa_lightning_partial"
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike, what: str) -> Iterator[Path]:
+    """The one way a whole output folder is written (synthetic sets, shard conversions): the block fills a fresh
+    hidden sibling ``.<name>.partial-<pid>-<hex>`` of ``target`` (marked with :data:`PARTIAL_MARKER`, naming
+    ``what``); when it ends without error the marker goes, the tree gets the umask's modes, is fsynced and replaces
+    ``target`` by renames (:func:`publish_folder`: the caller has checked that ``target`` is missing, empty or its
+    own). On any error the sibling is removed; a killed writer leaves only the marked sibling, which
+    :func:`remove_stale_partials` recognizes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-{os.getpid()}-"))
+    try:
+        (staged / PARTIAL_MARKER).write_text(f"unfinished: {what} (pid {os.getpid()})\n")
+        yield staged
+        (staged / PARTIAL_MARKER).unlink()
+        give_umask_modes(staged)
+        fsync_tree(staged)
+        publish_folder(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def remove_stale_partials(target: str | os.PathLike) -> list[Path]:
+    """Remove the siblings of ``target`` that a killed :func:`staged_folder` left (only marked ones); returns them."""
+    target = Path(target)
+    removed = []
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        if stale.is_dir() and not stale.is_symlink() and (stale / PARTIAL_MARKER).is_file():
+            shutil.rmtree(stale)
+            removed.append(stale)
+    return removed

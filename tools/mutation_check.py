@@ -522,9 +522,9 @@ BREAKAGES: list[Breakage] = [
     ),
     breakage(
         "shards-published-0700",
-        "the published shard folder keeps mkdtemp's 0700 instead of the user's umask",
-        PREPARE,
-        "        _publishable(tmp)\n",
+        "a staged output folder (shards, synthetic sets) keeps mkdtemp's 0700 instead of the user's umask",
+        "aa_lightning/atomic_files.py",
+        "        give_umask_modes(staged)\n",
         "        pass\n",
         ["tests/data/test_streaming_converter_inputs.py"],
     ),

@@ -36,7 +36,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,10 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from aa_lightning.atomic_files import fsync_dir, publish_folder, write_text_atomic
+from aa_lightning.atomic_files import remove_stale_partials, staged_folder, write_text_atomic
 
 STAMP = "aa_lightning_shards.json"
-PARTIAL_MARKER = ".aa_lightning_partial"
 FORMAT = "aa_lightning.imagenet.v1"
 SPLITS = ("train", "val")
 
@@ -121,24 +119,6 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> bool:
     return overwrite
 
 
-def _folder_mode() -> int:
-    """0o777 less the process umask: what ``mkdir`` gives a new folder (``mkdtemp`` gives 0o700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
-def _publishable(folder: Path) -> None:
-    """Give ``folder`` (the staged conversion, a ``mkdtemp`` folder: 0o700) and the folders in it the umask's
-    folder mode, and its files the umask's file mode, as if they had been created by ``mkdir`` / ``open``."""
-    dir_mode = _folder_mode()
-    file_mode = dir_mode & 0o666
-    for dirpath, _dirnames, filenames in os.walk(folder):
-        os.chmod(dirpath, dir_mode)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), file_mode)
-
-
 _STOP_WITH_PARENT = False
 
 
@@ -163,10 +143,8 @@ if sys.platform == "linux":
 
 def _remove_stale_partials(out: Path) -> None:
     """Remove temporary siblings of ``out`` that a killed conversion left (only those carrying our marker)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        if stale.is_dir() and (stale / PARTIAL_MARKER).is_file():
-            print(f"removing {stale}, left by an interrupted conversion", file=sys.stderr)
-            shutil.rmtree(stale)
+    for stale in remove_stale_partials(out):
+        print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
 
 
 def convert_imagenet(
@@ -207,57 +185,50 @@ def convert_imagenet(
         order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(samples[split]))
         samples[split] = [samples[split][i] for i in order]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    (tmp / PARTIAL_MARKER).write_text(f"an unfinished conversion of {src.resolve()} (pid {os.getpid()})\n")
     workers = max(1, num_workers or os.cpu_count() or 1)
-    # litdata stages chunks in DATA_OPTIMIZER_*CACHE_FOLDER (default: a shared /tmp/chunks): keep them in tmp
-    cache_env = {
-        "DATA_OPTIMIZER_CACHE_FOLDER": str(tmp / ".cache" / "chunks"),
-        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(tmp / ".cache" / "data"),
-    }
-    saved_env = {key: os.environ.get(key) for key in cache_env}
-    os.environ.update(cache_env)
     global _STOP_WITH_PARENT
-    _STOP_WITH_PARENT = True  # the processes forked from here on end when this one does
+    saved_env: dict[str, str | None] = {}
     try:
-        import litdata
+        with staged_folder(out, f"a conversion of {src.resolve()}") as tmp:
+            # litdata stages chunks in DATA_OPTIMIZER_*CACHE_FOLDER (default: a shared /tmp/chunks): keep them in tmp
+            cache_env = {
+                "DATA_OPTIMIZER_CACHE_FOLDER": str(tmp / ".cache" / "chunks"),
+                "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(tmp / ".cache" / "data"),
+            }
+            saved_env = {key: os.environ.get(key) for key in cache_env}
+            os.environ.update(cache_env)
+            _STOP_WITH_PARENT = True  # the processes forked from here on end when this one does
+            import litdata
 
-        start = time.perf_counter()
-        for split in SPLITS:
-            if verbose:
-                print(f"{split}: {len(samples[split])} images, {workers} workers -> {out / split}")
-            litdata.optimize(
-                fn=functools.partial(_read_sample, src=str(src.resolve())),
-                inputs=samples[split],
-                output_dir=str(tmp / split),
-                chunk_bytes=chunk_bytes,
-                num_workers=min(workers, len(samples[split])),
-                reorder_files=False,
-                keep_data_ordered=True,  # each worker writes its slice in the given (shuffled) order: reproducible
-                # fork: the workers inherit the imported modules (spawn re-imports torch & co. in each one)
-                start_method="fork" if sys.platform == "linux" else None,
-                verbose=verbose,
-            )
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        stamp = {
-            "format": FORMAT,
-            "source": str(src.resolve()),
-            "classes": classes["train"],
-            "num_samples": {split: len(samples[split]) for split in SPLITS},
-            "chunk_bytes": chunk_bytes,
-            "seed": seed,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        write_text_atomic(tmp / STAMP, json.dumps(stamp, indent=2) + "\n")
-        (tmp / PARTIAL_MARKER).unlink()
-        _publishable(tmp)
-        fsync_dir(tmp)
-        publish_folder(tmp, out)  # --overwrite of our own finished conversion (checked above) swaps it out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            start = time.perf_counter()
+            for split in SPLITS:
+                if verbose:
+                    print(f"{split}: {len(samples[split])} images, {workers} workers -> {out / split}")
+                litdata.optimize(
+                    fn=functools.partial(_read_sample, src=str(src.resolve())),
+                    inputs=samples[split],
+                    output_dir=str(tmp / split),
+                    chunk_bytes=chunk_bytes,
+                    num_workers=min(workers, len(samples[split])),
+                    reorder_files=False,
+                    keep_data_ordered=True,  # each worker writes its slice in the given (shuffled) order: reproducible
+                    # fork: the workers inherit the imported modules (spawn re-imports torch & co. in each one)
+                    start_method="fork" if sys.platform == "linux" else None,
+                    verbose=verbose,
+                )
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)
+            stamp = {
+                "format": FORMAT,
+                "source": str(src.resolve()),
+                "classes": classes["train"],
+                "num_samples": {split: len(samples[split]) for split in SPLITS},
+                "chunk_bytes": chunk_bytes,
+                "seed": seed,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            write_text_atomic(tmp / STAMP, json.dumps(stamp, indent=2) + "\n")
+        # published: umask modes, fsync, renamed onto out (our own earlier conversion, --overwrite, swapped out)
     finally:
         _STOP_WITH_PARENT = False
         for key, value in saved_env.items():

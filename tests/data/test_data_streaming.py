@@ -17,9 +17,10 @@ from PIL import Image
 
 pytest.importorskip("litdata")
 
+from aa_lightning.atomic_files import PARTIAL_MARKER  # noqa: E402
 from aa_lightning.data import ImageNetDataModule, StreamingImageNetDataModule  # noqa: E402
 from aa_lightning.data.imagenet import ImageDecodeError  # noqa: E402
-from aa_lightning.data.prepare import PARTIAL_MARKER, STAMP, convert_imagenet, main  # noqa: E402
+from aa_lightning.data.prepare import STAMP, convert_imagenet, main  # noqa: E402
 from aa_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -99,7 +99,7 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_end(s
     result = run_cli(*recipe(reference, shards, ref_report), cwd=reference, probes=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "20 optimizer steps" in result.stdout, result.stdout[-2000:]
-    dead = run_cli(*recipe(killed, shards, report, kill_at=KILL_AT), cwd=killed, probes=True)
+    dead = run_cli(*recipe(killed, shards, report, kill_at=KILL_AT), cwd=killed, probes=True, fresh_process=True)
     assert dead.returncode == -signal.SIGKILL, dead.stderr[-3000:]
     resumed = run_cli(*recipe(killed, shards, report), "--ckpt_path", "last", cwd=killed, probes=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

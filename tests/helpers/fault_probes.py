@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class StepProbe(pl.Callback):
             handle.flush()
             os.fsync(handle.fileno())
         if trainer.global_step == self.kill_at:
+            if self.signal_name == "KILL" and "_pytest" in sys.modules:  # in the test process: it would end the suite
+                raise RuntimeError("a StepProbe that SIGKILLs needs a fresh process: run_cli(..., fresh_process=True)")
             os.kill(os.getpid(), getattr(signal, f"SIG{self.signal_name}"))
 
 

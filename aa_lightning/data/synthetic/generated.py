@@ -9,7 +9,8 @@
   nothing but the files the generator wrote: those its ``files`` function lists for the stamp's
   parameters, their folders and the stamp. Anything else, at any depth (a note in a generated
   sub-folder, an extra image), is a ``ValueError`` naming it, and nothing is touched.
-- the set is written into a fresh temporary sibling ``.<name>.partial-<pid>-<hex>``, every file
+- the set is written into a fresh temporary sibling ``.<name>.partial-<pid>-<hex>``
+  (:func:`aa_lightning.atomic_files.staged_folder`, which the shard converter uses too), every file
   fsync'ed, the stamp written last, and the folder renamed into place; a killed generation
   leaves at most that hidden sibling (never a half set under the real name).
 """
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aa_lightning.atomic_files import fsync_tree, publish_folder
+from aa_lightning.atomic_files import PARTIAL_MARKER, staged_folder
 
 __all__ = ["write_generated_set", "read_stamp"]
 
@@ -36,10 +35,6 @@ def read_stamp(path: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _sibling(root: Path, kind: str) -> Path:
-    return root.parent / f".{root.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _listing(names: Sequence[str], limit: int = 6) -> str:
@@ -120,25 +115,16 @@ def write_generated_set(
                 f"refusing to regenerate {what} in {given}: besides its own files the folder holds "
                 f"{_listing(foreign)}, which the generator did not write; move them elsewhere or choose another folder"
             )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    partial = _sibling(root, "partial")
-    partial.mkdir()
     try:
-        write(partial)
-        unlisted = _not_listed(partial, _with_folders(files(spec), stamp_name))
-        if unlisted:
-            raise RuntimeError(f"{what}: the generator wrote {_listing(unlisted)}, which its file list lacks")
-        tmp_stamp = partial / stamp_name
-        tmp_stamp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")  # last: marks a complete set
-        fsync_tree(partial)
-        try:
-            publish_folder(partial, root)  # our own stale set (checked above) is swapped out and removed
-        except OSError:
-            if not existing and read_stamp(stamp) == spec:  # another process generated the same set meanwhile
-                shutil.rmtree(partial)
-                return False
-            raise
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        with staged_folder(root, what) as partial:  # published by renames: our own stale set (checked) swapped out
+            write(partial)
+            unlisted = _not_listed(partial, _with_folders(files(spec), stamp_name) | {PARTIAL_MARKER})
+            if unlisted:
+                raise RuntimeError(f"{what}: the generator wrote {_listing(unlisted)}, which its file list lacks")
+            tmp_stamp = partial / stamp_name
+            tmp_stamp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")  # last: marks a complete set
+    except OSError:
+        if not existing and read_stamp(stamp) == spec:  # another process generated the same set meanwhile
+            return False
         raise
     return True
