@@ -2,13 +2,14 @@
 
 - :class:`LastCheckpoint`: ``last.ckpt`` = the state at every save point (every N training steps
   and every epoch end), whatever the monitored metric did; separate from the best-by-metric
-  ``ModelCheckpoint``.
+  ``ModelCheckpoint``; written through the public ``trainer.save_checkpoint``.
 - :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside the target, flushed,
   fsynced and renamed over it (``os.replace``), whatever ``$TMPDIR`` is.
 - :class:`ExactResume`: torch's / numpy's / Python's global random states saved in the checkpoint and
   restored at the first training step after a resume (dropout and stochastic depth continue), and the
   training loader's saved position restored even when the loader was built before the checkpoint was
-  read (``trainer.estimated_stepping_batches`` in ``configure_optimizers`` does that).
+  read (``trainer.estimated_stepping_batches`` in ``configure_optimizers`` does that: Lightning #20550,
+  worked around in :mod:`aa_lightning.compat.lightning`).
 - :class:`StopOnSignal`: SIGTERM / SIGINT finish the current step, save ``last.ckpt`` and stop the
   run with :class:`RunInterrupted` (the CLI exits 143 / 130).
 - :class:`NonFiniteLossGuard`: a NaN / inf training loss stops the run with :class:`NonFiniteLossError`
