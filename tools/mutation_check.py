@@ -755,6 +755,39 @@ BREAKAGES: list[Breakage] = [
         "            if False:\n                key, line = duplicate",
         ["tests/training/test_cli_errors.py"],
     ),
+    # issue 22, item 14: what a recipe promises, each switched off once
+    breakage(
+        "training-samples-never-shuffled",
+        "the training sampler keeps the file order (every epoch the same class-sorted batches)",
+        "aa_lightning/data/loaders.py",
+        "rank=rank, shuffle=True, seed=seed, drop_last=False)",
+        "rank=rank, shuffle=False, seed=seed, drop_last=False)",
+        ["tests/data/test_sampling_order.py"],
+    ),
+    breakage(
+        "torch-files-unpickle-code",
+        "checkpoints handed in (--ckpt_path, predict, export, backbone weights) are loaded with weights_only=False",
+        "aa_lightning/models/weights.py",
+        'contents = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)',
+        'contents = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)',
+        ["tests/training/test_untrusted_files.py"],
+    ),
+    breakage(
+        "global-batch-ignores-processes",
+        "the learning rate is scaled by the batch of one process, not of all devices and nodes",
+        "aa_lightning/tasks/optim.py",
+        "    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches",
+        "    return int(per_device) * trainer.accumulate_grad_batches",
+        ["tests/tasks/test_lr_rule.py"],
+    ),
+    breakage(
+        "global-batch-ignores-accumulation",
+        "the learning rate ignores gradient accumulation in the global batch",
+        "aa_lightning/tasks/optim.py",
+        "    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches",
+        "    return int(per_device) * trainer.world_size",
+        ["tests/tasks/test_lr_rule.py"],
+    ),
 ]
 
 
