@@ -217,9 +217,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     contents: dict[str, Any] = {}
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:  # truncated, not a safetensors file, unreadable
+            raise ValueError(f"cannot read checkpoint {path}: not a readable safetensors file ({err})") from None
     else:
         try:
             contents = load_torch_file(path)

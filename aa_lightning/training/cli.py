@@ -62,6 +62,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import aa_lightning  # noqa: F401  (registers the AA models with timm)
 from aa_lightning.callbacks import RunSummary, TrainingImageGrid
+from aa_lightning.data.streaming import ObjectStoreError
 from aa_lightning.models.weights import (
     TorchFileError,
     describe_differences,
@@ -878,7 +879,7 @@ def main(args: Any = None, start_time: float | None = None) -> dict[str, float] 
         except SIGTERMException:  # Lightning's own stop on SIGTERM exits 0: it was a SIGTERM
             print(f"train.py: {stop.interrupted(signal.SIGTERM)}", file=sys.stderr, flush=True)
             sys.exit(128 + signal.SIGTERM)
-        except (CheckpointError, NonFiniteLossError) as err:
+        except (CheckpointError, NonFiniteLossError, ObjectStoreError) as err:
             print(f"train.py: error: {err}", file=sys.stderr, flush=True)
             sys.exit(1)
 

@@ -3,10 +3,11 @@ while the CLI builds the model or the data, a --runs_dir that is a file, a dupli
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
-from helpers.cli_helpers import aa_recipe
+from helpers.cli_helpers import REPO, aa_recipe, run_cli
 
 
 def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -74,3 +75,33 @@ def test_a_duplicate_key_in_a_recipe_names_the_file_and_the_key(tmp_path, monkey
         (line,) = [line for line in err.splitlines() if "duplicate key" in line]
         assert str(path) in line and f"'{key}'" in line, err[-3000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_missing_object_store_credentials_are_one_line(tmp_path, monkeypatch):
+    """Issue 22 item 15: the streamed recipe on a bucket without credentials: one error line naming the URI."""
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    uri = "s3://aa-lightning-no-such-bucket/imagenet_litdata"
+    result = run_cli(
+        "--config",
+        str(REPO / "configs" / "imagenet_aa_resnet50_streaming.yaml"),
+        "--data.init_args.data_dir",
+        uri,
+        "--model.init_args.model_name",
+        "resnet18",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: error: data.data_dir: cannot read {uri}/"), last
+    assert "Traceback" not in result.stderr

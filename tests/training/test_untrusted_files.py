@@ -60,3 +60,14 @@ def test_the_weight_reader_refuses_it(malicious):
     with pytest.raises(ValueError, match=rf"cannot read checkpoint {path}: .*weights_only=True\) refuses to unpickle"):
         read_checkpoint(path)
     assert not marker.exists()
+
+
+def test_an_unreadable_safetensors_file_is_one_line_naming_it(tmp_path):
+    """Issue 22 item 15: a truncated / foreign .safetensors file is a ValueError naming the path (was the
+    library's own error)."""
+    from aa_lightning.models.weights import read_checkpoint
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match=rf"^cannot read checkpoint {path}: not a readable safetensors file \("):
+        read_checkpoint(path)
