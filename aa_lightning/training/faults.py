@@ -128,7 +128,7 @@ class LastCheckpoint(pl.Callback):
         if not fitting or trainer.sanity_checking or trainer.fast_dev_run or self._saved_at_step == trainer.global_step:
             return
         path = self._folder(trainer) / self.FILE_NAME
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: loops, optimizer, callbacks
         self._saved_at_step = trainer.global_step
         self.path = str(path)
 
