@@ -50,3 +50,19 @@ def test_runs_started_together_claim_distinct_version_folders(tmp_path):
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1, folder
         recorded.append(saved)
     assert sorted(recorded) == smoothing
+
+
+def test_a_claim_is_exclusive_even_when_every_run_saw_the_same_listing(tmp_path, monkeypatch):
+    """The race itself, made certain: every claimant lists the run folder before any of them creates its version
+    (a stale, empty listing); the exclusive mkdir still gives each its own N and creates it."""
+    from pathlib import Path
+
+    from aa_lightning.training.cli import claim_version
+
+    root = tmp_path / "runs" / "tiny_aa"
+    root.mkdir(parents=True)
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter([]) if self == root else listing(self))
+    versions = [claim_version(root) for _ in range(RUNS)]
+    assert versions == list(range(RUNS))
+    assert all((root / f"version_{v}").is_dir() for v in versions)
