@@ -29,9 +29,6 @@ def new_file_mode() -> int:
     return new_folder_mode() & 0o666
 
 
-_file_mode = new_file_mode
-
-
 def give_umask_modes(folder: str | os.PathLike) -> None:
     """Give ``folder``, the folders in it and its files the modes ``mkdir`` / ``open`` would under the umask."""
     dir_mode, file_mode = new_folder_mode(), new_file_mode()
@@ -50,7 +47,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _file_mode())
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()

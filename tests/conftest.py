@@ -4,17 +4,16 @@ as ``helpers.<module>``: pytest puts this folder on sys.path (rootdir conftest, 
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_classifier import fit_and_save
 from PIL import Image
 from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 from timm.models.resnet import BasicBlock, ResNet
 
 from aa_lightning.data import SyntheticCIFARDataModule
 from aa_lightning.layers import AugmentedConv2d
-from aa_lightning.tasks import ImageClassifier
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +65,10 @@ def predict_tiny_aa(pretrained: bool = False, **kwargs) -> ResNet:
 def checkpoint(tmp_path_factory) -> Path:
     """A Lightning checkpoint of ImageClassifier(predict_tiny_aa) after 2 steps on the built-in data set."""
     root = tmp_path_factory.mktemp("inspect")
-    torch.manual_seed(0)
     data = SyntheticCIFARDataModule(
         data_dir=str(root / "data"), num_classes=4, train_size=16, test_size=8, val_split=4, batch_size=4, num_workers=0
     )
-    model = ImageClassifier("predict_tiny_aa", num_classes=4, base_lr=0.1, warmup_epochs=0)
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=data)
-    path = root / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return fit_and_save(data, 4, root / "tiny.ckpt", max_steps=2)
 
 
 @pytest.fixture(scope="module")

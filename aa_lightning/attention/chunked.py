@@ -13,6 +13,8 @@ broadcast additions per logit rather than (H + W) extra multiply-adds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -109,23 +111,38 @@ def factorized_bias_attention(
     )
 
 
-def chunked_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
-    """``backend="chunked"``: per-query tables (:func:`~.tables.relative_logit_tables`), then
-    :func:`factorized_bias_attention`. Shapes as :func:`aa_lightning.attention.relative_attention_2d`;
-    computes in the autocast dtype (else q's)."""
+def attend_with_tables(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    dtype: torch.dtype,
+    attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The factorized path in ``dtype``: q scaled by dkh^-0.5, the per-query tables
+    (:func:`~.tables.relative_logit_tables`), then ``attention(q, k, v, bias_w, bias_h)`` over
+    [B Nh, HW, d] views (default :func:`factorized_bias_attention`; the generic CPU kernel takes the
+    same arguments). Shapes as :func:`aa_lightning.attention.relative_attention_2d`; returns ``dtype``."""
     b, nh, h, w, dkh = q.shape
+    q = q.to(dtype) * dkh**-0.5
+    k, v = k.to(dtype), v.to(dtype)
+    bh, length = b * nh, h * w
+    s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
+    out = (attention or factorized_bias_attention)(
+        q.reshape(bh, length, dkh),
+        k.reshape(bh, length, dkh),
+        v.reshape(bh, length, -1),
+        s_w.reshape(bh, length, w),
+        s_h.reshape(bh, length, h),
+    )
+    return out.reshape(b, nh, h, w, -1)
+
+
+def chunked_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """``backend="chunked"``: :func:`attend_with_tables` with :func:`factorized_bias_attention`. Shapes as
+    :func:`aa_lightning.attention.relative_attention_2d`; computes in the autocast dtype (else q's)."""
     device_type = q.device.type
     dtype = autocast_dtype(device_type) or q.dtype
     with torch.autocast(device_type, enabled=False):
-        q = q.to(dtype) * dkh**-0.5
-        k, v = k.to(dtype), v.to(dtype)
-        bh, length = b * nh, h * w
-        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
-        out = factorized_bias_attention(
-            q.reshape(bh, length, dkh),
-            k.reshape(bh, length, dkh),
-            v.reshape(bh, length, -1),
-            s_w.reshape(bh, length, w),
-            s_h.reshape(bh, length, h),
-        )
-    return out.reshape(b, nh, h, w, -1)
+        return attend_with_tables(q, k, v, rel_h, rel_w, dtype)

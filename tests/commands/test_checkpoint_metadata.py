@@ -11,17 +11,16 @@ import os
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_classifier import fit_and_save
 from PIL import Image
 
 from aa_lightning.data import ImageNetDataModule, SyntheticCIFARDataModule
 from aa_lightning.export import main as export_main
 from aa_lightning.predict import load_trained_classifier, preprocess
 from aa_lightning.predict import main as predict_main
-from aa_lightning.tasks import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,24 +46,6 @@ EXPECTED = {
         "crop_mode": "center",
     },
 }
-
-
-def _fit_and_save(data: pl.LightningDataModule, num_classes: int, path: Path) -> Path:
-    torch.manual_seed(0)
-    model = ImageClassifier("predict_tiny_aa", num_classes=num_classes, base_lr=0.1, warmup_epochs=0)
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=data)
-    trainer.save_checkpoint(path)
-    return path
 
 
 def _imagenet_folder(root: Path) -> Path:
@@ -106,7 +87,7 @@ def trained(tmp_path_factory) -> dict[str, dict]:
     )
     runs = {}
     for key, data, classes, shape in (("cifar", cifar, 4, (32, 32, 3)), ("imagenet", imagenet, 3, (36, 40, 3))):
-        ckpt = _fit_and_save(data, classes, root / f"{key}.ckpt")
+        ckpt = fit_and_save(data, classes, root / f"{key}.ckpt", max_steps=1)
         image = rng.integers(0, 256, shape, dtype=np.uint8)  # needs no resampling: only the crop and normalization
         expected = data.val_set.transform(image)
         runs[key] = {"ckpt": ckpt, "image": image, "expected": expected}

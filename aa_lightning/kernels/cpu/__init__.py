@@ -10,7 +10,8 @@ OpenMP threads.
 from aa_lightning.attention.registry import AttentionBackend, register_backend
 
 from . import build, ops
-from .backend import available, cpu_relative_attention
+from .backend import cpu_relative_attention
+from .build import available
 
 register_backend(
     AttentionBackend(

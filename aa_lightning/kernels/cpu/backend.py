@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from aa_lightning.attention.tables import autocast_dtype, relative_logit_tables
+from aa_lightning.attention.chunked import attend_with_tables
+from aa_lightning.attention.tables import autocast_dtype
 
-from . import build, ops
+from . import ops
 
 
 @torch.compiler.assume_constant_result  # the per-head-dims float32 kernel's build, decided at trace time
@@ -29,7 +30,7 @@ def _use_tiled_kernel(dtype: torch.dtype, dkh: int, dvh: int, positions: int) ->
 def cpu_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
     """Shapes as :func:`aa_lightning.attention.relative_attention_2d`; computes in float32 (float64 for
     float64 inputs) and returns the autocast dtype (else q's)."""
-    b, nh, h, w, dkh = q.shape
+    h, w, dkh = q.shape[2:]
     out_dtype = autocast_dtype("cpu") or q.dtype
     dtype = out_dtype if out_dtype in ops.DTYPES else torch.float32
     with torch.autocast("cpu", enabled=False):
@@ -38,20 +39,5 @@ def cpu_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w
             q, k, v = (t if t.dtype in ops.TILED_READS else t.to(dtype) for t in (q, k, v))
             out = ops.cpu_kernel_relative_attention(q, k, v, rel_h.to(dtype), rel_w.to(dtype), scale=dkh**-0.5)
             return out.to(out_dtype)
-        q = q.to(dtype) * dkh**-0.5
-        k, v = k.to(dtype), v.to(dtype)
-        bh, length = b * nh, h * w
-        s_w, s_h = relative_logit_tables(q, rel_h.to(dtype), rel_w.to(dtype))
-        out = ops.cpu_kernel_attention(
-            q.reshape(bh, length, dkh),
-            k.reshape(bh, length, dkh),
-            v.reshape(bh, length, -1),
-            s_w.reshape(bh, length, w),
-            s_h.reshape(bh, length, h),
-        )
-    return out.to(out_dtype).reshape(b, nh, h, w, -1)
-
-
-def available() -> bool:
-    """Whether the generic kernel builds and loads here (a C compiler; ``AA_LIGHTNING_CPU_KERNEL`` not 0)."""
-    return build.available()
+        out = attend_with_tables(q, k, v, rel_h, rel_w, dtype, ops.cpu_kernel_attention)  # the generic kernel
+    return out.to(out_dtype)
