@@ -855,7 +855,7 @@ def run_tests(root: Path, tests: Sequence[str], timeout: float, pytest_args: Seq
         "NO_ALBUMENTATIONS_UPDATE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args, *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *pytest_args, *tests]
     start = time.perf_counter()
     try:
         result = subprocess.run(

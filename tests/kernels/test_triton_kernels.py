@@ -26,7 +26,19 @@ def test_interpreter_cases_in_a_subprocess():
     if INTERPRETED:
         pytest.skip("already in the interpreter")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not in_a_subprocess"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "not in_a_subprocess",
+        ],
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
         text=True,
