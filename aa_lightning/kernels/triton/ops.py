@@ -7,6 +7,11 @@ dq pass and a dk/dv pass (no atomics, so the result is deterministic). The dq pa
 the gradients of the per-query relative logits summed over key rows ([L, W]) and key columns
 ([L, H]); the last, cheap step of the chain rule to q, rel_h and rel_w runs in torch.
 
+Block sizes are chosen per kernel, input dtype and GPU target (:func:`block_sizes`, from the kernels
+compiled for sm_75 ... sm_120 without a GPU). A launch the GPU refuses (out of resources) computes
+the op with the chunked backend instead (:mod:`.fallback`), inside the op, so it holds under
+``torch.compile`` too.
+
 Both kernels are wrapped as torch custom ops (``aa_lightning::triton_relative_attention`` and its
 backward), with fake implementations and autograd, so ``torch.compile`` sees one opaque node.
 triton is imported lazily by :mod:`.backend`; with ``TRITON_INTERPRET=1`` set before
