@@ -236,6 +236,23 @@ def test_triton_cuda_launch_out_of_resources_falls_back_and_other_errors_surface
         relative_attention_2d(*inputs, backend="triton")
 
 
+@interpreter_case
+def test_triton_refusal_falls_back_under_torch_compile(interpreted, monkeypatch):
+    """The fallback lives inside the custom op, so a compiled graph (one op node) falls back too."""
+    _refusing_launch(interpreted, monkeypatch, ("_fwd",), _out_of_resources())
+    inputs = make_inputs(1, 2, 3, 4, 4, 2, dtype=torch.float32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda *t: relative_attention_2d(*t, backend="triton"), fullgraph=True, backend=lambda gm, _: gm.forward
+    )
+    with pytest.warns(RuntimeWarning, match="refused by the GPU"):
+        out = compiled(*inputs)
+    torch.testing.assert_close(out.detach().double(), loop_relative_attention(*inputs), rtol=1e-5, atol=2e-6)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in inputs)
+    torch._dynamo.reset()
+
+
 def test_refusal_warning_names_the_gpu(monkeypatch):
     """The warning names a CUDA device by its name and compute capability."""
     from aa_lightning.kernels.triton import fallback
