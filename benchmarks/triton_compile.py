@@ -1,9 +1,12 @@
 """Compile the Triton attention kernels for a GPU without one: registers, spills, shared memory.
 
-``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))``
-builds sm_90 (``("cuda", 80, 32)``: sm_80) cubin with the ptxas that ships in the triton wheel,
-which rejects what the hardware rejects; ``ptxas -v`` on the kernel's PTX reports registers and
-spill bytes, the compiled kernel's metadata its shared memory. Used by
+``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cap, 32))``
+builds the cubin of compute capability ``cap`` (75 = sm_75 ... 120 = sm_120) with the ptxas that
+ships in the triton wheel, which rejects what the hardware rejects. Registers and spill bytes come
+from ``ptxas -v`` run again on the kernel's PTX with the ptxas triton itself picks for that target
+(``get_ptxas``: ``ptxas-blackwell`` from sm_100 on; the older ``ptxas`` rejects the PTX triton
+emits there, "Unsupported .version 9.3") and the options of triton's own call, so they are those of
+the cubin triton built; the compiled kernel's metadata gives its shared memory. Used by
 ``tests/kernels/test_triton_compile.py`` and ``benchmarks/triton_compile_report.py``.
 """
 
@@ -13,13 +16,46 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 KERNELS = ("_fwd", "_bwd_dq", "_bwd_dkdv")
-# Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A GPU generation users train on: compute capability, example parts, the dtype they train in
+    (no bfloat16 tensor cores before sm_80) and the shared memory one block may use (opt-in maximum)."""
+
+    capability: int
+    gpus: str
+    training_dtype: torch.dtype
+    shared_limit: int
+
+    @property
+    def arch(self) -> str:
+        return f"sm_{self.capability}"
+
+
+# Shared memory per block, opt-in maximum: the CUDA C++ Programming Guide's table of technical
+# specifications per compute capability (7.5: 64 KB; 8.0: 163 KB; 8.6, 8.9: 99 KB; 9.0: 227 KB;
+# 10.0: 227 KB; 12.0: 99 KB), as CUTLASS records them (cutlass.utils SMEM_CAPACITY_MAP; C++
+# cutlass::arch::sm100_smem_capacity_bytes = 232448, sm120_smem_capacity_bytes = 101376).
+TARGETS = {
+    t.capability: t
+    for t in (
+        Target(75, "T4 (Colab, Kaggle)", torch.float16, 64 * 1024),
+        Target(80, "A100", torch.bfloat16, 163 * 1024),
+        Target(86, "RTX 3090 / A10 / A40", torch.bfloat16, 99 * 1024),
+        Target(89, "RTX 4090 / L4", torch.bfloat16, 99 * 1024),
+        Target(90, "H100 / H200", torch.bfloat16, 227 * 1024),
+        Target(100, "B200 / GB200", torch.bfloat16, 227 * 1024),
+        Target(120, "RTX 5090 / RTX PRO 6000", torch.bfloat16, 99 * 1024),
+    )
+}
+SHARED_LIMIT = {cap: t.shared_limit for cap, t in TARGETS.items()}
 _PTR_ARGS = {  # pointer arguments: "x" = the input dtype, else fixed
     "_fwd": dict(Q="x", K="x", V="x", REL_H="fp32", REL_W="fp32", OUT="x", LSE="fp32"),
     "_bwd_dq": dict(
@@ -68,10 +104,11 @@ def zoo_attention_shapes() -> list[dict]:
     return [dict(h=h, w=w, dkh=dkh, dvh=dvh, models=", ".join(labels)) for (h, w, dkh, dvh), labels in rows.items()]
 
 
-def _ptxas() -> Path:
-    import triton
+def ptxas_path(arch: int) -> str:
+    """The ptxas triton compiles sm_``arch`` with (``ptxas-blackwell`` of the wheel from sm_100 on)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return get_ptxas(arch).path
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
@@ -83,7 +120,7 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
         src = os.path.join(tmp, "kernel.ptx")
         Path(src).write_text(ptx)
         command = [
-            str(_ptxas()),
+            ptxas_path(arch),
             "-lineinfo",
             "-v",
             "--regAllocOptLevel=2",
@@ -99,9 +136,10 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     return dict(registers=registers, spill_stores=stores, spill_loads=loads)
 
 
-def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch.dtype, arch: int) -> dict:
-    """Compile one kernel for sm_``arch`` (80 or 90) with the block sizes the layer would use for
-    this shape; returns its block sizes, registers, spill bytes, shared memory and the limit."""
+def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch.dtype, arch: int, blocks=None) -> dict:
+    """Compile one kernel for sm_``arch`` (a key of :data:`TARGETS`) with the block sizes the layer
+    would use for this shape on that target (or ``blocks``); returns its block sizes, registers,
+    spill bytes, shared memory and the target's limit."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -112,7 +150,7 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
     fn = getattr(triton_kernels, kernel)
     if not isinstance(fn, triton.JITFunction):
         raise RuntimeError("compiling needs the kernels imported without TRITON_INTERPRET=1")
-    blocks = triton_attention.block_sizes(h, w, dkh, dvh)
+    blocks = blocks or triton_attention.block_sizes(h, w, dkh, dvh, kernel, dtype, arch)
     constants = triton_attention.kernel_constants(blocks, w, dtype)
     name = _DTYPE_NAMES[dtype]
     signature = {arg: "*" + (name if kind == "x" else kind) for arg, kind in _PTR_ARGS[kernel].items()}
@@ -121,7 +159,7 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
     compiled = triton.compile(
         ASTSource(fn, signature, constants),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=blocks.warps(kernel, dtype)),
+        options=dict(num_warps=blocks.num_warps),
     )
     return dict(
         kernel=kernel,
@@ -136,8 +174,8 @@ def compile_kernel(kernel: str, h: int, w: int, dkh: int, dvh: int, dtype: torch
         rows=blocks.rows,
         dp=blocks.dp,
         dvp=blocks.dvp,
-        num_warps=blocks.warps(kernel, dtype),
+        num_warps=blocks.num_warps,
         shared=compiled.metadata.shared,
-        shared_limit=SHARED_LIMIT[arch],
+        shared_limit=TARGETS[arch].shared_limit,
         **_ptxas_usage(compiled.asm["ptx"], arch),
     )

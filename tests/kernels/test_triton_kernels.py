@@ -139,6 +139,141 @@ def test_triton_column_chunks_of_wide_rows(interpreted, monkeypatch):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-5)
 
 
+# Per-target block sizes (ops.block_sizes): at 5 x 10 (16-column key blocks, L = 50 -> 64 queries)
+# sm_75 halves the forward's and dq pass's key blocks, sm_120 the 16-bit dk/dv pass's query block.
+TARGET_SHAPE = (1, 2, 5, 10, 8, 4)
+
+
+@interpreter_case
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [(75, torch.float16), (75, torch.float32), (100, torch.bfloat16), (120, torch.bfloat16), (120, torch.float16)],
+)
+def test_triton_block_sizes_of_each_target_match_the_loop_reference(interpreted, monkeypatch, capability, dtype):
+    """The blocks chosen for a target run here as on that GPU (the interpreter takes the target's
+    block sizes when ``ops.capability`` reports it) and give the loop reference's numbers."""
+    h, w, dkh, dvh = TARGET_SHAPE[2:]
+    default = {k: interpreted.block_sizes(h, w, dkh, dvh, k, dtype) for k in interpreted.KERNELS}
+    chosen = {k: interpreted.block_sizes(h, w, dkh, dvh, k, dtype, capability) for k in interpreted.KERNELS}
+    if capability == 75:
+        assert [chosen[k].block_n for k in interpreted.KERNELS] == [32, 32, 64] != [b.block_n for b in default.values()]
+    if capability == 120:
+        assert chosen["_bwd_dkdv"].block_m == 32 < default["_bwd_dkdv"].block_m == 64
+    monkeypatch.setattr(interpreted, "capability", lambda device: capability)
+    inputs = make_inputs(*TARGET_SHAPE, dtype=torch.float32, seed=11)
+    inputs = [t.to(dtype).float() if i < 3 else t for i, t in enumerate(inputs)]  # the same values in both
+    weights = torch.randn(*TARGET_SHAPE[:4], TARGET_SHAPE[5], generator=torch.Generator().manual_seed(2))
+    want, want_grads = loop_output_and_grads(inputs, weights)
+    out, grads = triton_output_and_grads(inputs, weights, dtype)
+    tol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, rtol=4 * tol, atol=4 * tol)
+
+
+def _refusing_launch(interpreted, monkeypatch, refused_kernels, error):
+    """ops._launch raising ``error`` for ``refused_kernels`` (a stand-in for a GPU refusing them);
+    returns the list of kernels launched."""
+    from aa_lightning.kernels.triton import fallback
+
+    monkeypatch.setattr(fallback, "_REFUSED", set())
+    launched, launch = [], interpreted._launch
+
+    def stand_in(kernel, *args):
+        launched.append(kernel)
+        if kernel in refused_kernels:
+            raise error
+        return launch(kernel, *args)
+
+    monkeypatch.setattr(interpreted, "_launch", stand_in)
+    return launched
+
+
+def _out_of_resources():
+    import triton
+
+    return triton.OutOfResources(101 * 1024, 99 * 1024, "shared memory")
+
+
+@interpreter_case
+@pytest.mark.parametrize("refused", [("_fwd",), ("_bwd_dkdv",)])
+def test_triton_launch_refused_falls_back_to_chunked_with_one_warning(interpreted, monkeypatch, refused):
+    """A kernel the GPU refuses (triton's OutOfResources) -> the chunked backend's numbers, one warning
+    naming the shape and the GPU; the next call of that shape goes straight to chunked, silently."""
+    import warnings
+
+    launched = _refusing_launch(interpreted, monkeypatch, refused, _out_of_resources())
+    shape = (2, 2, 3, 5, 4, 3)
+    inputs = make_inputs(*shape, dtype=torch.float32, seed=7)
+    weights = torch.randn(*shape[:4], shape[5], generator=torch.Generator().manual_seed(1))
+    want, want_grads = loop_output_and_grads(inputs, weights)
+    with pytest.warns(RuntimeWarning) as caught:
+        out, grads = triton_output_and_grads(inputs, weights, torch.float32)
+    messages = [str(w.message) for w in caught if "refused" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert f"kernel {refused[0]} for H x W = 3 x 5, dkh 4, dvh 3, float32" in messages[0], messages[0]
+    assert "cpu (triton interpreter)" in messages[0] and "'chunked'" in messages[0], messages[0]
+    assert launched == (["_fwd"] if refused == ("_fwd",) else ["_fwd", "_bwd_dq", "_bwd_dkdv"])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6)
+    for name, got, expected in zip(("q", "k", "v", "rel_h", "rel_w"), grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+    launched.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        again, again_grads = triton_output_and_grads(inputs, weights, torch.float32)
+    assert launched == []  # straight to chunked, forward and backward
+    torch.testing.assert_close(again, out)
+    other = make_inputs(1, 1, 4, 4, 4, 3, dtype=torch.float32, seed=8)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        relative_attention_2d(*other, backend="triton")
+    assert launched == ["_fwd"]  # another shape: the kernels are tried again (and refused again if _fwd)
+    assert [str(w.message)[:60] for w in later if "refused" in str(w.message)] == (
+        ["the Triton attention kernel _fwd for H x W = 4 x 4, dkh 4, d"] if refused == ("_fwd",) else []
+    )
+
+
+@interpreter_case
+def test_triton_cuda_launch_out_of_resources_falls_back_and_other_errors_surface(interpreted, monkeypatch):
+    """cuLaunchKernel's CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES (as triton's launcher raises it) falls
+    back too; any other RuntimeError is a bug and is raised."""
+    inputs = make_inputs(1, 1, 3, 4, 4, 2, dtype=torch.float32, seed=9)
+    refusal = RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
+    _refusing_launch(interpreted, monkeypatch, ("_fwd",), refusal)
+    with pytest.warns(RuntimeWarning, match="too many resources requested for launch"):
+        out = relative_attention_2d(*inputs, backend="triton")
+    torch.testing.assert_close(out.double(), loop_relative_attention(*inputs), rtol=1e-5, atol=2e-6)
+    _refusing_launch(interpreted, monkeypatch, ("_fwd",), RuntimeError("Triton Error [CUDA]: an illegal memory access"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        relative_attention_2d(*inputs, backend="triton")
+
+
+@interpreter_case
+def test_triton_refusal_falls_back_under_torch_compile(interpreted, monkeypatch):
+    """The fallback lives inside the custom op, so a compiled graph (one op node) falls back too."""
+    _refusing_launch(interpreted, monkeypatch, ("_fwd",), _out_of_resources())
+    inputs = make_inputs(1, 2, 3, 4, 4, 2, dtype=torch.float32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda *t: relative_attention_2d(*t, backend="triton"), fullgraph=True, backend=lambda gm, _: gm.forward
+    )
+    with pytest.warns(RuntimeWarning, match="refused by the GPU"):
+        out = compiled(*inputs)
+    torch.testing.assert_close(out.detach().double(), loop_relative_attention(*inputs), rtol=1e-5, atol=2e-6)
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in inputs)
+    torch._dynamo.reset()
+
+
+def test_refusal_warning_names_the_gpu(monkeypatch):
+    """The warning names a CUDA device by its name and compute capability."""
+    from aa_lightning.kernels.triton import fallback
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    assert fallback._gpu_name(torch.device("cuda", 0)) == "Tesla T4 (compute capability 7.5, sm_75)"
+
+
 @interpreter_case
 def test_triton_under_bf16_autocast(interpreted):
     inputs = make_inputs(1, 2, 3, 4, 4, 4, dtype=torch.float32, requires_grad=True)

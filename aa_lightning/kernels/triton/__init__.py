@@ -2,7 +2,10 @@
 logits computed per query block.
 
 - :mod:`.kernels`: the ``@triton.jit`` kernels (forward, dq pass, dk/dv pass).
-- :mod:`.ops`: their launch, block sizes, and the torch custom ops with fake implementations and autograd.
+- :mod:`.ops`: their launch, block sizes per kernel and GPU target, and the torch custom ops with fake
+  implementations and autograd.
+- :mod:`.fallback`: the ops on the chunked backend when the GPU refuses a launch (out of resources),
+  with one warning per shape and GPU.
 - :mod:`.backend`: the backend function, registered with :mod:`aa_lightning.attention.registry`;
   triton is imported on its first call only.
 """
