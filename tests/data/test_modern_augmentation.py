@@ -19,7 +19,7 @@ from aa_lightning.data import (
 )
 from aa_lightning.data.augment import AugmentSettings, SeededLibraryStep
 from aa_lightning.data.cifar_format import write_cifar100
-from aa_lightning.data.transforms import cifar_train_transform
+from aa_lightning.data.transforms import CIFAR100_MEAN, CIFAR100_STD, cifar_train_transform
 
 RAND = "rand-m9-mstd0.5-inc1"
 #: every option alone (the names a recipe uses), each against the same module without it
@@ -229,3 +229,12 @@ def test_random_erasing_with_p1_erases_one_rectangle_of_the_allowed_area(size):
             assert h < size and w < size
             assert 0.02 * size**2 - (h + w) <= h * w <= size**2 / 3 + (h + w)
     assert min(areas) < 0.1 and max(areas) > 0.2  # the area is drawn, not fixed
+
+
+def test_rand_augment_at_its_top_magnitude_posterizes_to_black_instead_of_failing():
+    # timm asks Pillow for 0 bits at magnitude 10 with inc1; Pillow 13 raises there, Pillow < 13 gave black
+    image = _photos(1)[0]
+    out = _augmented(image, AugmentSettings(auto_augment="rand-m10-n2-p1.0-inc1"), range(120))
+    black = np.array([-m / s for m, s in zip(CIFAR100_MEAN, CIFAR100_STD)], dtype=np.float32).reshape(3, 1, 1)
+    assert any(np.allclose(sample, black, atol=1e-5) for sample in out)
+    _augmented(image, AugmentSettings(auto_augment="rand-m1-n2-p1.0"), range(60))  # 0 bits at low magnitude too
