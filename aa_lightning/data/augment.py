@@ -234,5 +234,32 @@ def _auto_augment(name: str, image_size: int, mean: Sequence[float]) -> Callable
         "interpolation": Image.Resampling.BILINEAR,
     }
     if name == "autoaugment":
-        return OnPILImage(auto_augment_transform(TIMM_AUTOAUGMENT_POLICY, hparams))
-    return OnPILImage(rand_augment_transform(name, hparams))
+        policy = auto_augment_transform(TIMM_AUTOAUGMENT_POLICY, hparams)
+        ops = [op for sub_policy in policy.policy for op in sub_policy]
+    else:
+        policy = rand_augment_transform(name, hparams)
+        ops = list(policy.ops)
+    for op in ops:
+        op.aug_fn = _posterize_to_black_at_zero_bits(op.aug_fn)
+    return OnPILImage(policy)
+
+
+def _posterize_to_black_at_zero_bits(function: Callable[..., Image.Image]) -> Callable[..., Image.Image]:
+    """timm's ``posterize`` (``function``; any other operation is returned as it is), keeping 0 bits = a black
+    image, as Pillow < 13 did. Pillow 13's ``ImageOps.posterize`` refuses 0 bits, which timm 1.0.31 asks for at
+    RandAugment's top magnitude with ``inc1`` (``rand-m9-mstd0.5-inc1`` draws it for about 1 image in 500) and
+    at low magnitudes without it: a ``ValueError`` that would stop the training run."""
+    from timm.data.auto_augment import posterize
+
+    return PosterizeKeepingZeroBits() if function is posterize else function
+
+
+class PosterizeKeepingZeroBits:
+    """``timm.data.auto_augment.posterize`` with 0 bits kept giving a black image (Pillow < 13's result)."""
+
+    def __call__(self, image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+        from timm.data.auto_augment import posterize
+
+        if bits_to_keep <= 0:
+            return Image.new(image.mode, image.size)
+        return posterize(image, bits_to_keep, **kwargs)
