@@ -3,7 +3,9 @@ RandAugment / AutoAugment / TrivialAugment, colour jitter and random erasing cha
 draw comes from (seed, epoch, index) (any worker, any order of loading, the global generators untouched), RandAugment's
 magnitude reaches its operations, random erasing erases one rectangle, and a bad setting names its key."""
 
+import json
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -238,3 +240,39 @@ def test_rand_augment_at_its_top_magnitude_posterizes_to_black_instead_of_failin
     black = np.array([-m / s for m, s in zip(CIFAR100_MEAN, CIFAR100_STD)], dtype=np.float32).reshape(3, 1, 1)
     assert any(np.allclose(sample, black, atol=1e-5) for sample in out)
     _augmented(image, AugmentSettings(auto_augment="rand-m1-n2-p1.0"), range(60))  # 0 bits at low magnitude too
+
+
+@pytest.mark.slow
+def test_a_run_with_the_modern_augmentation_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
+    """train.py with RandAugment, colour jitter and erasing, SIGKILLed after step 7 and resumed from last.ckpt: every
+    later step sees the uninterrupted run's pixels, and the final weights are the same bit for bit."""
+    augment = {"auto_augment": RAND, **EVERYTHING}
+
+    def probe(report, **kill):
+        return [{"class_path": "helpers.fault_probes.StepProbe", "init_args": {"report": str(report), **kill}}]
+
+    def records(report):
+        return {line["step"]: line for line in map(json.loads, report.read_text().splitlines())}
+
+    runs = {}
+    for name in ("reference", "killed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        report = folder / "steps.jsonl"
+        kill = {"kill_at": 7} if name == "killed" else {}
+        recipe = aa_recipe(folder, callbacks=probe(report, **kill), **augment)
+        result = run_cli("--config", str(recipe), cwd=folder, probes=True, fresh_process=bool(kill))
+        if kill:
+            assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+            recipe = aa_recipe(folder, callbacks=probe(report), **augment)
+            result = run_cli("--config", str(recipe), "--ckpt_path", "last", cwd=folder, probes=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        last = folder / "runs" / "tiny_aa" / "version_0" / "checkpoints" / "last.ckpt"
+        runs[name] = records(report), torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    (reference, reference_weights), (resumed, resumed_weights) = runs["reference"], runs["killed"]
+    assert set(resumed) == set(reference) == set(range(1, 11))
+    for step in range(7, 11):
+        assert resumed[step] == reference[step], step
+    assert reference_weights.keys() == resumed_weights.keys()
+    for key in reference_weights:
+        assert torch.equal(reference_weights[key], resumed_weights[key]), key
