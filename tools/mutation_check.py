@@ -503,8 +503,8 @@ BREAKAGES: list[Breakage] = [
         "augment-leaves-the-global-generators-seeded",
         "loading a sample leaves numpy's global generator seeded by the augmentation (a user's stream changes)",
         DATA_AUGMENT,
-        "        np.random.set_state(saved[1])\n",
-        "",
+        "            np.random.set_state(saved_numpy)\n",
+        "            pass\n",
         [MODERN_AUGMENTATION],
     ),
     breakage(

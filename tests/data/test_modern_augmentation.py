@@ -136,8 +136,9 @@ def test_a_sample_has_the_same_pixels_whichever_worker_loads_it_and_whatever_cam
     assert sum(not torch.equal(a, b) for a, b in zip(other_epoch, batches[0])) >= len(batches[0]) // 2
 
 
-def test_loading_a_sample_leaves_the_global_generators_as_they_were(cifar_dir):
-    module = _cifar(cifar_dir, auto_augment=RAND, **EVERYTHING)
+@pytest.mark.parametrize("auto_augment", [RAND, "autoaugment", "autoaugment-cifar", "trivialaugment"])
+def test_loading_a_sample_leaves_the_global_generators_as_they_were(cifar_dir, auto_augment):
+    module = _cifar(cifar_dir, auto_augment=auto_augment, **EVERYTHING)
     random.seed(11)
     np.random.seed(12)
     torch.manual_seed(13)
