@@ -495,7 +495,8 @@ BREAKAGES: list[Breakage] = [
         "RandAugment / AutoAugment / TrivialAugment / erasing draw from the process's global generators, not from "
         "(seed, epoch, index): workers and resumed runs augment differently",
         DATA_AUGMENT,
-        "        with seeded_global_generators(global_seed, self.stream):\n            return self.function(img)",
+        "        with seeded_global_generators(global_seed, self.stream, self.numpy):\n"
+        "            return self.function(img)",
         "        return self.function(img)",
         [MODERN_AUGMENTATION],
     ),
