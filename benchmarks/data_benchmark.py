@@ -123,7 +123,7 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
         from timm.data import create_dataset, create_loader
 
         dataset = create_dataset("", root=str(root), split="train", is_training=True)
-        return create_loader(
+        loader = create_loader(
             dataset,
             input_size=(3, TRAIN_SIZE, TRAIN_SIZE),
             batch_size=batch,
@@ -138,7 +138,22 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
             auto_augment=RAND_AUGMENT if plus else None,
             re_prob=RANDOM_ERASING if plus else 0.0,
         )
+        _posterize_zero_bits_to_black(loader.dataset.transform)
+        return loader
     raise ValueError(f"--readers: unknown reader {reader!r} (folder, litdata, litdata-sequential, timm; +modern)")
+
+
+def _posterize_zero_bits_to_black(transform) -> None:
+    """timm's RandAugment inside ``transform`` (a torchvision ``Compose``) made to survive Pillow 13, as ours is
+    (:func:`aa_lightning.data.augment.posterize_zero_bits_to_black`): timm 1.0.31's own loader stops with
+    "bits must be between or equal to 1 and 8" within a few hundred images of rand-m9-mstd0.5-inc1."""
+    from timm.data.auto_augment import RandAugment
+
+    from aa_lightning.data.augment import posterize_zero_bits_to_black
+
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            posterize_zero_bits_to_black(step)
 
 
 def time_round(reader: str, root: Path, shards: Path, workers: int, batch: int, batches: int) -> float:
@@ -213,6 +228,7 @@ def per_sample_parts(files: list[Path]) -> dict[str, float]:
         auto_augment=RAND_AUGMENT,
         re_prob=RANDOM_ERASING,
     )
+    _posterize_zero_bits_to_black(theirs)
     start = time.perf_counter()
     for image in pil_images:
         theirs(image)

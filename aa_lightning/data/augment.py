@@ -244,23 +244,24 @@ def _auto_augment(name: str, image_size: int, mean: Sequence[float]) -> Callable
     }
     if name == "autoaugment":
         policy = auto_augment_transform(TIMM_AUTOAUGMENT_POLICY, hparams)
-        ops = [op for sub_policy in policy.policy for op in sub_policy]
     else:
         policy = rand_augment_transform(name, hparams)
-        ops = list(policy.ops)
-    for op in ops:
-        op.aug_fn = _posterize_to_black_at_zero_bits(op.aug_fn)
-    return OnPILImage(policy)
+    return OnPILImage(posterize_zero_bits_to_black(policy))
 
 
-def _posterize_to_black_at_zero_bits(function: Callable[..., Image.Image]) -> Callable[..., Image.Image]:
-    """timm's ``posterize`` (``function``; any other operation is returned as it is), keeping 0 bits = a black
-    image, as Pillow < 13 did. Pillow 13's ``ImageOps.posterize`` refuses 0 bits, which timm 1.0.31 asks for at
-    RandAugment's top magnitude with ``inc1`` (``rand-m9-mstd0.5-inc1`` draws it for about 1 image in 500) and
-    at low magnitudes without it: a ``ValueError`` that would stop the training run."""
+def posterize_zero_bits_to_black(policy: Any) -> Any:
+    """``policy`` (a timm ``RandAugment`` or ``AutoAugment``) with its posterize operations keeping 0 bits giving a
+    black image, as with Pillow < 13 (in place; returned). Pillow 13's ``ImageOps.posterize`` refuses 0 bits, which
+    timm 1.0.31 asks for at RandAugment's top magnitude with ``inc1`` (``rand-m9-mstd0.5-inc1`` draws it for about
+    1 image in 500) and at low magnitudes without it: a ``ValueError`` that stops the training run (timm's own
+    loader too)."""
     from timm.data.auto_augment import posterize
 
-    return PosterizeKeepingZeroBits() if function is posterize else function
+    sub_policies = getattr(policy, "policy", None) or [getattr(policy, "ops", [])]
+    for op in (op for sub_policy in sub_policies for op in sub_policy):
+        if op.aug_fn is posterize:
+            op.aug_fn = PosterizeKeepingZeroBits()
+    return policy
 
 
 class PosterizeKeepingZeroBits:
