@@ -200,10 +200,16 @@ def per_sample_parts(files: list[Path]) -> dict[str, float]:
     decoded = [RGBLoader(TRAIN_SIZE)(io.BytesIO(b)) for b in blobs]
     ours = imagenet_train_transform(TRAIN_SIZE)
     start = time.perf_counter()
-    for image in decoded:
+    for index, image in enumerate(decoded):
+        ours.set_random_seed(index)  # as the training loaders do per sample
         ours(image)
     ms = 1000 * (time.perf_counter() - start) / len(decoded)
-    results["augmentation only: ours (albumentations RRC+flip+normalize)"] = ms
+    results["augmentation only: ours (albumentations RRC+flip+normalize, re-seeded per sample)"] = ms
+    start = time.perf_counter()
+    for index in range(len(decoded)):
+        ours.set_random_seed(index)
+    ms = 1000 * (time.perf_counter() - start) / len(decoded)
+    results["  of which re-seeding the albumentations pipeline from (seed, epoch, index)"] = ms
     from aa_lightning.data.augment import AugmentSettings
 
     modern = imagenet_train_transform(TRAIN_SIZE, augment=AugmentSettings(**MODERN))
@@ -234,8 +240,45 @@ def per_sample_parts(files: list[Path]) -> dict[str, float]:
         theirs(image)
     ms = 1000 * (time.perf_counter() - start) / len(decoded)
     results[f"augmentation only: timm + RandAugment {RAND_AUGMENT} + random erasing {RANDOM_ERASING}"] = ms
+    results.update(modern_parts(decoded))
     results.update(mixup_cost())
     return results
+
+
+def modern_parts(decoded: list[np.ndarray]) -> dict[str, float]:
+    """ms per image of the parts of our RandAugment step: timm's operations alone (on PIL images of the 224 crops,
+    the global generators seeded per image) and the per-sample seeding + restoring of the global generators."""
+    import random
+
+    import albumentations as A
+
+    from aa_lightning.data.augment import AugmentSettings, seeded_global_generators
+
+    crop = A.RandomResizedCrop(size=(TRAIN_SIZE, TRAIN_SIZE), scale=(0.08, 1.0), p=1.0)
+    crops = [crop(image=image)["image"] for image in decoded]
+    pil_crops = [Image.fromarray(image) for image in crops]
+    rand_augment = AugmentSettings(auto_augment=RAND_AUGMENT).image_steps(TRAIN_SIZE, (0.5, 0.5, 0.5))[0]
+    operations = rand_augment.function.operation
+    start = time.perf_counter()
+    for index, image in enumerate(pil_crops):
+        random.seed(index)
+        np.random.seed(index)
+        operations(image)
+    operations_ms = 1000 * (time.perf_counter() - start) / len(crops)
+    start = time.perf_counter()
+    for index in range(len(crops)):
+        with seeded_global_generators(index):
+            pass
+    seeding_ms = 1000 * (time.perf_counter() - start) / len(crops)
+    start = time.perf_counter()
+    for index, image in enumerate(crops):
+        rand_augment.apply(image, global_seed=index)
+    step_ms = 1000 * (time.perf_counter() - start) / len(crops)
+    return {
+        f"RandAugment {RAND_AUGMENT}: timm's operations alone (PIL, 224 crop)": operations_ms,
+        "  our step around them: seeding + restoring Python's / numpy's / torch's global generators": seeding_ms,
+        "  our whole step (seeding, uint8 <-> PIL, the operations)": step_ms,
+    }
 
 
 def mixup_cost(batch: int = 32, repeats: int = 20) -> dict[str, float]:
