@@ -277,3 +277,41 @@ def test_a_run_with_the_modern_augmentation_killed_mid_epoch_resumes_bit_for_bit
     assert reference_weights.keys() == resumed_weights.keys()
     for key in reference_weights:
         assert torch.equal(reference_weights[key], resumed_weights[key]), key
+
+
+def test_by_default_the_training_pipeline_is_the_one_without_the_options(cifar_dir):
+    """Off = today's pipeline: pad + crop + flip + normalize, the same pixels for the same (seed, epoch, index)."""
+    import albumentations as A
+    import cv2
+    from albumentations.pytorch import ToTensorV2
+
+    from aa_lightning.data.transforms import AlbumentationsTransform
+
+    today = AlbumentationsTransform(
+        [
+            A.PadIfNeeded(40, 40, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.RandomCrop(32, 32),
+            A.HorizontalFlip(p=0.5),
+            A.Normalize(mean=CIFAR100_MEAN, std=CIFAR100_STD, max_pixel_value=255.0),
+            ToTensorV2(),
+        ]
+    )
+    module = _cifar(cifar_dir)
+    assert module.augment == AugmentSettings() and not AugmentSettings().image_steps(32, CIFAR100_MEAN)
+    assert not AugmentSettings().normalized_steps()
+    for seed in range(6):
+        module.train_set.transform.set_random_seed(seed)
+        today.set_random_seed(seed)
+        assert torch.equal(module.train_set[seed][0], today(module.train_set.images[seed]))
+
+
+def test_the_augmenting_pipeline_survives_pickling_for_spawned_workers():
+    import pickle
+
+    transform = cifar_train_transform(augment=AugmentSettings(auto_augment=RAND, **EVERYTHING))
+    copy = pickle.loads(pickle.dumps(transform))
+    image = _photos(1)[0]
+    for seed in range(4):
+        transform.set_random_seed(seed)
+        copy.set_random_seed(seed)
+        assert torch.equal(transform(image), copy(image))
