@@ -299,10 +299,14 @@ def test_by_default_the_training_pipeline_is_the_one_without_the_options(cifar_d
     module = _cifar(cifar_dir)
     assert module.augment == AugmentSettings() and not AugmentSettings().image_steps(32, CIFAR100_MEAN)
     assert not AugmentSettings().normalized_steps()
+    plain_function = cifar_train_transform()
     for seed in range(6):
-        module.train_set.transform.set_random_seed(seed)
-        today.set_random_seed(seed)
-        assert torch.equal(module.train_set[seed][0], today(module.train_set.images[seed]))
+        image = module.train_set.images[seed]
+        outputs = []
+        for transform in (module.train_set.transform, today, plain_function):
+            transform.set_random_seed(seed)
+            outputs.append(transform(image))
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[2], outputs[1])
 
 
 def test_the_augmenting_pipeline_survives_pickling_for_spawned_workers():
