@@ -107,6 +107,31 @@ def test_imagenet_modules_augment_training_and_not_evaluation(tmp_path):
     )
 
 
+def test_the_streamed_module_augments_training_shards_and_not_validation(tmp_path):
+    pytest.importorskip("litdata")
+    from helpers.streaming_helpers import write_tree
+
+    from aa_lightning.data.augment import SeededLibraryStep as Step
+    from aa_lightning.data.prepare import convert_imagenet
+
+    write_tree(tmp_path / "src", {"train": 4, "val": 2}, ["n01", "n02"], size=40)
+    convert_imagenet(tmp_path / "src", tmp_path / "shards", num_workers=1, chunk_bytes="8KB", verbose=False)
+    batches = {}
+    for name, augment in (("plain", {}), ("modern", {"auto_augment": RAND, **EVERYTHING, "random_erasing": 1.0})):
+        module = StreamingImageNetDataModule(
+            data_dir=str(tmp_path / "shards"), batch_size=4, num_workers=0, train_size=32, eval_size=32, **augment
+        )
+        module.setup("fit")
+        steps = [type(step) for step in module.train_set.transform[0].transform.pipeline.transforms]
+        assert steps.count(Step) == (3 if augment else 0)
+        assert Step not in [type(step) for step in module.val_set.transform[0].transform.pipeline.transforms]
+        loaders = module.train_dataloader(), module.val_dataloader()
+        batches[name] = [torch.cat([images for images, _ in loader]) for loader in loaders]
+    (plain_train, plain_val), (modern_train, modern_val) = batches["plain"], batches["modern"]
+    assert plain_train.shape == modern_train.shape and not torch.equal(plain_train, modern_train)  # erasing p=1
+    assert torch.equal(plain_val, modern_val)  # validation: untouched
+
+
 def test_the_streamed_module_takes_the_same_settings():
     module = StreamingImageNetDataModule(data_dir="s3://bucket/shards", auto_augment=RAND, **EVERYTHING)
     assert module.augment == AugmentSettings(auto_augment=RAND, **EVERYTHING)
