@@ -9,7 +9,12 @@ converted to litdata shards), each reader produces the recipe's training batches
 - ``litdata-sequential``: the same with litdata's shuffle off (chunks and samples in storage order): what the
   training shuffle (a new chunk order and a full permutation inside each chunk every epoch) costs;
 - ``timm``: ``timm.data.create_dataset`` + ``create_loader`` on the same folders (PIL decode, torchvision-style
-  PIL transforms; ``color_jitter=0`` and no prefetcher, so that it does the same work in its workers).
+  PIL transforms; ``color_jitter=0`` and no prefetcher, so that it does the same work in its workers);
+- ``<reader>+modern``: the same reader with the modern per-sample augmentation of the "ResNet strikes back"
+  recipes, RandAugment ``rand-m9-mstd0.5-inc1`` + random erasing 0.25 (ours: ``auto_augment`` /
+  ``random_erasing`` of the data modules; timm: ``auto_augment`` / ``re_prob`` of ``create_loader``). Batch
+  mixing (mixup / cutmix) is not in the workers: the task mixes each batch on the device; its CPU cost is the
+  ``timm Mixup`` row of the per-sample table.
 
 For every worker count, each reader gets ``--rounds`` rounds; the readers take turns round by round
 (so that load from other jobs hits them alike) and the median round is reported. A round builds a
@@ -44,6 +49,9 @@ from report import command_line, write_report  # noqa: E402
 cv2.setNumThreads(1)
 torch.set_num_threads(1)
 TRAIN_SIZE = 224
+#: the modern per-sample augmentation of the "+modern" readers ("ResNet strikes back" A2-like: RandAugment m9)
+RAND_AUGMENT, RANDOM_ERASING = "rand-m9-mstd0.5-inc1", 0.25
+MODERN = {"auto_augment": RAND_AUGMENT, "random_erasing": RANDOM_ERASING}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=8, help="timed batches per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-samples", type=int, default=200, help="images for the per-part timings")
-    p.add_argument("--readers", nargs="+", default=["folder", "litdata", "litdata-sequential", "timm"])
+    p.add_argument(
+        "--readers",
+        nargs="+",
+        default=["folder", "folder+modern", "litdata", "litdata-sequential", "timm", "timm+modern"],
+        help="folder, litdata, litdata-sequential, timm; '+modern' adds RandAugment m9 + random erasing 0.25",
+    )
     p.add_argument("--out-dir", default=None, help="write data.json / data.md here")
     return p.parse_args(argv)
 
@@ -79,18 +92,29 @@ def generate(root: Path, images: int, classes: int) -> None:
 
 
 def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int):
+    reader, plus, modern = reader.partition("+")
+    if plus and modern != "modern":
+        raise ValueError(f"--readers: unknown suffix +{modern} (only +modern)")
+    augment = MODERN if plus else {}
     if reader == "folder":
         from aa_lightning.data import ImageNetDataModule
 
         dm = ImageNetDataModule(
-            data_dir=str(root), batch_size=batch, num_workers=workers, persistent_workers=False, pin_memory=False
+            data_dir=str(root),
+            batch_size=batch,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=False,
+            **augment,
         )
         dm.setup("fit")
         return dm.train_dataloader()
     if reader in ("litdata", "litdata-sequential"):
         from aa_lightning.data import StreamingImageNetDataModule
 
-        dm = StreamingImageNetDataModule(data_dir=str(shards), batch_size=batch, num_workers=workers, pin_memory=False)
+        dm = StreamingImageNetDataModule(
+            data_dir=str(shards), batch_size=batch, num_workers=workers, pin_memory=False, **augment
+        )
         dm.setup("fit")
         if reader == "litdata-sequential":
             dm.train_set.set_shuffle(False)
@@ -99,7 +123,7 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
         from timm.data import create_dataset, create_loader
 
         dataset = create_dataset("", root=str(root), split="train", is_training=True)
-        return create_loader(
+        loader = create_loader(
             dataset,
             input_size=(3, TRAIN_SIZE, TRAIN_SIZE),
             batch_size=batch,
@@ -111,8 +135,25 @@ def make_loader(reader: str, root: Path, shards: Path, workers: int, batch: int)
             persistent_workers=False,
             pin_memory=False,
             device=torch.device("cpu"),
+            auto_augment=RAND_AUGMENT if plus else None,
+            re_prob=RANDOM_ERASING if plus else 0.0,
         )
-    raise ValueError(f"--readers: unknown reader {reader!r} (folder, litdata, litdata-sequential, timm)")
+        _posterize_zero_bits_to_black(loader.dataset.transform)
+        return loader
+    raise ValueError(f"--readers: unknown reader {reader!r} (folder, litdata, litdata-sequential, timm; +modern)")
+
+
+def _posterize_zero_bits_to_black(transform) -> None:
+    """timm's RandAugment inside ``transform`` (a torchvision ``Compose``) made to survive Pillow 13, as ours is
+    (:func:`aa_lightning.data.augment.posterize_zero_bits_to_black`): timm 1.0.31's own loader stops with
+    "bits must be between or equal to 1 and 8" within a few hundred images of rand-m9-mstd0.5-inc1."""
+    from timm.data.auto_augment import RandAugment
+
+    from aa_lightning.data.augment import posterize_zero_bits_to_black
+
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            posterize_zero_bits_to_black(step)
 
 
 def time_round(reader: str, root: Path, shards: Path, workers: int, batch: int, batches: int) -> float:
@@ -159,10 +200,25 @@ def per_sample_parts(files: list[Path]) -> dict[str, float]:
     decoded = [RGBLoader(TRAIN_SIZE)(io.BytesIO(b)) for b in blobs]
     ours = imagenet_train_transform(TRAIN_SIZE)
     start = time.perf_counter()
-    for image in decoded:
+    for index, image in enumerate(decoded):
+        ours.set_random_seed(index)  # as the training loaders do per sample
         ours(image)
     ms = 1000 * (time.perf_counter() - start) / len(decoded)
-    results["augmentation only: ours (albumentations RRC+flip+normalize)"] = ms
+    results["augmentation only: ours (albumentations RRC+flip+normalize, re-seeded per sample)"] = ms
+    start = time.perf_counter()
+    for index in range(len(decoded)):
+        ours.set_random_seed(index)
+    ms = 1000 * (time.perf_counter() - start) / len(decoded)
+    results["  of which re-seeding the albumentations pipeline from (seed, epoch, index)"] = ms
+    from aa_lightning.data.augment import AugmentSettings
+
+    modern = imagenet_train_transform(TRAIN_SIZE, augment=AugmentSettings(**MODERN))
+    start = time.perf_counter()
+    for index, image in enumerate(decoded):
+        modern.set_random_seed(index)  # as the training loaders do per sample
+        modern(image)
+    ms = 1000 * (time.perf_counter() - start) / len(decoded)
+    results[f"augmentation only: ours + RandAugment {RAND_AUGMENT} + random erasing {RANDOM_ERASING}"] = ms
     theirs = create_transform(TRAIN_SIZE, is_training=True, color_jitter=0.0, interpolation="bilinear")
     pil_images = [Image.fromarray(image) for image in decoded]
     start = time.perf_counter()
@@ -170,7 +226,74 @@ def per_sample_parts(files: list[Path]) -> dict[str, float]:
         theirs(image)
     ms = 1000 * (time.perf_counter() - start) / len(decoded)
     results["augmentation only: timm (PIL RRC+flip, ToTensor, normalize)"] = ms
+    theirs = create_transform(
+        TRAIN_SIZE,
+        is_training=True,
+        color_jitter=0.0,
+        interpolation="bilinear",
+        auto_augment=RAND_AUGMENT,
+        re_prob=RANDOM_ERASING,
+    )
+    _posterize_zero_bits_to_black(theirs)
+    start = time.perf_counter()
+    for image in pil_images:
+        theirs(image)
+    ms = 1000 * (time.perf_counter() - start) / len(decoded)
+    results[f"augmentation only: timm + RandAugment {RAND_AUGMENT} + random erasing {RANDOM_ERASING}"] = ms
+    results.update(modern_parts(decoded))
+    results.update(mixup_cost())
     return results
+
+
+def modern_parts(decoded: list[np.ndarray]) -> dict[str, float]:
+    """ms per image of the parts of our RandAugment step: timm's operations alone (on PIL images of the 224 crops,
+    the global generators seeded per image) and the per-sample seeding + restoring of the global generators."""
+    import random
+
+    import albumentations as A
+
+    from aa_lightning.data.augment import AugmentSettings, seeded_global_generators
+
+    crop = A.RandomResizedCrop(size=(TRAIN_SIZE, TRAIN_SIZE), scale=(0.08, 1.0), p=1.0)
+    crops = [crop(image=image)["image"] for image in decoded]
+    pil_crops = [Image.fromarray(image) for image in crops]
+    rand_augment = AugmentSettings(auto_augment=RAND_AUGMENT).image_steps(TRAIN_SIZE, (0.5, 0.5, 0.5))[0]
+    operations = rand_augment.function.operation
+    start = time.perf_counter()
+    for index, image in enumerate(pil_crops):
+        random.seed(index)
+        np.random.seed(index)
+        operations(image)
+    operations_ms = 1000 * (time.perf_counter() - start) / len(crops)
+    start = time.perf_counter()
+    for index in range(len(crops)):
+        with seeded_global_generators(index):
+            pass
+    seeding_ms = 1000 * (time.perf_counter() - start) / len(crops)
+    start = time.perf_counter()
+    for index, image in enumerate(crops):
+        rand_augment.apply(image, global_seed=index)
+    step_ms = 1000 * (time.perf_counter() - start) / len(crops)
+    return {
+        f"RandAugment {RAND_AUGMENT}: timm's operations alone (PIL, 224 crop)": operations_ms,
+        "  our step around them: seeding + restoring Python's / numpy's / torch's global generators": seeding_ms,
+        "  our whole step (seeding, uint8 <-> PIL, the operations)": step_ms,
+    }
+
+
+def mixup_cost(batch: int = 32, repeats: int = 20) -> dict[str, float]:
+    """ms per image of timm's ``Mixup`` (mixup 0.8 / cutmix 1.0, switch 0.5, label smoothing 0.1, 1000 classes)
+    on a CPU batch [batch, 3, 224, 224]: in training it runs on the device, in the task, not in the workers."""
+    from timm.data import Mixup
+
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, num_classes=1000)
+    images = torch.randn(batch, 3, TRAIN_SIZE, TRAIN_SIZE)
+    targets = torch.randint(0, 1000, (batch,))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mixup(images, targets)  # in place, as in training
+    ms = 1000 * (time.perf_counter() - start) / (repeats * batch)
+    return {f"timm Mixup / CutMix of a CPU batch of {batch} (per image; on the device in training)": ms}
 
 
 def _pil_draft_half(blob: bytes) -> np.ndarray:
@@ -230,6 +353,11 @@ def main(argv=None) -> None:
             f"| {row['reader']} | {row['workers']} | {row['images_per_s']:.0f} | {row['per_worker']:.0f} | "
             f"{2500 / row['per_worker']:.1f} |"
         )
+    lines += [
+        "",
+        f"`+modern`: RandAugment `{RAND_AUGMENT}` + random erasing {RANDOM_ERASING} in the workers; mixup / cutmix "
+        "run on the device in the task (their CPU cost: the `timm Mixup` row below).",
+    ]
     lines += ["", "| one sample, one thread | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in parts.items()]
     table = "\n".join(lines)

@@ -78,6 +78,8 @@ CIFAR_FORMAT = "aa_lightning/data/cifar_format.py"
 COCO = "aa_lightning/data/coco.py"
 FAULTS = "aa_lightning/training/faults.py"
 STREAMING_LOADER = "aa_lightning/data/streaming_loader.py"
+DATA_AUGMENT = "aa_lightning/data/augment.py"
+MODERN_AUGMENTATION = "tests/data/test_modern_augmentation.py"
 PREPARE = "aa_lightning/data/prepare.py"
 AUGMENT = "aa_lightning/models/augmentation.py"
 SETTINGS = "aa_lightning/models/attention_settings.py"
@@ -487,6 +489,32 @@ BREAKAGES: list[Breakage] = [
         "        if isinstance(index, ChunkedIndex):\n",
         "        if False:\n",
         ["tests/data/test_streaming_resume.py"],
+    ),
+    breakage(
+        "augment-libraries-not-seeded-per-sample",
+        "RandAugment / AutoAugment / TrivialAugment / erasing draw from the process's global generators, not from "
+        "(seed, epoch, index): workers and resumed runs augment differently",
+        DATA_AUGMENT,
+        "        with seeded_global_generators(global_seed, self.stream, self.numpy):\n"
+        "            return self.function(img)",
+        "        return self.function(img)",
+        [MODERN_AUGMENTATION],
+    ),
+    breakage(
+        "augment-leaves-the-global-generators-seeded",
+        "loading a sample leaves numpy's global generator seeded by the augmentation (a user's stream changes)",
+        DATA_AUGMENT,
+        "            np.random.set_state(saved_numpy)\n",
+        "            pass\n",
+        [MODERN_AUGMENTATION],
+    ),
+    breakage(
+        "augment-reaches-evaluation",
+        "the CIFAR evaluation images get the training augmentation's steps (RandAugment, erasing, ...)",
+        CIFAR,
+        "        eval_transform = cifar_eval_transform(self.mean, self.std)",
+        "        eval_transform = cifar_train_transform(pad=0, hflip=False, augment=self.augment)",
+        [MODERN_AUGMENTATION],
     ),
     breakage(
         "converter-writes-class-by-class",

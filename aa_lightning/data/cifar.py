@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import AugmentSettings
 from .cifar_format import BASE_FOLDER, read_cifar_meta, read_cifar_split
 from .loaders import SplitLoaders, check_loader_settings
 from .transforms import (
@@ -60,6 +61,9 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         seed: seed of the augmentation pipeline and of the validation split.
         pin_memory: pin host memory (default: when CUDA is available).
         persistent_workers: keep workers alive between epochs.
+        auto_augment, color_jitter, random_erasing, random_erasing_mode, random_erasing_count: training-only
+            per-sample augmentation, off by default (:mod:`aa_lightning.data.augment`: ``auto_augment`` e.g.
+            ``rand-m9-mstd0.5-inc1``, ``autoaugment-cifar``, ``autoaugment``, ``trivialaugment``).
     """
 
     def __init__(
@@ -76,9 +80,17 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        auto_augment: str | None = None,
+        color_jitter: float | None = None,
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "const",
+        random_erasing_count: int = 1,
     ) -> None:
         super().__init__()
         check_loader_settings(batch_size, num_workers)
+        self.augment = AugmentSettings(
+            auto_augment, random_erasing, random_erasing_mode, random_erasing_count, color_jitter
+        )
         if val_split < 0:
             raise ValueError(f"data.val_split must be >= 0 (images held out), got {val_split}")
         self.save_hyperparameters()
@@ -138,7 +150,13 @@ class CIFAR100DataModule(SplitLoaders, pl.LightningDataModule):
         if stage in (None, "fit", "validate"):
             images, labels = read_cifar_split(self.data_dir, "train", self.num_classes)
             train_transform = cifar_train_transform(
-                self.mean, self.std, self.hparams.pad, self.hparams.hflip, seed=self.hparams.seed
+                self.mean,
+                self.std,
+                self.hparams.pad,
+                self.hparams.hflip,
+                IMAGE_SIZE,
+                seed=self.hparams.seed,
+                augment=self.augment,
             )
             n_val = self.hparams.val_split
             if n_val >= len(labels):

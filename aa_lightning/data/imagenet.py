@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from .augment import AugmentSettings
 from .class_folders import scan_class_folders
 from .images import rgb_array
 from .loaders import SplitLoaders, check_loader_settings
@@ -91,6 +92,9 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         seed: seed of the augmentation pipeline.
         pin_memory: pin host memory (default: when CUDA is available).
         persistent_workers: keep workers alive between epochs.
+        auto_augment, color_jitter, random_erasing, random_erasing_mode, random_erasing_count: training-only
+            per-sample augmentation, off by default (:mod:`aa_lightning.data.augment`: ``auto_augment`` e.g.
+            ``rand-m9-mstd0.5-inc1``, ``autoaugment``, ``autoaugment-cifar``, ``trivialaugment``).
     """
 
     def __init__(
@@ -109,9 +113,17 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        auto_augment: str | None = None,
+        color_jitter: float | None = None,
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "const",
+        random_erasing_count: int = 1,
     ) -> None:
         super().__init__()
         check_loader_settings(batch_size, num_workers)
+        self.augment = AugmentSettings(
+            auto_augment, random_erasing, random_erasing_mode, random_erasing_count, color_jitter
+        )
         if not 0.0 < min_scale <= 1.0:
             raise ValueError(f"data.min_scale must be in (0, 1], got {min_scale}")
         if resize_size < eval_size:
@@ -153,7 +165,7 @@ class ImageNetDataModule(SplitLoaders, pl.LightningDataModule):
         self.num_classes = len(self.class_names)
         if stage in (None, "fit"):
             train_transform = imagenet_train_transform(
-                hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed
+                hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed, augment=self.augment
             )
             self.train_set = ClassFolderImages(
                 self._folder("train", "training"),

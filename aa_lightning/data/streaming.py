@@ -113,7 +113,8 @@ class StreamingImageNetDataModule(ImageNetDataModule):
         cache_dir: local folder for the chunks of a remote ``data_dir`` (default: litdata's).
         max_cache_size: most disk space the cached chunks of one split may take, e.g. ``"100GB"``.
         storage_options: passed to litdata's object-store client (credentials, endpoint, ...).
-        Other arguments: as :class:`~aa_lightning.data.ImageNetDataModule` (``seed`` also seeds the shuffle).
+        Other arguments: as :class:`~aa_lightning.data.ImageNetDataModule` (``seed`` also seeds the shuffle;
+            ``auto_augment``, ``color_jitter`` and ``random_erasing*``: the per-sample augmentation).
     """
 
     def __init__(
@@ -134,6 +135,11 @@ class StreamingImageNetDataModule(ImageNetDataModule):
         cache_dir: str | None = None,
         max_cache_size: str = "100GB",
         storage_options: dict[str, Any] | None = None,
+        auto_augment: str | None = None,
+        color_jitter: float | None = None,
+        random_erasing: float = 0.0,
+        random_erasing_mode: str = "const",
+        random_erasing_count: int = 1,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -150,6 +156,11 @@ class StreamingImageNetDataModule(ImageNetDataModule):
             seed=seed,
             pin_memory=pin_memory,
             persistent_workers=False,
+            auto_augment=auto_augment,
+            color_jitter=color_jitter,
+            random_erasing=random_erasing,
+            random_erasing_mode=random_erasing_mode,
+            random_erasing_count=random_erasing_count,
         )
         # a URI stays a URI (Path would fold "s3://" to "s3:/"); file:// is a local folder
         self.data_dir = str(data_dir).removeprefix("file://").rstrip("/")
@@ -211,7 +222,7 @@ class StreamingImageNetDataModule(ImageNetDataModule):
         self.test_set = self.val_set  # ILSVRC-2012's labelled val images are also the test set
         if stage in (None, "fit"):
             train_transform = imagenet_train_transform(
-                hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed
+                hp.train_size, (hp.min_scale, 1.0), hp.hflip, self.mean, self.std, seed=hp.seed, augment=self.augment
             )
             self.train_set = self._dataset("train", train_transform, hp.train_size if hp.draft else None, train=True)
 

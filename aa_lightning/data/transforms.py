@@ -4,6 +4,8 @@
   normalize only (evaluation).
 - ImageNet: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3) + flip + normalize (training);
   resize the short side to 256 + center crop 224 + normalize (evaluation).
+- Training only, when set: RandAugment / AutoAugment / TrivialAugment and colour jitter after the flip,
+  random erasing after normalize (:mod:`.augment`, seeded per sample like the rest of the pipeline).
 
 :func:`eval_data_config` describes an evaluation transform in timm's data-config keys (``input_size``,
 ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``): the data modules provide it as
@@ -32,6 +34,8 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import get_worker_info
 
 from aa_lightning.constants import CIFAR100_MEAN, CIFAR100_STD
+
+from .augment import AugmentSettings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,8 +67,23 @@ class AlbumentationsTransform:
         return f"{type(self).__name__}({self.pipeline!r})"
 
 
-def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+def _normalize(
+    mean: Sequence[float], std: Sequence[float], normalized_steps: Sequence[A.BasicTransform] = ()
+) -> list[A.BasicTransform]:
+    """Normalize, the steps on the normalized image (random erasing), float tensor [3, H, W]."""
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), *normalized_steps, ToTensorV2()]
+
+
+def _with_augment(
+    transforms: list[A.BasicTransform],
+    augment: AugmentSettings | None,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> list[A.BasicTransform]:
+    """``transforms`` (crop / flip), then ``augment``'s uint8 steps, normalize, its normalized-image steps."""
+    augment = augment or AugmentSettings()
+    return transforms + augment.image_steps(image_size, mean) + _normalize(mean, std, augment.normalized_steps())
 
 
 def cifar_train_transform(
@@ -74,8 +93,10 @@ def cifar_train_transform(
     hflip: bool = True,
     image_size: int = 32,
     seed: int = 0,
+    augment: AugmentSettings | None = None,
 ) -> AlbumentationsTransform:
-    """Zero-pad ``pad`` pixels, random ``image_size`` crop, optional horizontal flip, normalize."""
+    """Zero-pad ``pad`` pixels, random ``image_size`` crop, optional horizontal flip, ``augment``'s steps
+    (:mod:`.augment`; none by default), normalize."""
     transforms: list[A.BasicTransform] = []
     if pad > 0:
         transforms += [
@@ -84,7 +105,7 @@ def cifar_train_transform(
         ]
     if hflip:
         transforms.append(A.HorizontalFlip(p=0.5))
-    return AlbumentationsTransform(transforms + _normalize(mean, std), seed=seed)
+    return AlbumentationsTransform(_with_augment(transforms, augment, image_size, mean, std), seed=seed)
 
 
 def cifar_eval_transform(
@@ -101,8 +122,10 @@ def imagenet_train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     seed: int = 0,
+    augment: AugmentSettings | None = None,
 ) -> AlbumentationsTransform:
-    """RandomResizedCrop ``image_size`` (area ``scale``, aspect 3/4-4/3), optional flip, normalize."""
+    """RandomResizedCrop ``image_size`` (area ``scale``, aspect 3/4-4/3), optional flip, ``augment``'s steps
+    (:mod:`.augment`; none by default), normalize."""
     transforms: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(image_size, image_size), scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR
@@ -110,7 +133,7 @@ def imagenet_train_transform(
     ]
     if hflip:
         transforms.append(A.HorizontalFlip(p=0.5))
-    return AlbumentationsTransform(transforms + _normalize(mean, std), seed=seed)
+    return AlbumentationsTransform(_with_augment(transforms, augment, image_size, mean, std), seed=seed)
 
 
 def imagenet_eval_transform(
