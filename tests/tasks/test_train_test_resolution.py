@@ -20,9 +20,7 @@ class InputSizes(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
-            pl_module.model.register_forward_pre_hook(
-                lambda m, args: self.sizes.add((m.training, *args[0].shape[-2:]))
-            )
+            pl_module.model.register_forward_pre_hook(lambda m, args: self.sizes.add((m.training, *args[0].shape[-2:])))
 
 
 def test_an_aa_model_trained_at_32_is_validated_and_tested_at_48(tmp_path):

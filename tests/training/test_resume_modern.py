@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 from helpers.cli_helpers import aa_recipe, run_cli
-
 from test_resume import STEPS_PER_EPOCH, assert_same_optimizer, assert_same_tensors, load, probe
 
 EMA = {"class_path": "aa_lightning.callbacks.ModelEMA", "init_args": {"decay": 0.9, "update_starting_at_step": 2}}
