@@ -180,7 +180,14 @@ def _one_step_size(config: dict) -> int:
     return 32 if "CIFAR" in config["data"]["class_path"] else 64
 
 
-@pytest.mark.parametrize("recipe", MODERN, ids=[p.stem for p in MODERN])
+HEAVY = ("resnet50", "wrn28_10_autoaugment")  # 25-36M parameters: 3-8 s a step on 2 shared cores
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [pytest.param(p, marks=pytest.mark.slow) if any(h in p.stem for h in HEAVY) else p for p in MODERN],
+    ids=[p.stem for p in MODERN],
+)
 def test_modern_recipe_builds_its_model_and_runs_one_training_step(recipe, capsys, tmp_path):
     """The recipe's task (its optimizer, loss, mixing, schedule) and its EMA callback, one optimizer step on random
     images of a small size (the data sets are not here)."""
@@ -211,7 +218,7 @@ def test_modern_recipe_builds_its_model_and_runs_one_training_step(recipe, capsy
         gradient_clip_val=config["trainer"].get("gradient_clip_val"),
         default_root_dir=tmp_path,
     )
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit(model, DataLoader(TensorDataset(images, labels), batch_size=4))
     assert trainer.global_step == 1
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
+    state = trainer.optimizers[0].state  # the optimizer stepped (an EMA that starts later puts the start weights back)
+    assert state and all(torch.isfinite(t).all() for s in state.values() for t in s.values() if torch.is_tensor(t))
