@@ -127,3 +127,11 @@ def test_bad_ema_settings_fail_naming_the_key():
         ModelEMA(decay=1.5)
     with pytest.raises(ValueError, match=r"ModelEMA\.update_every_n_steps must be >= 1"):
         ModelEMA(update_every_n_steps=0)
+
+
+def test_a_timm_checkpoint_with_raw_and_ema_weights_is_read_as_its_ema(tmp_path):
+    """timm's train.py saves the raw weights under state_dict and the EMA beside them under state_dict_ema."""
+    raw = {"fc.weight": torch.zeros(2, 3)}
+    ema = {"fc.weight": torch.ones(2, 3)}
+    torch.save({"state_dict": raw, "state_dict_ema": {f"module.{k}": v for k, v in ema.items()}}, tmp_path / "t.pth")
+    assert torch.equal(read_checkpoint(tmp_path / "t.pth").state_dict["fc.weight"], ema["fc.weight"])
