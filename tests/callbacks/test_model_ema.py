@@ -120,6 +120,8 @@ def test_predict_and_export_read_the_ema_weights_of_the_checkpoint(ema_run):
     assert_close({k: v for k, v in read_checkpoint(path).state_dict.items() if k in expected}, expected, "read")
     model = load_checkpoint(ImageClassifier(model_name="test_resnet", num_classes=4).model, path)
     assert_close({k: v.detach() for k, v in model.named_parameters()}, expected, "load_checkpoint")
+    reloaded = ImageClassifier.load_from_checkpoint(path, weights_only=True)  # the hyper-parameters load too
+    assert_close({k: v.detach() for k, v in reloaded.model.named_parameters()}, expected, "load_from_checkpoint")
 
 
 def test_bad_ema_settings_fail_naming_the_key():

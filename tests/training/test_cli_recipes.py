@@ -222,3 +222,13 @@ def test_modern_recipe_builds_its_model_and_runs_one_training_step(recipe, capsy
     assert trainer.global_step == 1
     state = trainer.optimizers[0].state  # the optimizer stepped (an EMA that starts later puts the start weights back)
     assert state and all(torch.isfinite(t).all() for s in state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def test_a_printed_modern_config_reruns_to_the_same_settings(capsys, tmp_path):
+    """--print_config writes the typed mixing settings and the EMA callback so that the file parses to the same."""
+    first = resolved(capsys, CONFIGS / "quickstart_modern.yaml")
+    path = tmp_path / "printed.yaml"
+    path.write_text(yaml.safe_dump(first))
+    again = resolved(capsys, path)
+    assert again == first
+    assert first["model"]["init_args"]["mixing"]["cutmix_alpha"] == 1.0
