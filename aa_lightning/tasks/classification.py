@@ -13,8 +13,8 @@
   B_global = batch per device x devices x nodes x gradient accumulation), linear warm-up over
   ``warmup_epochs`` then cosine decay (or step / constant / x ``lr_gamma`` every ``lr_decay_epochs``),
   stepped every optimizer step.
-- EMA of the weights: Lightning's ``EMAWeightAveraging`` callback (or :class:`aa_lightning.callbacks.ModelEMA`)
-  in ``trainer.callbacks``; validation then reports the EMA weights and checkpoints carry them.
+- EMA of the weights: :class:`aa_lightning.callbacks.ModelEMA` (Lightning's ``EMAWeightAveraging``) in
+  ``trainer.callbacks``; validation and test then report the EMA weights and checkpoints carry them.
 - Metrics: torchmetrics top-1 / top-5 accuracy for train, val and test (states summed across
   DDP processes), ``train/loss``, ``val/loss``, ``test/loss``, ``train/lr``, ``test/images``.
 
@@ -139,6 +139,11 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"model.loss must be one of {', '.join(LOSSES)}; got {loss!r}")
         mixing = mixing if mixing is not None else Mixing()
         mixing.check()
+        if mixing.enabled and label_smoothing > 0:
+            raise ValueError(
+                f"model.label_smoothing is {label_smoothing} with model.mixing on: the mixed targets are smoothed "
+                "already; set model.mixing.label_smoothing instead (and model.label_smoothing: 0)"
+            )
         for key, value, ok, allowed in [
             ("num_classes", num_classes, num_classes >= 2, ">= 2"),
             ("base_lr", base_lr, base_lr > 0, "> 0"),

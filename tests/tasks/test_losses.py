@@ -68,5 +68,7 @@ def test_bad_loss_settings_fail_naming_the_key():
         ImageClassifier(model_name="test_resnet", num_classes=C, loss="bce", bce_target_thresh=1.5)
     with pytest.raises(ValueError, match=r"model\.optimizer must be one of"):
         ImageClassifier(model_name="test_resnet", num_classes=C, optimizer="lambda")
+    with pytest.raises(ValueError, match=r"model\.label_smoothing is 0.1 with model\.mixing on"):
+        ImageClassifier(model_name="test_resnet", num_classes=C, label_smoothing=0.1, mixing={"mixup_alpha": 0.2})
     with pytest.raises(ValueError, match=r"model\.lr_decay_epochs must be > 0 with schedule exponential_step"):
         ImageClassifier(model_name="test_resnet", num_classes=C, schedule="exponential_step")
