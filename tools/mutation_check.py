@@ -176,7 +176,7 @@ BREAKAGES: list[Breakage] = [
     breakage(
         "label-smoothing-ignored",
         "model.label_smoothing accepted but not applied",
-        CLASSIFICATION,
+        "aa_lightning/tasks/losses.py",
         "nn.CrossEntropyLoss(label_smoothing=label_smoothing)",
         "nn.CrossEntropyLoss()",
         ["tests/tasks/test_product_classification.py", "tests/tasks/test_classification.py"],
@@ -831,6 +831,39 @@ BREAKAGES: list[Breakage] = [
         "    _REFUSED.add(key)\n    _, h, w, dkh = q.shape\n    warnings.warn(",
         "    _REFUSED.add(key)\n    _, h, w, dkh = q.shape\n    (lambda *args, **kwargs: None)(",
         ["tests/kernels/test_triton_kernels.py"],
+    ),
+    breakage(
+        "mixing-applied-at-eval",
+        "validation and test images are mixed too (timm's Mixup in the evaluation step)",
+        CLASSIFICATION,
+        "    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> None:\n"
+        "        images, targets = batch\n",
+        "    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> None:\n"
+        "        images, targets = batch\n"
+        "        images = self.mix(images, targets, 0)[0]\n",
+        ["tests/tasks/test_mixing.py"],
+    ),
+    breakage(
+        "ema-not-used-at-validation",
+        "validation reports the raw weights although the EMA callback is on (no swap around validation)",
+        "aa_lightning/callbacks/model_ema.py",
+        "    def on_load_checkpoint(",
+        "    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:\n"
+        "        pass\n\n"
+        "    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:\n"
+        "        pass\n\n"
+        "    def on_load_checkpoint(",
+        ["tests/callbacks/test_model_ema.py"],
+    ),
+    breakage(
+        "mixing-seed-not-restored-on-resume",
+        "the mixing draws are seeded by a call counter of the mixer (not saved), not by the optimizer step: a resumed "
+        "run mixes differently",
+        "aa_lightning/tasks/mixing.py",
+        "        np.random.seed(step_seed(self.seed, step, micro_batch))",
+        "        self.calls = getattr(self, 'calls', 0) + 1\n"
+        "        np.random.seed(step_seed(self.seed, self.calls, micro_batch))",
+        ["tests/tasks/test_mixing.py"],
     ),
 ]
 

@@ -31,8 +31,10 @@ from ..layers import resample_relative_table
 
 LIGHTNING_PREFIX = "model."
 RELATIVE_TABLES = ("rel_h", "rel_w")
-#: where a checkpoint keeps the weights: Lightning, timm / torchvision scripts, timm's EMA (first found wins)
-STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")
+#: where a checkpoint keeps the weights (first found wins): timm's EMA (timm's train.py saves the raw weights beside it
+#: under ``state_dict``), Lightning (whose ``state_dict`` *is* the EMA when the run had an EMA callback: the raw weights
+#: are then under ``current_model_state``), timm / torchvision scripts
+STATE_DICT_KEYS = ("state_dict_ema", "state_dict", "model")
 #: hyper-parameter keys under which a checkpoint may name its timm model
 MODEL_NAME_KEYS = ("model_name", "backbone", "arch", "architecture", "model")
 
@@ -207,7 +209,8 @@ def _read_failure(err: TorchFileError) -> str:
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a Lightning ``.ckpt`` (weights under ``state_dict``, keys prefixed ``model.``), a timm /
-    torch ``.pth`` (a state dict, or one under ``state_dict`` / ``model`` / ``state_dict_ema``) or a
+    torch ``.pth`` (a state dict, or one under ``state_dict_ema`` / ``state_dict`` / ``model``: the EMA weights
+    when the file has them) or a
     ``.safetensors`` file, with ``torch.load(weights_only=True)`` / safetensors: no code is unpickled.
 
     Raises ``FileNotFoundError`` or ``ValueError`` naming the file.

@@ -2,11 +2,19 @@
 
 - Model: ``timm.create_model(model_name, num_classes=..., **model_kwargs)``, so every ablation
   is a config line (``model_kwargs: {aa_k: 1.0, aa_v: 1.0}``).
-- Loss: cross-entropy with optional label smoothing.
-- Optimizer: SGD (momentum, optional Nesterov) or AdamW; no weight decay on norms and biases.
+- Loss: ``ce`` (cross-entropy, label smoothing), ``soft_ce`` or ``bce`` (timm's; :mod:`.losses`).
+- Batch mixing of training batches (``mixing``: timm's Mixup / CutMix, seeded per optimizer step,
+  :mod:`.mixing`); validation, test and predict batches are never mixed. Under mixing the train
+  top-1 / top-5 compare the logits with the argmax of the mixed target (the larger share of the two
+  images), so they are not the accuracy of clean images: read val/ for that.
+- Optimizer: SGD (momentum, optional Nesterov), AdamW or any of timm's factory by name (``lamb``,
+  ``lars``, ``rmsproptf``, ...; ``optimizer_kwargs``); no weight decay on norms and biases.
 - Learning rate: peak = ``base_lr * B_global / reference_batch_size`` (the paper's linear scaling,
   B_global = batch per device x devices x nodes x gradient accumulation), linear warm-up over
-  ``warmup_epochs`` then cosine decay (or step / constant), stepped every optimizer step.
+  ``warmup_epochs`` then cosine decay (or step / constant / x ``lr_gamma`` every ``lr_decay_epochs``),
+  stepped every optimizer step.
+- EMA of the weights: :class:`aa_lightning.callbacks.ModelEMA` (Lightning's ``EMAWeightAveraging``) in
+  ``trainer.callbacks``; validation and test then report the EMA weights and checkpoints carry them.
 - Metrics: torchmetrics top-1 / top-5 accuracy for train, val and test (states summed across
   DDP processes), ``train/loss``, ``val/loss``, ``test/loss``, ``train/lr``, ``test/images``.
 
@@ -22,7 +30,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import lightning.pytorch as pl
 import timm
@@ -34,7 +43,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from aa_lightning.compat.lightning import build_training_loader
 
-from .optim import build_optimizer, peak_lr, warmup_schedule
+from .losses import LOSSES, LossName, build_loss
+from .mixing import BatchMixer, Mixing, run_seed
+from .optim import SCHEDULES, ScheduleName, build_optimizer, check_optimizer_name, peak_lr, warmup_schedule
 
 #: checkpoint keys of the evaluation preprocessing (timm data-config keys) and of the class names
 DATA_CONFIG_KEY = "data_config"
@@ -72,14 +83,23 @@ class ImageClassifier(pl.LightningModule):
         num_classes: output classes (must match the data).
         model_kwargs: extra keyword arguments of the model (e.g. ``aa_k``, ``aa_v``, ``aa_heads``,
             ``aa_position``, ``drop_rate``).
-        optimizer: ``sgd`` (momentum, ``nesterov``) or ``adamw`` (``betas``).
+        optimizer: ``sgd`` (momentum, ``nesterov``) or ``adamw`` (``betas``), torch's; any other name of
+            ``timm.optim.list_optimizers()`` (``momentum``, ``nesterov``, ``lamb``, ``lars``, ``rmsproptf`` ...)
+            through ``timm.optim.create_optimizer_v2`` with ``momentum`` / ``betas`` where it has them.
+        optimizer_kwargs: extra keyword arguments of the optimizer (``eps``, ``alpha``, ``trust_clip`` ...).
         base_lr: learning rate at ``reference_batch_size``; the run uses
             ``base_lr * B_global / reference_batch_size`` (``reference_batch_size: null``: no scaling).
         weight_decay: L2 / decoupled decay of the weights (never of norms and biases).
         warmup_epochs: linear warm-up from 0 (fractions of an epoch are allowed).
         schedule: ``cosine`` (to ``min_lr_ratio`` x peak), ``step`` (x ``lr_gamma`` at each of
-            ``lr_milestone_epochs``) or ``constant`` after the warm-up.
-        label_smoothing: cross-entropy label smoothing.
+            ``lr_milestone_epochs``), ``constant`` after the warm-up, or ``exponential_step``
+            (x ``lr_gamma`` every ``lr_decay_epochs`` epochs counted from the start: timm's EfficientNet /
+            MnasNet x0.97 every 2.4 epochs).
+        label_smoothing: label smoothing of ``ce`` / ``soft_ce`` / ``bce`` for unmixed targets (with
+            ``mixing`` on, the smoothing is ``mixing.label_smoothing``, applied before mixing).
+        loss: ``ce``, ``soft_ce`` or ``bce`` (:mod:`aa_lightning.tasks.losses`).
+        bce_target_thresh: ``bce`` only: targets above it become 1, the others 0 (A1/A2/A3: 0.2).
+        mixing: timm's Mixup / CutMix of training batches (:class:`~aa_lightning.tasks.mixing.Mixing`).
     """
 
     #: the metric ModelCheckpoint watches unless the config names another one
@@ -90,7 +110,7 @@ class ImageClassifier(pl.LightningModule):
         model_name: str = "aa_resnet50",
         num_classes: int = 1000,
         model_kwargs: dict[str, Any] | None = None,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
+        optimizer: str = "sgd",
         base_lr: float = 0.1,
         reference_batch_size: int | None = 256,
         momentum: float = 0.9,
@@ -98,13 +118,32 @@ class ImageClassifier(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 1e-4,
         warmup_epochs: float = 5.0,
-        schedule: Literal["cosine", "step", "constant"] = "cosine",
+        schedule: ScheduleName = "cosine",
         min_lr_ratio: float = 0.0,
         lr_milestone_epochs: Sequence[float] = (),
         lr_gamma: float = 0.1,
         label_smoothing: float = 0.0,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        lr_decay_epochs: float = 0.0,
+        loss: LossName = "ce",
+        bce_target_thresh: float | None = None,
+        mixing: Mixing | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(mixing, dict):  # as checkpoints record it (load_from_checkpoint)
+            mixing = Mixing(**mixing)
+        check_optimizer_name(optimizer)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {', '.join(LOSSES)}; got {loss!r}")
+        mixing = mixing if mixing is not None else Mixing()
+        mixing.check()
+        if mixing.enabled and label_smoothing > 0:
+            raise ValueError(
+                f"model.label_smoothing is {label_smoothing} with model.mixing on: the mixed targets are smoothed "
+                "already; set model.mixing.label_smoothing instead (and model.label_smoothing: 0)"
+            )
         for key, value, ok, allowed in [
             ("num_classes", num_classes, num_classes >= 2, ">= 2"),
             ("base_lr", base_lr, base_lr > 0, "> 0"),
@@ -118,12 +157,30 @@ class ImageClassifier(pl.LightningModule):
             ("warmup_epochs", warmup_epochs, warmup_epochs >= 0, ">= 0"),
             ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
             ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+            (
+                "lr_decay_epochs",
+                lr_decay_epochs,
+                lr_decay_epochs > 0 if schedule == "exponential_step" else lr_decay_epochs >= 0,
+                "> 0 with schedule exponential_step (its period in epochs)",
+            ),
+            ("lr_gamma", lr_gamma, lr_gamma > 0, "> 0"),
+            (
+                "bce_target_thresh",
+                bce_target_thresh,
+                bce_target_thresh is None or 0 <= bce_target_thresh < 1,
+                "null or in [0, 1)",
+            ),
         ]:
             if not ok:
                 raise ValueError(f"model.{key} must be {allowed}, got {value!r}")
-        self.save_hyperparameters()
+        # the mixing settings as a plain dict: checkpoints stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["mixing"])
+        self.hparams["mixing"] = asdict(mixing)
         self.model = build_timm_model(model_name, num_classes, dict(model_kwargs or {}))
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = build_loss(loss, label_smoothing, bce_target_thresh)
+        self.mixing = mixing
+        #: mixes training batches (built at fit start, with the run's seed); None: no mixing
+        self.mixer: BatchMixer | None = None
         metrics = _accuracy_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -146,6 +203,14 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes is {self.hparams.num_classes} but the data has {data_classes} classes "
                 f"({type(datamodule).__name__}); set model.num_classes: {data_classes}"
             )
+        if stage == "fit" and self.mixing.enabled:
+            self.mixer = BatchMixer(self.mixing, self.hparams.num_classes, run_seed(self.mixing))
+            batch = getattr(datamodule, "batch_size", None)
+            if isinstance(batch, int) and batch % 2:
+                raise ValueError(
+                    f"model.mixing needs an even batch per device (timm pairs element i with B - 1 - i); "
+                    f"data.batch_size is {batch}"
+                )
         if getattr(datamodule, "data_config", None):
             self.data_config = dict(datamodule.data_config)
         if getattr(datamodule, "class_names", None):
@@ -172,11 +237,23 @@ class ImageClassifier(pl.LightningModule):
         self.class_names = self.class_names or checkpoint.get(CLASS_NAMES_KEY)
 
     # -- steps ---------------------------------------------------------------------------------
+    def mix(self, images: Tensor, targets: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The training batch mixed by :attr:`mixer` (seeded by the optimizer step and the micro-batch inside
+        it), or as it is without mixing. Only :meth:`training_step` calls it."""
+        if self.mixer is None:
+            return images, targets
+        try:
+            accumulate = self.trainer.accumulate_grad_batches
+        except RuntimeError:  # not attached to a trainer (a direct call)
+            accumulate = 1
+        return self.mixer(images, targets, self.global_step, batch_idx % accumulate)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, targets = batch
+        images, targets = self.mix(*batch, batch_idx)
         logits = self(images)
         loss = self.criterion(logits, targets)
-        self.train_metrics.update(logits, targets)
+        # mixed (soft) targets: accuracy against their argmax, the image with the larger share
+        self.train_metrics.update(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)
         self.log(
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(targets)
         )
@@ -225,7 +302,16 @@ class ImageClassifier(pl.LightningModule):
             f"learning rate: peak {lr:.4g} = base_lr {hp.base_lr}{scaling}; "
             f"{hp.warmup_epochs} warm-up epochs, {hp.schedule} over {total_steps} steps ({steps_per_epoch} per epoch)"
         )
-        optimizer = build_optimizer(self.model, hp.optimizer, lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.betas)
+        optimizer = build_optimizer(
+            self.model,
+            hp.optimizer,
+            lr,
+            hp.weight_decay,
+            hp.momentum,
+            hp.nesterov,
+            hp.betas,
+            optimizer_kwargs=hp.get("optimizer_kwargs"),
+        )
         scheduler = warmup_schedule(
             optimizer,
             total_steps=total_steps,
@@ -234,5 +320,6 @@ class ImageClassifier(pl.LightningModule):
             min_lr_ratio=hp.min_lr_ratio,
             milestones=[round(m * steps_per_epoch) for m in hp.lr_milestone_epochs],
             gamma=hp.lr_gamma,
+            decay_steps=hp.get("lr_decay_epochs", 0.0) * steps_per_epoch,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

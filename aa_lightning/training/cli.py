@@ -244,6 +244,8 @@ SCHEDULE_KEYS = (
     "lr_milestone_epochs",
     "lr_milestone_steps",
     "lr_gamma",
+    "optimizer_kwargs",
+    "lr_decay_epochs",
 )
 _GLOBAL_BATCH = (
     "the global batch sets the peak learning rate and the steps per epoch, and the saved position inside the epoch "
