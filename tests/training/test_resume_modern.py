@@ -1,6 +1,6 @@
-"""A run with the modern training stack (timm Mixup / CutMix, the EMA of the weights, LAMB, BCE) killed mid-epoch
-resumes from last.ckpt and ends bit-identical to the uninterrupted run on CPU: the raw weights, the EMA weights and
-its update count, the optimizer state and the schedule."""
+"""A run with the modern training stack (timm Mixup / CutMix, RandAugment, random erasing, the EMA of the weights,
+LAMB, BCE) killed mid-epoch resumes from last.ckpt and ends bit-identical to the uninterrupted run on CPU: the raw
+weights, the EMA weights and its update count, the optimizer state and the schedule."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ MODEL = {
     "bce_target_thresh": 0.2,
     "mixing": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5, "label_smoothing": 0.1},
 }
+DATA = {"auto_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25, "random_erasing_mode": "pixel"}
 
 
 def modern_recipe(tmp_path, callbacks):
     path = aa_recipe(tmp_path, callbacks=[EMA, *callbacks])
     recipe = yaml.safe_load(path.read_text())
     recipe["model"]["init_args"].update(MODEL)
+    recipe["data"]["init_args"].update(DATA)
     path.write_text(yaml.safe_dump(recipe))
     return path
 
