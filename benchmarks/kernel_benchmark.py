@@ -82,9 +82,10 @@ def tiled_at(revision: str) -> Attention:
     path.write_text(source)
 
     @functools.cache
-    def library(dkh: int, dvh: int, wide: bool = False):
+    def library(dkh: int, dvh: int, wide: bool = False, bf16: bool = False):
+        exp = (f"-DAA_EXP_DEGREE={cpu_build.BF16_EXP_DEGREE}",) if bf16 else ()  # older sources ignore it
         lib = cpu_build._build(
-            path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()))
+            path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()), *exp)
         )
         if lib is None:
             raise SystemExit(f"the tiled kernel of {revision} does not build here")

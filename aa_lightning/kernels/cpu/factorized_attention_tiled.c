@@ -118,22 +118,37 @@ static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m 
 #define LN2 0.693147180559945309f
 
 /* 2^x for x <= ~0 (base-2 logits minus their row max or log-sum-exp): x = n + r, |r| <= 1/2,
- * 2^r = e^(r ln2) by its degree-6 Taylor polynomial (Estrin's scheme; within ~2 ulp, as the
- * natural-base form with |r ln2| <= ln2/2 was), 2^n added to the exponent bits: the integer n is
- * read from the low bits of x + 1.5 * 2^23, where adding the magic constant rounded it. Lanes
- * below -125 (-inf included) are set to exactly 0, as softmax underflows in float. */
+ * 2^r by a polynomial, 2^n added to the exponent bits: the integer n is read from the low bits of
+ * x + 1.5 * 2^23, where adding the magic constant rounded it. Lanes below -125 (-inf included) are
+ * set to exactly 0, as softmax underflows in float.
+ *   AA_EXP_DEGREE 6 (the default, the float32 path): e^(r ln2) by its degree-6 Taylor polynomial
+ *     (Estrin's scheme), within ~2 ulp.
+ *   AA_EXP_DEGREE 3 (the bfloat16 path's build): a degree-3 fit of 2^r on [-1/2, 1/2] (Horner;
+ *     p(0) = 1 exactly), relative error <= 1.02e-4, 1/38 of bfloat16's rounding (2^-8): the
+ *     probabilities it gives round to the same bfloat16 values but for ties. */
+#ifndef AA_EXP_DEGREE
+#define AA_EXP_DEGREE 6
+#endif
+#if AA_EXP_DEGREE != 6 && AA_EXP_DEGREE != 3
+#error "AA_EXP_DEGREE must be 6 or 3"
+#endif
 static inline vf vexp2(vf x) {
     const vi under = x < -125.0f;
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     const vf t = x + magic;
     const vf r = x - (t - magic);
+#if AA_EXP_DEGREE == 3
+    const vf p = r * (r * (r * 5.500893e-2f + 2.4221098e-1f) + 6.9328293e-1f) + 1.0f;
+#else
     const vf r2 = r * r;
     vf u = r * 1.3333558146428443e-3f + 9.6181291076284772e-3f;             /* ln2^5/5!, ln2^4/4! */
     u = r2 * 1.5403530393381609e-4f + u;                                    /* ln2^6/6! */
     u = r2 * u + (r * 5.5504108664821580e-2f + 2.4022650695910071e-1f);     /* ln2^3/3!, ln2^2/2! */
     const vf p = r2 * u + (r * 6.9314718055994531e-1f + 1.0f);              /* ln2, 1 */
+#endif
     return (vf)(((vi)p + ((vi)t << 23)) & ~under);
 }
+#define AA_EXP vexp2
 
 /* The relative tables transposed, so that a bias row is a few vector multiply-adds: relT[d * 2Np + o] =
  * rel[o, d] for the offsets o < 2N - 1, zero up to 2Np (Np = N rounded up to VW). Row i = (iy, ix)
