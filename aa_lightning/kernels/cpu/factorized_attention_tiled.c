@@ -14,8 +14,8 @@
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, short passes over the tile's scratch rows, each with few live vectors:
- *             the logits minus lse_i; P, dS, dV and the bias gradients; dK = dS^T q one head dim
- *             at a time; dQ = dS K; then the tables' share of dQ and the tables' gradients.
+ *             the logits minus lse_i; P, dS, dV and the bias gradients; dK = dS^T q and dQ = dS K
+ *             together, DB head dims at a time; then the tables' share of dQ and the tables' gradients.
  * The (HW)^2 logits never reach memory: a tile's scratch holds R rows of them.
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
@@ -303,9 +303,38 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
     }
 }
 
+/* Head dims d0 .. d0 + nb - 1 (nb <= DB, a constant where inlined) of dK += dS^T (log2(e) q) and
+ * dQ = dS K in one pass over the tile's dS rows: a register micro-tile of R rows x nb head dims, so
+ * that each dS vector loaded serves 2 nb multiply-adds, each k vector R and each dK vector R (one
+ * head dim at a time, dK and dQ in passes of their own, each dS load served one). The sums run in
+ * the same order as one head dim at a time: the same bits. */
+#ifndef AA_DB
+#define AA_DB 2
+#endif
+#define DB AA_DB
+static inline __attribute__((always_inline)) void dk_dq_block(const int d0, const int nb, const vf qs[R][D],
+                                                              const float* kTs, float* gkTs, const float* dsrow,
+                                                              long Lp, long Ls, float dq[R][D]) {
+    vf a[R][DB], qd[R][DB];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < nb; ++b) { a[r][b] = splat(0.0f); qd[r][b] = qs[r][d0 + b]; }
+    for (long j = 0; j < Lp; j += VW) {
+        vf ds[R];
+        for (int r = 0; r < R; ++r) ds[r] = load(dsrow + r * Ls + j);
+        for (int b = 0; b < nb; ++b) {
+            const vf kd = load(kTs + (d0 + b) * Ls + j);
+            vf g = load(gkTs + (d0 + b) * Ls + j);
+            for (int r = 0; r < R; ++r) { g += ds[r] * qd[r][b]; a[r][b] += ds[r] * kd; }
+            store(gkTs + (d0 + b) * Ls + j, g);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < nb; ++b) dq[r][d0 + b] = hsum(a[r][b]);
+}
+
 /* Backward of one tile in short passes over its scratch rows, each with few live vectors: the logits
- * (as in forward), then P, dS, dV and the bias gradients, then dK = dS^T q one head dim at a time,
- * then dQ = dS K, then the relative tables' share of dQ and their own gradients (vector loops over
+ * (as in forward), then P, dS, dV and the bias gradients, then dK = dS^T q and dQ = dS K together (dk_dq_block),
+ * then the relative tables' share of dQ and their own gradients (vector loops over
  * each row's window of the transposed tables). */
 static void backward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                           const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
@@ -372,25 +401,10 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
             }
             for (int r = 0; r < R; ++r) /* the padding columns' share is 0: keep it exactly so */
                 for (long jx = W; jx < Wp; ++jx) gbwr[r][jx] = 0.0f;
-            for (int d = 0; d < D; ++d) { /* dK += dS^T (log2(e) q), one head dim at a time */
-                vf qd[R];
-                for (int r = 0; r < R; ++r) qd[r] = qs[r][d];
-                for (long j = 0; j < Lp; j += VW) {
-                    vf a = load(gkTs + d * Ls + j);
-                    for (int r = 0; r < R; ++r) a += load(dsrow + r * Ls + j) * qd[r];
-                    store(gkTs + d * Ls + j, a);
-                }
-            }
-            float dq[R][D];
-            for (int d = 0; d < D; ++d) { /* dQ = dS K */
-                vf a[R];
-                for (int r = 0; r < R; ++r) a[r] = splat(0.0f);
-                for (long j = 0; j < Lp; j += VW) {
-                    const vf kd = load(kTs + d * Ls + j);
-                    for (int r = 0; r < R; ++r) a[r] += load(dsrow + r * Ls + j) * kd;
-                }
-                for (int r = 0; r < R; ++r) dq[r][d] = hsum(a[r]);
-            }
+            float dq[R][D]; /* dK += dS^T (log2(e) q) and dQ = dS K, DB head dims per pass */
+            int d0 = 0;
+            for (; d0 + DB <= D; d0 += DB) dk_dq_block(d0, DB, qs, kTs, gkTs, dsrow, Lp, Ls, dq);
+            if (d0 < D) dk_dq_block(d0, D - d0, qs, kTs, gkTs, dsrow, Lp, Ls, dq); /* the last D % DB dims */
             for (int r = 0; r < R; ++r) { /* the tables' share: bw, bh = q . rel, over each row's window */
                 const long i = t.index[r];
                 if (i < 0) continue;
