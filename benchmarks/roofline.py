@@ -89,34 +89,53 @@ def attention_shapes(model_name: str, kwargs: dict, batch: int) -> Counter[Shape
     return shapes
 
 
-def median_time(fn: Callable[[], object], min_seconds: float = 0.2, rounds: int = 5) -> float:
-    """Median seconds per call over ``rounds`` rounds of enough calls to last ``min_seconds``."""
-    fn()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds / rounds or calls == 0:
+def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
         fn()
-        calls += 1
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return (time.perf_counter() - start) / calls
+
+
+class Probes:
+    """The rates, each timed once per call of :meth:`rates` (so that every round of the kernel's
+    measurements has its own, taken under the same load): dense GEMM FLOP/s, exp/s of each of the
+    kernel's exponentials, copy bytes/s."""
+
+    def __init__(self, threads: int, gemm_size: int):
+        n = gemm_size
+        self.gemm = {
+            dtype: (torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype), torch.empty(n, n, dtype=dtype))
+            for dtype in (torch.float32, torch.bfloat16)
+        }
+        self.gemm_flop = 2 * n**3
+        self.copy = (torch.randn(32 << 20), torch.empty(32 << 20))  # 128 MiB each way
+        self.exp = {
+            "float32": ExpLoop(threads),
+            "bfloat16": ExpLoop(threads, (f"-DAA_EXP_DEGREE={cpu_build.BF16_EXP_DEGREE}",)),
+        }
+        self.rates()  # warm-up
+
+    def rates(self) -> dict[str, float]:
+        out = {}
+        for dtype, (a, b, c) in self.gemm.items():
+            name = str(dtype).removeprefix("torch.")
+            product = lambda a=a, b=b, c=c: torch.matmul(a, b, out=c)  # noqa: E731
+            out[f"gemm_{name}"] = self.gemm_flop / seconds_per_call(product, 2)
+        for name, loop in self.exp.items():
+            out[f"exp_{name}"] = loop.rate()
+        src, dst = self.copy
+        out["copy"] = 2 * src.numel() * 4 / seconds_per_call(lambda: dst.copy_(src), 2)
+        return out
 
 
 def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
-    """FLOP/s of torch.matmul [m, k] x [k, n] (2 m k n FLOP) into a preallocated output."""
+    """FLOP/s of torch.matmul [m, k] x [k, n] (2 m k n FLOP) into a preallocated output, the median
+    of 5 rounds of enough calls for ~40 ms."""
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     out = torch.empty(m, n, dtype=dtype)
-    return 2 * m * k * n / median_time(lambda: torch.matmul(a, b, out=out))
-
-
-def bandwidth() -> float:
-    """Bytes per second (read + written) of a 256 MiB float32 copy."""
-    src = torch.randn(64 << 20)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / median_time(lambda: dst.copy_(src), min_seconds=1.0)
+    run = lambda: torch.matmul(a, b, out=out)  # noqa: E731
+    calls = max(1, int(0.04 / seconds_per_call(run, 3)))
+    return 2 * m * k * n / statistics.median(seconds_per_call(run, calls) for _ in range(5))
 
 
 _EXP_HARNESS = r"""
@@ -140,22 +159,27 @@ float aa_exp_loop(long n, long repeats, long threads, float* buffers) {
 """
 
 
-def exp_rate(threads: int, defines: tuple[str, ...] = ()) -> float:
+class ExpLoop:
     """2^x per second of the kernel's vexp2 (with ``defines``: e.g. the bfloat16 path's polynomial),
-    16-float vectors where the CPU has AVX-512, ``threads`` OpenMP threads, a 4096-float row each."""
-    source = cpu_build._TILED_SOURCE.read_text() + _EXP_HARNESS
-    path = Path(tempfile.mkdtemp(prefix="aa_roofline_")) / "exp_rate.c"
-    path.write_text(source)
-    wide = ("-DAA_VW=16",) if cpu_build._has_avx512() else ()
-    lib = cpu_build._build(path, "(roofline)", ("-DAA_D=1", "-DAA_DV=1", *wide, *defines))
-    if lib is None:
-        raise SystemExit("the exp harness does not build here")
-    lib.aa_exp_loop.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
-    lib.aa_exp_loop.restype = ctypes.c_float
-    n, repeats = 4096, 2000
-    x = -torch.rand(threads, n) * 30  # logits minus their max: [-30, 0]
-    seconds = median_time(lambda: lib.aa_exp_loop(n, repeats, threads, x.data_ptr()), min_seconds=0.5)
-    return threads * n * repeats / seconds
+    16-float vectors where the CPU has AVX-512, ``threads`` OpenMP threads, a 4096-float row each
+    (L1-resident), built from the kernel's own source with build.py's flags and cache."""
+
+    def __init__(self, threads: int, defines: tuple[str, ...] = ()):
+        source = cpu_build._TILED_SOURCE.read_text() + _EXP_HARNESS
+        path = Path(tempfile.mkdtemp(prefix="aa_roofline_")) / "exp_rate.c"
+        path.write_text(source)
+        wide = ("-DAA_VW=16",) if cpu_build._has_avx512() else ()
+        lib = cpu_build._build(path, "(roofline)", ("-DAA_D=1", "-DAA_DV=1", *wide, *defines))
+        if lib is None:
+            raise SystemExit("the exp harness does not build here")
+        lib.aa_exp_loop.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+        lib.aa_exp_loop.restype = ctypes.c_float
+        self.lib, self.threads, self.n, self.repeats = lib, threads, 4096, 1000
+        self.x = -torch.rand(threads, self.n) * 30  # logits minus their max: [-30, 0]
+
+    def rate(self) -> float:
+        seconds = seconds_per_call(lambda: self.lib.aa_exp_loop(self.n, self.repeats, self.threads, self.x.data_ptr()))
+        return self.threads * self.n * self.repeats / seconds
 
 
 def counts(shape: Shape) -> dict[str, dict[str, float]]:
@@ -175,26 +199,26 @@ def counts(shape: Shape) -> dict[str, dict[str, float]]:
     }
 
 
-def floor_seconds(count: dict[str, float], gemm: float, exp: float, bw: float) -> float:
-    return max(2 * count["madds"] / gemm + count["exps"] / exp, count["bytes"] / bw)
+def floor_seconds(count: dict[str, float], dtype: str, rates: dict[str, float]) -> tuple[float, float, float]:
+    """(floor, its products' part, its exponentials' part) in seconds at ``rates`` (:meth:`Probes.rates`)."""
+    products = 2 * count["madds"] / rates[f"gemm_{dtype}"]
+    exps = count["exps"] / rates[f"exp_{dtype}"]
+    return max(products + exps, count["bytes"] / rates["copy"]), products, exps
 
 
-def kernel_times(shape: Shape, rounds: int) -> dict[tuple[str, str], float]:
-    """{(dtype, pass): median seconds} of the cpu_kernel backend's op at ``shape``, variants alternating."""
+VARIANTS = [(d, p) for d in ("float32", "bfloat16") for p in ("forward", "forward+backward")]
+
+
+def kernel_rounds(shape: Shape, rounds: int, probes: Probes) -> list[dict]:
+    """Per round: the rates (:class:`Probes`), then the seconds of each (dtype, pass) of the op
+    ``backend="cpu_kernel"`` runs at ``shape``, the variants taking turns."""
     b, nh, h, w, dkh, dvh = shape
     g = torch.Generator().manual_seed(0)
-    base = {
-        "q": torch.randn(b, nh, h, w, dkh, generator=g),
-        "k": torch.randn(b, nh, h, w, dkh, generator=g),
-        "v": torch.randn(b, nh, h, w, dvh, generator=g),
-    }
+    base = [torch.randn(b, nh, h, w, d, generator=g) for d in (dkh, dkh, dvh)]
     rel_h = (torch.randn(2 * h - 1, dkh, generator=g) * dkh**-0.5).requires_grad_()
     rel_w = (torch.randn(2 * w - 1, dkh, generator=g) * dkh**-0.5).requires_grad_()
     grad = torch.randn(b, nh, h, w, dvh, generator=g)
-    inputs = {
-        dtype: [t.to(getattr(torch, dtype)).requires_grad_() for t in base.values()]
-        for dtype in ("float32", "bfloat16")
-    }
+    inputs = {dtype: [t.to(getattr(torch, dtype)).requires_grad_() for t in base] for dtype in ("float32", "bfloat16")}
 
     def run(dtype: str, pass_: str) -> None:
         q, k, v = inputs[dtype]
@@ -206,57 +230,38 @@ def kernel_times(shape: Shape, rounds: int) -> dict[tuple[str, str], float]:
                 out = cpu_relative_attention(q, k, v, rel_h, rel_w)
                 torch.autograd.grad(out, (q, k, v, rel_h, rel_w), grad.to(out.dtype))
 
-    variants = [(d, p) for d in ("float32", "bfloat16") for p in ("forward", "forward+backward")]
-    for variant in variants:  # warm-up: builds the kernels
+    for variant in VARIANTS:  # warm-up: builds the kernels
         run(*variant)
-    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    result = []
     for _ in range(rounds):
-        for variant in variants:
-            start = time.perf_counter()
-            run(*variant)
-            times[variant].append(time.perf_counter() - start)
-    return {v: statistics.median(t) for v, t in times.items()}
+        record = {"rates": probes.rates()}
+        for variant in VARIANTS:
+            record[variant] = seconds_per_call(lambda variant=variant: run(*variant))
+        result.append(record)
+    return result
 
 
-def measure_rates(threads: int, gemm_size: int, dims: list[tuple[int, int]]) -> dict:
-    rates = {
-        "bandwidth_bytes_per_s": bandwidth(),
-        "exp_per_s": {
-            "float32": exp_rate(threads),
-            "bfloat16": exp_rate(threads, (f"-DAA_EXP_DEGREE={cpu_build.BF16_EXP_DEGREE}",)),
-        },
-        "gemm_flop_per_s": {
-            dtype: gemm_rate(gemm_size, gemm_size, gemm_size, getattr(torch, dtype))
-            for dtype in ("float32", "bfloat16")
-        },
-        "gemm_small_flop_per_s": {
-            f"[{hw}, {dkh}] x [{dkh}, {hw}] {dtype}": gemm_rate(hw, dkh, hw, getattr(torch, dtype))
-            for hw, dkh in dims
-            for dtype in ("float32", "bfloat16")
-        },
-    }
-    return rates
-
-
-def rows_for(models: list[str], batch: int, rounds: int, rates: dict) -> list[dict]:
+def rows_for(models: list[str], batch: int, rounds: int, probes: Probes) -> tuple[list[dict], list[dict]]:
+    """A row per (model, shape, dtype, pass) and per (model, dtype, pass) summed over its layers:
+    the median round's kernel time and floor, and the median of the per-round fractions."""
     rows = []
-    seen: dict[Shape, dict] = {}
+    seen: dict[Shape, list[dict]] = {}
     for name in models:
         model_name, kwargs = MODELS[name]
-        total: dict[tuple[str, str], list[float]] = {}
-        for shape, layers in attention_shapes(model_name, kwargs, batch).items():
+        shapes = attention_shapes(model_name, kwargs, batch)
+        for shape in shapes:
             if shape not in seen:
-                seen[shape] = kernel_times(shape, rounds)
-            measured = seen[shape]
-            b, nh, h, w, dkh, dvh = shape
-            for (dtype, pass_), seconds in measured.items():
+                seen[shape] = kernel_rounds(shape, rounds, probes)
+        for dtype, pass_ in VARIANTS:
+            totals = [[0.0, 0.0] for _ in range(rounds)]
+            for shape, layers in shapes.items():
+                b, nh, h, w, dkh, dvh = shape
                 count = counts(shape)[pass_]
-                floor = floor_seconds(
-                    count,
-                    rates["gemm_flop_per_s"][dtype],
-                    rates["exp_per_s"][dtype],
-                    rates["bandwidth_bytes_per_s"],
-                )
+                floors = [floor_seconds(count, dtype, rec["rates"]) for rec in seen[shape]]
+                kernel = [rec[(dtype, pass_)] for rec in seen[shape]]
+                for total, f, t in zip(totals, floors, kernel):
+                    total[0] += layers * f[0]
+                    total[1] += layers * t
                 rows.append(
                     {
                         "model": name,
@@ -269,17 +274,14 @@ def rows_for(models: list[str], batch: int, rounds: int, rates: dict) -> list[di
                         "dtype": dtype,
                         "pass": pass_,
                         "madds_per_logit": count["madds"] / (b * nh * (h * w) ** 2),
-                        "floor_ms": floor * 1e3,
-                        "products_ms": 2 * count["madds"] / rates["gemm_flop_per_s"][dtype] * 1e3,
-                        "exps_ms": count["exps"] / rates["exp_per_s"][dtype] * 1e3,
-                        "kernel_ms": seconds * 1e3,
-                        "fraction": floor / seconds,
+                        "floor_ms": statistics.median(f[0] for f in floors) * 1e3,
+                        "products_ms": statistics.median(f[1] for f in floors) * 1e3,
+                        "exps_ms": statistics.median(f[2] for f in floors) * 1e3,
+                        "kernel_ms": statistics.median(kernel) * 1e3,
+                        "fraction": statistics.median(f[0] / t for f, t in zip(floors, kernel)),
+                        "rounds_fraction": [round(f[0] / t, 3) for f, t in zip(floors, kernel)],
                     }
                 )
-                t = total.setdefault((dtype, pass_), [0.0, 0.0])
-                t[0] += layers * floor
-                t[1] += layers * seconds
-        for (dtype, pass_), (floor, seconds) in total.items():
             rows.append(
                 {
                     "model": name,
@@ -287,42 +289,62 @@ def rows_for(models: list[str], batch: int, rounds: int, rates: dict) -> list[di
                     "HxW": "(model)",
                     "dtype": dtype,
                     "pass": pass_,
-                    "floor_ms": floor * 1e3,
-                    "kernel_ms": seconds * 1e3,
-                    "fraction": floor / seconds,
+                    "floor_ms": statistics.median(f for f, _ in totals) * 1e3,
+                    "kernel_ms": statistics.median(t for _, t in totals) * 1e3,
+                    "fraction": statistics.median(f / t for f, t in totals),
+                    "rounds_fraction": [round(f / t, 3) for f, t in totals],
                 }
             )
         print(f"{name}: measured", flush=True)
-    return rows
+    return rows, [record for records in seen.values() for record in records]
 
 
-def markdown(rows: list[dict], rates: dict) -> str:
-    g = rates["gemm_flop_per_s"]
-    e = rates["exp_per_s"]
+def rate_summary(records: list[dict]) -> dict[str, dict[str, float]]:
+    """{rate: {median, max}} over every round's probes."""
+    names = records[0]["rates"]
+    return {
+        n: {"median": statistics.median(r["rates"][n] for r in records), "max": max(r["rates"][n] for r in records)}
+        for n in names
+    }
+
+
+def markdown(rows: list[dict], rates: dict[str, dict[str, float]], small: dict[str, float]) -> str:
+    def rate(name: str, scale: float, unit: str) -> str:
+        digits = 2 if unit == "G/s" else 0
+        return f"{rates[name]['median'] / scale:.{digits}f} {unit} (best {rates[name]['max'] / scale:.{digits}f})"
+
     lines = [
-        f"Rates: dense GEMM float32 {g['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {g['bfloat16'] / 1e9:.0f} GFLOP/s; "
-        f"exp float32 {e['float32'] / 1e9:.2f} G/s, bfloat16 path {e['bfloat16'] / 1e9:.2f} G/s; "
-        f"copy {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
+        "Rates (median of the rounds' probes; best round in brackets): dense GEMM float32 "
+        + rate("gemm_float32", 1e9, "GFLOP/s")
+        + ", bfloat16 "
+        + rate("gemm_bfloat16", 1e9, "GFLOP/s")
+        + "; exp float32 "
+        + rate("exp_float32", 1e9, "G/s")
+        + ", bfloat16 path "
+        + rate("exp_bfloat16", 1e9, "G/s")
+        + "; copy "
+        + rate("copy", 1e9, "GB/s")
+        + ".",
         "",
-        "GEMM at the attention's inner dims (information; writes the (HW)^2 output): "
-        + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates["gemm_small_flop_per_s"].items())
-        + " GFLOP/s.",
+        "GEMM at the attention's inner dims (information: it writes the (HW)^2 output a fused kernel keeps in "
+        "cache): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in small.items()) + " GFLOP/s.",
         "",
         "| model | layers | HxW | dkh | dvh | dtype | pass | madds/logit | floor ms (products + exps) "
-        "| kernel ms | fraction of floor |",
+        "| kernel ms | fraction of floor (rounds) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        spread = f"{min(r['rounds_fraction']):.2f}..{max(r['rounds_fraction']):.2f}"
         if r["layers"] == "all":
             lines.append(
                 f"| **{r['model']}** | all | | | | {r['dtype']} | {r['pass']} | | {r['floor_ms']:.1f} "
-                f"| {r['kernel_ms']:.1f} | **{r['fraction']:.2f}** |"
+                f"| {r['kernel_ms']:.1f} | **{r['fraction']:.2f}** ({spread}) |"
             )
         else:
             lines.append(
                 f"| {r['model']} | {r['layers']} | {r['HxW']} | {r['dkh']} | {r['dvh']} | {r['dtype']} | {r['pass']} "
                 f"| {r['madds_per_logit']:.0f} | {r['floor_ms']:.2f} ({r['products_ms']:.2f} + {r['exps_ms']:.2f}) "
-                f"| {r['kernel_ms']:.2f} | {r['fraction']:.2f} |"
+                f"| {r['kernel_ms']:.2f} | {r['fraction']:.2f} ({spread}) |"
             )
     return "\n".join(lines)
 
@@ -333,7 +355,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--gemm-size", type=int, default=2048)
+    p.add_argument("--gemm-size", type=int, default=1536, help="the large square GEMM's side")
     p.add_argument("--out-dir", default=None, help="also write <name>.json and <name>.md here")
     p.add_argument("--name", default="roofline")
     args = p.parse_args(argv)
@@ -343,24 +365,31 @@ def main(argv=None) -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     header = (
         f"machine: {platform.machine()} {cpu} {os.cpu_count()} cores, threads {args.threads}; "
-        f"torch {torch.__version__}; batch {args.batch}; {args.rounds} rounds (median, variants alternating); "
-        f"{date.today()}"
+        f"torch {torch.__version__}; batch {args.batch}; {args.rounds} rounds (median, variants alternating, "
+        f"rates probed in every round); {date.today()}; load average at start {os.getloadavg()[0]:.1f}"
     )
     print(header, flush=True)
-    dims = sorted(
-        {
-            (s[2] * s[3], s[4])
-            for name in args.models
-            for s in attention_shapes(MODELS[name][0], MODELS[name][1], args.batch)
-        }
-    )
-    rates = measure_rates(args.threads, args.gemm_size, dims)
-    rows = rows_for(args.models, args.batch, args.rounds, rates)
-    table = markdown(rows, rates)
+    dims = sorted({(s[2] * s[3], s[4]) for name in args.models for s in attention_shapes(*MODELS[name], args.batch)})
+    small = {
+        f"[{hw}, {dkh}] x [{dkh}, {hw}] {str(dtype).removeprefix('torch.')}": gemm_rate(hw, dkh, hw, dtype)
+        for hw, dkh in dims
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    rows, records = rows_for(args.models, args.batch, args.rounds, Probes(args.threads, args.gemm_size))
+    rates = rate_summary(records)
+    header += f", at the end {os.getloadavg()[0]:.1f}"
+    table = markdown(rows, rates, small)
     print(table)
     if args.out_dir:
         write_report(
-            args.out_dir, args.name, header, rows, table, command_line("roofline.py", argv), rates=rates
+            args.out_dir,
+            args.name,
+            header,
+            rows,
+            table,
+            command_line("roofline.py", argv),
+            rates=rates,
+            small_gemm_flop_per_s=small,
         )
 
 
