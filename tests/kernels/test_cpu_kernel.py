@@ -114,15 +114,16 @@ def test_low_precision_inputs_are_read_exactly_into_float32(dtype):
 
 
 @needs_kernel
-def test_the_bfloat16_path_exponential_is_within_its_bound_and_float32_keeps_its_own():
+@pytest.mark.parametrize("h, w", [(1, 64), (8, 8)])  # 16-float vectors on AVX-512; 8-float ones
+def test_the_bfloat16_path_exponential_is_within_its_bound_and_float32_keeps_its_own(h, w):
     """bfloat16 q, k, v run the build whose exp is the short polynomial; float32 ones the degree-6
-    one. Probabilities of a one-row grid against float64 softmax: the bfloat16 path within 1.02e-4
+    one. Probabilities of 64 positions against float64 softmax: the bfloat16 path within 1.02e-4
     relative (and not bit-equal to float32's), float32 within float32 accuracy."""
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 1, 1, 64, 1, generator=g).mul(2).bfloat16().float()  # exactly representable in both
-    k = torch.randn(1, 1, 1, 64, 1, generator=g).mul(2).bfloat16().float()
-    v = torch.eye(64).reshape(1, 1, 1, 64, 64)  # out_i = the probabilities of row i
-    rel_h, rel_w = torch.zeros(1, 1), torch.zeros(127, 1)
+    q = torch.randn(1, 1, h, w, 1, generator=g).mul(2).bfloat16().float()  # exactly representable in both
+    k = torch.randn(1, 1, h, w, 1, generator=g).mul(2).bfloat16().float()
+    v = torch.eye(64).reshape(1, 1, h, w, 64)  # out_i = the probabilities of row i
+    rel_h, rel_w = torch.zeros(2 * h - 1, 1), torch.zeros(2 * w - 1, 1)
     want = torch.softmax(q.double().reshape(64, 1) * k.double().reshape(1, 64), dim=-1)
     outs = {}
     for dtype in (torch.float32, torch.bfloat16):
