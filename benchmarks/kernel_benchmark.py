@@ -82,9 +82,10 @@ def tiled_at(revision: str) -> Attention:
     path.write_text(source)
 
     @functools.cache
-    def library(dkh: int, dvh: int, wide: bool = False):
+    def library(dkh: int, dvh: int, wide: bool = False, bf16: bool = False):
+        exp = (f"-DAA_EXP_DEGREE={cpu_build.BF16_EXP_DEGREE}",) if bf16 else ()  # older sources ignore it
         lib = cpu_build._build(
-            path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()))
+            path, "(benchmark)", (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ()), *exp)
         )
         if lib is None:
             raise SystemExit(f"the tiled kernel of {revision} does not build here")
@@ -111,10 +112,14 @@ def attention_shapes(model_name: str, batch: int) -> list[tuple[int, int, int, i
     return shapes
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def time_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return (time.perf_counter() - start) * 1000
+    return (clock() - start) * 1000
 
 
 @contextlib.contextmanager
@@ -220,9 +225,18 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--against", metavar="REV", help="also time the tiled kernel of this git revision (tiled@REV)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: the process's CPU time, which other processes' load does not inflate (with --threads 1; "
+        "with more threads it adds up the threads' time, spin-waits included)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     variants = {name: VARIANTS[name] for name in dict.fromkeys(["tiled", *args.variants])}
     if args.against:
         variants[f"tiled@{args.against}"] = tiled_at(args.against)
@@ -230,7 +244,7 @@ def main(argv=None) -> None:
         raise SystemExit("the CPU kernel is not available here (no C compiler, or AA_LIGHTNING_CPU_KERNEL=0)")
     header = (
         f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-        f"torch {torch.__version__}; float32; {args.model} attention shapes at batch {args.batch}; "
+        f"torch {torch.__version__}; float32; {args.model} attention shapes at batch {args.batch}; {args.clock} clock; "
         f"{args.rounds} rounds (median); {date.today()}"
     )
     print(header)

@@ -221,16 +221,25 @@ def _library() -> ctypes.CDLL | None:
     return None if lib is None else _bind(lib)
 
 
+BF16_EXP_DEGREE = 3  # the bfloat16 path's exponential: see vexp2 in factorized_attention_tiled.c
+
+
 @functools.cache
-def _tiled_library(dkh: int, dvh: int, wide: bool = False) -> ctypes.CDLL | None:
+def _tiled_library(dkh: int, dvh: int, wide: bool = False, bf16: bool = False) -> ctypes.CDLL | None:
     """The float32 kernel built for these head dims (``wide``: on 16-float AVX-512 vectors instead
-    of 8); None where it cannot be (then the generic one runs)."""
+    of 8; ``bf16``: the bfloat16 path's build, whose exponential is the short polynomial, its error
+    below bfloat16's rounding); None where it cannot be (then the generic one runs)."""
     if not (1 <= dkh <= _TILED_MAX_DIM and 1 <= dvh <= _TILED_MAX_DIM) or _library() is None:
         return None
     lib = _build(
         _TILED_SOURCE,
         "float32 attention runs on the generic compiled kernel",
-        (f"-DAA_D={dkh}", f"-DAA_DV={dvh}", *(("-DAA_VW=16",) if wide else ())),
+        (
+            f"-DAA_D={dkh}",
+            f"-DAA_DV={dvh}",
+            *(("-DAA_VW=16",) if wide else ()),
+            *((f"-DAA_EXP_DEGREE={BF16_EXP_DEGREE}",) if bf16 else ()),
+        ),
     )
     return None if lib is None else _bind_tiled(lib)
 
@@ -240,11 +249,12 @@ def _has_avx512() -> bool:
     return b" avx512f " in _cpu_signature().replace(b"\n", b" ")
 
 
-def _tiled_library_for(dkh: int, dvh: int, w: int) -> ctypes.CDLL | None:
+def _tiled_library_for(dkh: int, dvh: int, w: int, bf16: bool = False) -> ctypes.CDLL | None:
     """The build for a grid ``w`` columns wide: 16-float vectors where the CPU has AVX-512 and a
-    grid row fills more than 8 of them (narrower rows would be half padding), else 8-float ones."""
+    grid row fills more than 8 of them (narrower rows would be half padding), else 8-float ones;
+    ``bf16``: the bfloat16 path's build (:func:`_tiled_library`)."""
     wide = _has_avx512() and w > 8
-    return (wide and _tiled_library(dkh, dvh, True)) or _tiled_library(dkh, dvh)
+    return (wide and _tiled_library(dkh, dvh, True, bf16)) or _tiled_library(dkh, dvh, False, bf16)
 
 
 def _vector_width(lib: ctypes.CDLL) -> int:

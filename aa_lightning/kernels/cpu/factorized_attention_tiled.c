@@ -14,8 +14,8 @@
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, short passes over the tile's scratch rows, each with few live vectors:
- *             the logits minus lse_i; P, dS, dV and the bias gradients; dK = dS^T q one head dim
- *             at a time; dQ = dS K; then the tables' share of dQ and the tables' gradients.
+ *             the logits minus lse_i; P, dS, dV and the bias gradients; dK = dS^T q and dQ = dS K
+ *             together, DB head dims at a time; then the tables' share of dQ and the tables' gradients.
  * The (HW)^2 logits never reach memory: a tile's scratch holds R rows of them.
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
@@ -118,22 +118,37 @@ static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < VW; ++i) m 
 #define LN2 0.693147180559945309f
 
 /* 2^x for x <= ~0 (base-2 logits minus their row max or log-sum-exp): x = n + r, |r| <= 1/2,
- * 2^r = e^(r ln2) by its degree-6 Taylor polynomial (Estrin's scheme; within ~2 ulp, as the
- * natural-base form with |r ln2| <= ln2/2 was), 2^n added to the exponent bits: the integer n is
- * read from the low bits of x + 1.5 * 2^23, where adding the magic constant rounded it. Lanes
- * below -125 (-inf included) are set to exactly 0, as softmax underflows in float. */
+ * 2^r by a polynomial, 2^n added to the exponent bits: the integer n is read from the low bits of
+ * x + 1.5 * 2^23, where adding the magic constant rounded it. Lanes below -125 (-inf included) are
+ * set to exactly 0, as softmax underflows in float.
+ *   AA_EXP_DEGREE 6 (the default, the float32 path): e^(r ln2) by its degree-6 Taylor polynomial
+ *     (Estrin's scheme), within ~2 ulp.
+ *   AA_EXP_DEGREE 3 (the bfloat16 path's build): a degree-3 fit of 2^r on [-1/2, 1/2] (Horner;
+ *     p(0) = 1 exactly), relative error <= 1.02e-4, 1/38 of bfloat16's rounding (2^-8): the
+ *     probabilities it gives round to the same bfloat16 values but for ties. */
+#ifndef AA_EXP_DEGREE
+#define AA_EXP_DEGREE 6
+#endif
+#if AA_EXP_DEGREE != 6 && AA_EXP_DEGREE != 3
+#error "AA_EXP_DEGREE must be 6 or 3"
+#endif
 static inline vf vexp2(vf x) {
     const vi under = x < -125.0f;
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     const vf t = x + magic;
     const vf r = x - (t - magic);
+#if AA_EXP_DEGREE == 3
+    const vf p = r * (r * (r * 5.500893e-2f + 2.4221098e-1f) + 6.9328293e-1f) + 1.0f;
+#else
     const vf r2 = r * r;
     vf u = r * 1.3333558146428443e-3f + 9.6181291076284772e-3f;             /* ln2^5/5!, ln2^4/4! */
     u = r2 * 1.5403530393381609e-4f + u;                                    /* ln2^6/6! */
     u = r2 * u + (r * 5.5504108664821580e-2f + 2.4022650695910071e-1f);     /* ln2^3/3!, ln2^2/2! */
     const vf p = r2 * u + (r * 6.9314718055994531e-1f + 1.0f);              /* ln2, 1 */
+#endif
     return (vf)(((vi)p + ((vi)t << 23)) & ~under);
 }
+#define AA_EXP vexp2
 
 /* The relative tables transposed, so that a bias row is a few vector multiply-adds: relT[d * 2Np + o] =
  * rel[o, d] for the offsets o < 2N - 1, zero up to 2Np (Np = N rounded up to VW). Row i = (iy, ix)
@@ -288,9 +303,38 @@ static void forward_rows(const float* q, const float* kT, const float* vT, const
     }
 }
 
+/* Head dims d0 .. d0 + nb - 1 (nb <= DB, a constant where inlined) of dK += dS^T (log2(e) q) and
+ * dQ = dS K in one pass over the tile's dS rows: a register micro-tile of R rows x nb head dims, so
+ * that each dS vector loaded serves 2 nb multiply-adds, each k vector R and each dK vector R (one
+ * head dim at a time, dK and dQ in passes of their own, each dS load served one). The sums run in
+ * the same order as one head dim at a time: the same bits. */
+#ifndef AA_DB
+#define AA_DB 2
+#endif
+#define DB AA_DB
+static inline __attribute__((always_inline)) void dk_dq_block(const int d0, const int nb, const vf qs[R][D],
+                                                              const float* kTs, float* gkTs, const float* dsrow,
+                                                              long Lp, long Ls, float dq[R][D]) {
+    vf a[R][DB], qd[R][DB];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < nb; ++b) { a[r][b] = splat(0.0f); qd[r][b] = qs[r][d0 + b]; }
+    for (long j = 0; j < Lp; j += VW) {
+        vf ds[R];
+        for (int r = 0; r < R; ++r) ds[r] = load(dsrow + r * Ls + j);
+        for (int b = 0; b < nb; ++b) {
+            const vf kd = load(kTs + (d0 + b) * Ls + j);
+            vf g = load(gkTs + (d0 + b) * Ls + j);
+            for (int r = 0; r < R; ++r) { g += ds[r] * qd[r][b]; a[r][b] += ds[r] * kd; }
+            store(gkTs + (d0 + b) * Ls + j, g);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < nb; ++b) dq[r][d0 + b] = hsum(a[r][b]);
+}
+
 /* Backward of one tile in short passes over its scratch rows, each with few live vectors: the logits
- * (as in forward), then P, dS, dV and the bias gradients, then dK = dS^T q one head dim at a time,
- * then dQ = dS K, then the relative tables' share of dQ and their own gradients (vector loops over
+ * (as in forward), then P, dS, dV and the bias gradients, then dK = dS^T q and dQ = dS K together (dk_dq_block),
+ * then the relative tables' share of dQ and their own gradients (vector loops over
  * each row's window of the transposed tables). */
 static void backward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
                           const float* out, const float* lse, const float* gout, float* gq, float* gkT, float* gvT,
@@ -357,25 +401,10 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
             }
             for (int r = 0; r < R; ++r) /* the padding columns' share is 0: keep it exactly so */
                 for (long jx = W; jx < Wp; ++jx) gbwr[r][jx] = 0.0f;
-            for (int d = 0; d < D; ++d) { /* dK += dS^T (log2(e) q), one head dim at a time */
-                vf qd[R];
-                for (int r = 0; r < R; ++r) qd[r] = qs[r][d];
-                for (long j = 0; j < Lp; j += VW) {
-                    vf a = load(gkTs + d * Ls + j);
-                    for (int r = 0; r < R; ++r) a += load(dsrow + r * Ls + j) * qd[r];
-                    store(gkTs + d * Ls + j, a);
-                }
-            }
-            float dq[R][D];
-            for (int d = 0; d < D; ++d) { /* dQ = dS K */
-                vf a[R];
-                for (int r = 0; r < R; ++r) a[r] = splat(0.0f);
-                for (long j = 0; j < Lp; j += VW) {
-                    const vf kd = load(kTs + d * Ls + j);
-                    for (int r = 0; r < R; ++r) a[r] += load(dsrow + r * Ls + j) * kd;
-                }
-                for (int r = 0; r < R; ++r) dq[r][d] = hsum(a[r]);
-            }
+            float dq[R][D]; /* dK += dS^T (log2(e) q) and dQ = dS K, DB head dims per pass */
+            int d0 = 0;
+            for (; d0 + DB <= D; d0 += DB) dk_dq_block(d0, DB, qs, kTs, gkTs, dsrow, Lp, Ls, dq);
+            if (d0 < D) dk_dq_block(d0, D - d0, qs, kTs, gkTs, dsrow, Lp, Ls, dq); /* the last D % DB dims */
             for (int r = 0; r < R; ++r) { /* the tables' share: bw, bh = q . rel, over each row's window */
                 const long i = t.index[r];
                 if (i < 0) continue;

@@ -37,7 +37,9 @@ GIL). Each slice is one thread's, so the result does not depend on the split. No
 ``chunked``. Both ops are torch custom ops (with fake implementations and autograd), so
 ``torch.compile``, ``torch.export`` and fx see one opaque node, not a graph break.
 
-float32 (a vectorized exp within ~2 ulp) and float64 (libm's exp).
+float32 (a vectorized exp within ~2 ulp) and float64 (libm's exp). bfloat16 q, k, v (what bf16
+autocast hands the op) run the build whose exp is a degree-3 polynomial (relative error 1.02e-4,
+1/38 of bfloat16's rounding 2^-8, :data:`.build.BF16_EXP_DEGREE`); the products stay float32.
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ def _tiled_inputs(
             f"float16); got {[str(t.dtype) for t in (q, k, v, rel_h, rel_w)]}"
         )
     b, nh, h, w, d = q.shape
-    lib = build._tiled_library_for(d, v.shape[4], w)
+    lib = build._tiled_library_for(d, v.shape[4], w, bf16=q.dtype == torch.bfloat16)
     if lib is None:
         raise RuntimeError(
             f"the tiled CPU attention kernel for dkh {d}, dvh {v.shape[4]} is not available "
@@ -291,7 +293,8 @@ def relative_attention_op(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """q, k: [B, Nh, H, W, D] (unscaled: the logits use scale q); v: [B, Nh, H, W, DV]; any
-    strides; float32, bfloat16 or float16 (computed in float32). rel_h [2H-1, D], rel_w [2W-1, D]:
+    strides; float32, bfloat16 or float16 (computed in float32; bfloat16 with the short-polynomial
+    exponential of the bfloat16 path, relative error <= 1.02e-4). rel_h [2H-1, D], rel_w [2W-1, D]:
     float32. Returns float32 (out [B, Nh, H, W, DV], log-sum-exp of each logits row [B, Nh, H, W])."""
     b, nh, h, w, d = q.shape
     out = q.new_empty(b, nh, h, w, v.shape[4], dtype=torch.float32)
