@@ -53,7 +53,9 @@ def graph_constants(path) -> dict[str, tuple[int, ...]]:
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
-            shapes.update({node.output[0]: tuple(a.t.dims) for a in node.attribute if a.name == "value"})
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    shapes[node.output[0]] = tuple(attribute.t.dims)
     return shapes
 
 
