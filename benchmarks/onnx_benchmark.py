@@ -5,7 +5,8 @@ as its ONNX export in onnxruntime (CPUExecutionProvider); the AA model once per 
 (the attention backend the graph was exported with, ``backend@opset``). All runners of a pair take
 turns round by round (``--rounds`` rounds of ``--steps`` batches), so machine noise hits them alike;
 the median round is reported, and the ratio AA / baseline within the same runtime beside the
-ratio of every round. Threads: ``--threads`` for torch and for onnxruntime's intra-op pool.
+range and median of the rounds' ratios (round t of both ran side by side: on a shared machine the
+median of those is the steadier figure). Threads: ``--threads`` for torch and for onnxruntime's intra-op pool.
 
 Usage:
   python benchmarks/onnx_benchmark.py --out-dir docs/benchmarks --name onnx_cpu
@@ -141,7 +142,7 @@ def markdown(rows: list[dict]) -> str:
             b = next(o for o in same_pair if o["model"] == base and o["runtime"] == runtime)
             ratio = f"**{r['img_per_s'] / b['img_per_s']:.2f}** (vs {base})"
             per_round = [a / c for a, c in zip(r["rounds_img_per_s"], b["rounds_img_per_s"])]
-            spread = f"{min(per_round):.2f}..{max(per_round):.2f}"
+            spread = f"{min(per_round):.2f}..{max(per_round):.2f} (median {statistics.median(per_round):.2f})"
         speedup = f"{r['img_per_s'] / eager['img_per_s']:.2f}x" if r is not eager else ""
         diff = f"{r['max_relative_difference']:.1e}" if "max_relative_difference" in r else ""
         lines.append(
