@@ -25,3 +25,25 @@ def test_the_free_attention_stand_in_keeps_the_graph_and_its_shapes():
         assert g.shape == t.shape and not g.any()
     out = free_attention(q, k, v)  # content-only layers: no tables
     assert torch.equal(torch.autograd.grad(out, v, grad)[0], grad)
+
+
+def test_onnx_benchmark_compares_each_aa_runner_with_the_baseline_of_its_own_runtime():
+    import pytest
+    from onnx_benchmark import markdown, parse_args
+
+    def row(model, runtime, rounds, **extra):
+        return dict(model=model, runtime=runtime, input="8x8", pair="aa:base", img_per_s=sorted(rounds)[1], **extra)
+
+    rows = [
+        row("aa", "torch eager", [8.0, 9.0, 10.0], rounds_img_per_s=[8.0, 9.0, 10.0]),
+        row("aa", "onnxruntime (onnx, opset 23)", [3.0, 6.0, 9.0], rounds_img_per_s=[3.0, 6.0, 9.0]),
+        row("base", "torch eager", [10.0, 10.0, 10.0], rounds_img_per_s=[10.0, 10.0, 10.0]),
+        row("base", "onnxruntime", [20.0, 30.0, 30.0], rounds_img_per_s=[20.0, 30.0, 30.0]),
+    ]
+    lines = markdown(rows).splitlines()
+    eager, ort = lines[2].split(" | "), lines[3].split(" | ")
+    assert eager[4] == "**0.90** (vs base)" and eager[5] == "0.80..1.00 (median 0.90)"
+    assert ort[4] == "**0.20** (vs base)" and ort[5] == "0.15..0.30 (median 0.20)"  # against onnxruntime's base
+    assert ort[6] == "0.67x"  # onnxruntime / eager of the same model
+    with pytest.raises(SystemExit):
+        parse_args(["--forms", "chunked@23"])  # no ONNX form
