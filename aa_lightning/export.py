@@ -15,11 +15,15 @@ writes into ``--out``:
   ``timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))`` is then predict's
   preprocessing. Every file gets the umask's mode.
 - ``model.onnx``: input ``images`` [B, 3, S, S] (dynamic batch, fixed S), output ``logits``
-  [B, num_classes]. The AA layers are exported with ``backend="fused"`` (torch's
-  scaled_dot_product_attention with the relative logits folded into the dot product) or
-  ``"reference"``, switched for the export only: the CPU training backends (``cpu_kernel``, a
-  compiled custom op; ``chunked``, a Python loop over query chunks) have no ONNX form. Every backend computes the same
-  function, and the check below compares against the PyTorch model as it runs by default.
+  [B, num_classes], opset 23 by default. The AA layers are exported with ``backend="onnx"``
+  (:mod:`aa_lightning.attention.exported`: the relative logits folded into the dot product, built
+  by one MatMul, and one ONNX ``Attention`` op per layer, which onnxruntime runs head by head in
+  cache; below opset 23 the exporter writes MatMul, Softmax, MatMul), ``"fused"`` (the eager SDPA
+  form: two Einsums, Concats, v padded to the augmented width; about 1.4x slower in onnxruntime,
+  docs/benchmarks.md) or ``"reference"``, switched for the export only: the CPU training backends
+  (``cpu_kernel``, a compiled custom op; ``chunked``, a Python loop over query chunks) have no ONNX
+  form. Every backend computes the same function, and the check below compares against the
+  PyTorch model as it runs by default.
 
 Both files are checked after writing: the reloaded timm model and the ONNX graph (onnxruntime
 when installed, else onnx's reference evaluator after ``onnx.checker``) must reproduce the PyTorch
@@ -48,7 +52,8 @@ from aa_lightning.commands import CommandError, prepare_out_folder, run_command
 from aa_lightning.layers import attention_backend
 from aa_lightning.predict import TrainedClassifier, add_description_arguments, classifier_from_args
 
-ONNX_BACKENDS = ("fused", "reference")
+ONNX_BACKENDS = ("onnx", "fused", "reference")
+ONNX_OPSET = 23  # the first opset with the Attention op (onnxruntime 1.32 runs it on CPU)
 ONNX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger models get a model.onnx.data file
 # pretrained_cfg fields that describe timm's released weights of the architecture, not these ones
 SOURCE_WEIGHT_FIELDS = ("tag", "origin_url", "paper_ids", "paper_name", "notes", "license", "hf_hub_id", "url")
@@ -58,11 +63,11 @@ EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.safetensors", "config.js
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, image_size: int, *, backend: str = "fused", opset: int = 18
+    model: nn.Module, path: str | Path, image_size: int, *, backend: str = "onnx", opset: int = ONNX_OPSET
 ) -> Path:
     """Write ``model`` (eval mode) as ONNX: ``images`` [B, 3, S, S] -> ``logits``; batch dynamic.
 
-    The AA layers run ``backend`` (``fused`` or ``reference``) during the export only.
+    The AA layers run ``backend`` (one of :data:`ONNX_BACKENDS`) during the export only.
     """
     if backend not in ONNX_BACKENDS:
         raise ValueError(f"ONNX export backend must be one of {ONNX_BACKENDS}; got {backend!r}")
@@ -162,10 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend",
         choices=ONNX_BACKENDS,
-        default="fused",
+        default="onnx",
         help="attention backend inside the ONNX graph (default: %(default)s)",
     )
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=ONNX_OPSET,
+        help="ONNX opset (default: %(default)s; below 23 the attention is written as MatMul, Softmax, MatMul)",
+    )
     parser.add_argument(
         "--atol",
         type=float,

@@ -72,6 +72,7 @@ def breakage(
 CLASSIFICATION = "aa_lightning/tasks/classification.py"
 ATTENTION = "aa_lightning/attention/functional.py"
 TABLES = "aa_lightning/attention/tables.py"
+EXPORTED = "aa_lightning/attention/exported.py"
 AACONV = "aa_lightning/layers/augmented_conv.py"
 CIFAR = "aa_lightning/data/cifar.py"
 CIFAR_FORMAT = "aa_lightning/data/cifar_format.py"
@@ -275,6 +276,22 @@ BREAKAGES: list[Breakage] = [
             "tests/commands/test_predict.py",
             "tests/commands/test_predict_cli.py",
         ],
+    ),
+    breakage(
+        "onnx-form-relative-sign-flipped",
+        "the ONNX export form (backend onnx) reads r^W at offset ix - jx instead of jx - ix",
+        EXPORTED,
+        "r_w = rel_w[relative_offsets_index(w, device)].transpose(1, 2)",
+        "r_w = rel_w[relative_offsets_index(w, device).t()].transpose(1, 2)",
+        ["tests/attention/test_relative_attention.py", "tests/commands/test_export.py"],
+    ),
+    breakage(
+        "onnx-form-width-table-by-query-row",
+        "the ONNX export form picks the width table's rows by the query's row iy instead of its column ix",
+        EXPORTED,
+        "r_w.expand(h, w, d, w)",
+        "r_w[:, None].expand(h, w, d, w)",
+        ["tests/attention/test_relative_attention.py", "tests/commands/test_export.py"],
     ),
     breakage(
         "export-without-preprocessing",

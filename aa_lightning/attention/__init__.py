@@ -4,8 +4,8 @@
   implementation by name from :mod:`.registry` (``auto`` per device).
 - Pure-torch backends: :mod:`.reference` (the paper's appendix algorithm, explicit (HW)^2 logits),
   :mod:`.chunked` (factorized tables, query chunks, recomputing backward), :mod:`.fused` (one
-  ``scaled_dot_product_attention`` call; exports to ONNX). The compiled ones live in
-  :mod:`aa_lightning.kernels` and register themselves.
+  ``scaled_dot_product_attention`` call), :mod:`.exported` (``onnx``: the form the ONNX export
+  writes). The compiled ones live in :mod:`aa_lightning.kernels` and register themselves.
 - :mod:`.tables`: the factorized relative-logit tables s_w [HW, W], s_h [HW, H].
 """
 

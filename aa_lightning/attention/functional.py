@@ -25,6 +25,10 @@ same function; they differ in speed and memory:
   torch's ``scaled_dot_product_attention`` (v zero-padded to the augmented width). Plain torch
   ops on any device, so it exports to ONNX (:mod:`aa_lightning.export`); it costs dkh + H + W
   multiply-adds per logit, and above head dim 256 SDPA falls back to its (HW)^2 math path.
+- ``"onnx"``: the same augmented dot product built for a graph runtime (:mod:`.exported`): q' by one
+  MatMul over positions with a [HW, dkh, dkh + W + H] table, k' by a Pad and an Add, one SDPA with v
+  at its own width, which torch's exporter writes as the ONNX ``Attention`` op (opset >= 23). The
+  ONNX export's default (:mod:`aa_lightning.export`); plain torch ops, slower than the others in eager.
 - ``"auto"``: ``cpu_kernel`` on CPU (``chunked`` where it cannot be compiled); ``triton`` on CUDA
   (``chunked`` where triton is not installed); ``fused`` on other devices (MPS, XPU).
 

@@ -3,7 +3,7 @@
 A backend is a function ``run(q, k, v, rel_h, rel_w) -> out`` (shapes of ``relative_attention_2d``, q
 unscaled, both tables given), the device types it runs on and a check of whether it can run here
 (a C compiler found, triton importable). The pure-torch backends (``reference``, ``chunked``,
-``fused``) are registered below; the compiled ones register themselves from
+``fused``, ``onnx``) are registered below; the compiled ones register themselves from
 :mod:`aa_lightning.kernels` (imported with the package), so this module imports no kernel code.
 
 ``"auto"`` picks, per device type, the first available of :data:`AUTO_ORDER` (``cpu_kernel`` then
@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from .chunked import chunked_relative_attention
+from .exported import exported_relative_attention
 from .fused import fused_relative_attention
 from .reference import relative_attention_reference
 
-Backend = Literal["auto", "reference", "chunked", "cpu_kernel", "triton", "fused"]
+Backend = Literal["auto", "reference", "chunked", "cpu_kernel", "triton", "fused", "onnx"]
 #: every backend name a setting may take (the compiled ones are registered by aa_lightning.kernels)
-BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "cpu_kernel", "triton", "fused")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "cpu_kernel", "triton", "fused", "onnx")
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu_kernel", "chunked"), "cuda": ("triton", "chunked")}
 AUTO_OTHER = "fused"
 
@@ -93,3 +94,4 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 register_backend(AttentionBackend("reference", relative_attention_reference))
 register_backend(AttentionBackend("chunked", chunked_relative_attention))
 register_backend(AttentionBackend("fused", fused_relative_attention))
+register_backend(AttentionBackend("onnx", exported_relative_attention))

@@ -8,7 +8,7 @@ from helpers.attention_loop_reference import loop_relative_attention, make_input
 
 from aa_lightning.attention import rel_to_abs, relative_attention_2d, resolve_backend
 
-EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused"]
+EXACT_BACKENDS = ["reference", "chunked", "cpu_kernel", "fused", "onnx"]
 
 
 SHAPES = [  # (B, Nh, H, W, dkh, dvh): non-square, dkh != dvh, H or W = 1
@@ -63,7 +63,7 @@ def test_rel_to_abs_matches_its_definition():
             torch.testing.assert_close(out[:, :, i, j], x[:, :, i, j - i + 4])
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel", "fused", "reference"])
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel", "fused", "onnx", "reference"])
 def test_gradcheck(backend, monkeypatch):
     import aa_lightning.attention.chunked as chunked
 
@@ -82,7 +82,7 @@ def test_gradients_match_reference_float32():
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads[backend] = [t.grad.clone() for t in inputs]
         assert all(g.abs().sum() > 0 for g in grads[backend])
-    for backend in ("chunked", "cpu_kernel", "fused"):
+    for backend in ("chunked", "cpu_kernel", "fused", "onnx"):
         for got, want in zip(grads[backend], grads["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

@@ -44,3 +44,25 @@ def test_the_roofline_counts_come_from_the_models_shapes():
         assert (step["madds"], step["exps"]) == (madds * logits, 2 * logits)
         forward = counts(shape)["forward"]
         assert (forward["madds"], forward["exps"]) == ((shape[4] + shape[5]) * logits, logits)
+
+
+def test_onnx_benchmark_compares_each_aa_runner_with_the_baseline_of_its_own_runtime():
+    import pytest
+    from onnx_benchmark import markdown, parse_args
+
+    def row(model, runtime, rounds, **extra):
+        return dict(model=model, runtime=runtime, input="8x8", pair="aa:base", img_per_s=sorted(rounds)[1], **extra)
+
+    rows = [
+        row("aa", "torch eager", [8.0, 9.0, 10.0], rounds_img_per_s=[8.0, 9.0, 10.0]),
+        row("aa", "onnxruntime (onnx, opset 23)", [3.0, 6.0, 9.0], rounds_img_per_s=[3.0, 6.0, 9.0]),
+        row("base", "torch eager", [10.0, 10.0, 10.0], rounds_img_per_s=[10.0, 10.0, 10.0]),
+        row("base", "onnxruntime", [20.0, 30.0, 30.0], rounds_img_per_s=[20.0, 30.0, 30.0]),
+    ]
+    lines = markdown(rows).splitlines()
+    eager, ort = lines[2].split(" | "), lines[3].split(" | ")
+    assert eager[4] == "**0.90** (vs base)" and eager[5] == "0.80..1.00 (median 0.90)"
+    assert ort[4] == "**0.20** (vs base)" and ort[5] == "0.15..0.30 (median 0.20)"  # against onnxruntime's base
+    assert ort[6] == "0.67x"  # onnxruntime / eager of the same model
+    with pytest.raises(SystemExit):
+        parse_args(["--forms", "chunked@23"])  # no ONNX form

@@ -31,7 +31,7 @@ def aa_network(positions=("relative", "relative")) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("backend", ["onnx", "fused", "reference"])
 def test_onnx_graph_reproduces_the_chunked_pytorch_model(tmp_path, backend):
     model = aa_network()
     path = export_onnx(model, tmp_path / "m.onnx", 16, backend=backend)
@@ -43,6 +43,53 @@ def test_onnx_graph_reproduces_the_chunked_pytorch_model(tmp_path, backend):
     assert runtime.startswith("onnxruntime")
     assert logits.shape == (5, 4)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def graph_constants(path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every initializer and Constant node value of the ONNX file."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    shapes[node.output[0]] = tuple(attribute.t.dims)
+    return shapes
+
+
+@pytest.mark.parametrize("size", [16, 24])  # 8x8 and 12x12 attention grids (tables resampled at 24)
+def test_onnx_form_is_one_attention_op_per_layer_and_matches_pytorch(tmp_path, size):
+    """The export default: an ONNX Attention op per relative layer, fed by MatMul / Pad / Add only
+    (no Gather or Scatter, no (HW)x(HW) constant), and the logits of the chunked PyTorch model."""
+    import onnx
+
+    model = aa_network()
+    path = export_onnx(model, tmp_path / "m.onnx", size)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Attention") == 2 and "Softmax" not in ops
+    assert not {"Gather", "GatherND", "GatherElements", "ScatterND", "ScatterElements", "Einsum"} & set(ops)
+    grid = (size // 2) ** 2
+    assert not [name for name, shape in graph_constants(path).items() if shape.count(grid) >= 2]
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    logits, runtime = run_onnx(path, images)
+    assert runtime.startswith("onnxruntime")
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_form_below_opset_23_is_matmul_softmax_matmul(tmp_path):
+    import onnx
+
+    model = aa_network()
+    path = export_onnx(model, tmp_path / "m.onnx", 16, opset=18)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Attention" not in ops and ops.count("Softmax") == 2
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, images)[0], model(images).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_every_position_encoding_exports(tmp_path):
@@ -76,7 +123,7 @@ def test_backend_switch_is_restored_after_an_error():
 
 
 def test_onnx_export_rejects_the_chunked_backend(tmp_path):
-    with pytest.raises(ValueError, match=r"one of \('fused', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"one of \('onnx', 'fused', 'reference'\)"):
         export_onnx(aa_network(), tmp_path / "m.onnx", 16, backend="chunked")
 
 
