@@ -2,6 +2,7 @@
 shared helpers live in the ``helpers`` package (tests/helpers/: cli_helpers, attention_loop_reference, ...), imported
 as ``helpers.<module>``: pytest puts this folder on sys.path (rootdir conftest, no __init__.py)."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,17 @@ from timm.models.resnet import BasicBlock, ResNet
 
 from aa_lightning.data import SyntheticCIFARDataModule
 from aa_lightning.layers import AugmentedConv2d
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the default run: one worker per core), each worker gets its share of the cores, for torch
+    and for the processes the tests start: 2 workers x 2 OpenMP threads on 2 cores crawl (spinning threads). A test
+    that is about threads sets its own count."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="module")
