@@ -223,11 +223,16 @@ def _padded_width(w: int, vw: int = 8) -> int:
 
 def _to_rows(t: Tensor, row_stride: int, vw: int) -> Tensor:
     """[B, Nh, H, W, C] (any strides, any float dtype) -> float32 [B Nh, C, row_stride]: each
-    channel's H x Wp grid, zero-padded. One zero fill and one copy (that also casts)."""
+    channel's H x Wp grid, zero-padded. One copy (that also casts); only the padding is zeroed
+    (the columns W..Wp of each grid row, and the tail after the grid)."""
     b, nh, h, w, c = t.shape
     wp = _padded_width(w, vw)
-    rows = t.new_zeros(b * nh, c, row_stride, dtype=torch.float32)
-    rows[:, :, : h * wp].view(b, nh, c, h, wp)[..., :w].copy_(t.permute(0, 1, 4, 2, 3))
+    rows = t.new_empty(b * nh, c, row_stride, dtype=torch.float32)
+    grid = rows[:, :, : h * wp].view(b, nh, c, h, wp)
+    grid[..., :w].copy_(t.permute(0, 1, 4, 2, 3))
+    if wp > w:
+        grid[..., w:].zero_()
+    rows[:, :, h * wp :].zero_()
     return rows
 
 
