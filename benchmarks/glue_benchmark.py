@@ -39,18 +39,20 @@ import hashlib, json, sys, time
 import torch
 from aa_lightning.attention import relative_attention_2d
 torch.set_num_threads(int(sys.argv[1]))
+DTYPE = getattr(torch, sys.argv[2])
 
 def setup(b, nh, h, w, dkh, dvh):
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(b, nh * (2 * dkh + dvh), h, w, generator=g).requires_grad_()
+    qkv = torch.randn(b, nh * (2 * dkh + dvh), h, w, generator=g).to(DTYPE).requires_grad_()
     rel_h = (torch.randn(2 * h - 1, dkh, generator=g) * dkh**-0.5).requires_grad_()
     rel_w = (torch.randn(2 * w - 1, dkh, generator=g) * dkh**-0.5).requires_grad_()
-    grad = torch.randn(b, nh * dvh, h, w, generator=g).reshape(b, nh, dvh, h, w).permute(0, 1, 3, 4, 2)
+    grad = torch.randn(b, nh * dvh, h, w, generator=g).to(DTYPE).reshape(b, nh, dvh, h, w).permute(0, 1, 3, 4, 2)
 
     def call():
         q, k, v = qkv.split([nh * dkh, nh * dkh, nh * dvh], dim=1)
         q, k, v = (t.reshape(b, nh, -1, h, w).permute(0, 1, 3, 4, 2) for t in (q, k, v))
-        return relative_attention_2d(q, k, v, rel_h, rel_w, backend="cpu_kernel")
+        with torch.autocast("cpu", dtype=DTYPE, enabled=DTYPE != torch.float32):
+            return relative_attention_2d(q, k, v, rel_h, rel_w, backend="cpu_kernel")
 
     def forward():
         with torch.no_grad():
@@ -70,7 +72,8 @@ for line in sys.stdin:
         cases[shape] = setup(*shape)
     fn = cases[shape][pass_]
     if request.get("bits"):
-        digest = hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes() for t in fn())).hexdigest()
+        data = b"".join(t.detach().float().contiguous().numpy().tobytes() for t in fn())
+        digest = hashlib.sha256(data).hexdigest()
         print(json.dumps({"bits": digest}), flush=True)
         continue
     fn()  # warm
@@ -84,10 +87,10 @@ for line in sys.stdin:
 class Worker:
     """One Python process importing aa_lightning from ``tree``, answering timing requests."""
 
-    def __init__(self, tree: Path, threads: int) -> None:
+    def __init__(self, tree: Path, threads: int, dtype: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(threads)],
+            [sys.executable, "-c", WORKER, str(threads), dtype],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -168,20 +171,27 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--inner", type=int, default=5, help="calls timed per round")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: the qkv tensor in bfloat16 and the call under bf16 autocast (the bfloat16 path)",
+    )
     p.add_argument("--out-dir", default=None, help="also write <name>.json and <name>.md here")
     p.add_argument("--name", default="glue")
     args = p.parse_args(argv)
     shapes = [
-        s
-        for model in args.models
-        for s in attention_shapes(model, args.batch)
-        if max(s[2], s[3]) <= args.max_grid
+        s for model in args.models for s in attention_shapes(model, args.batch) if max(s[2], s[3]) <= args.max_grid
     ]
     names = ["now", args.against]
-    workers = {names[0]: Worker(ROOT, args.threads), names[1]: Worker(checkout(args.against), args.threads)}
+    workers = {
+        names[0]: Worker(ROOT, args.threads, args.dtype),
+        names[1]: Worker(checkout(args.against), args.threads, args.dtype),
+    }
     header = (
-        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}; torch {torch.__version__}; "
-        f"float32; {' '.join(args.models)} attention shapes (H, W <= {args.max_grid}) at batch {args.batch}; "
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}; "
+        f"torch {torch.__version__}; {args.dtype}; {' '.join(args.models)} attention shapes "
+        f"(H, W <= {args.max_grid}) at batch {args.batch}; "
         f"cpu clock; {args.rounds} rounds of {args.inner} calls (median); {date.today()}"
     )
     print(header)
