@@ -377,6 +377,14 @@ BREAKAGES: list[Breakage] = [
         ["tests/kernels/test_cpu_kernel.py"],
     ),
     breakage(
+        "cpu-q-head-first-wrong-row",
+        "the tiled kernel's tile reads its first row's q for all four of its rows (head-dim-first q indexing)",
+        "aa_lightning/kernels/cpu/factorized_attention_tiled.c",
+        "t.q[r][d] = i < L ? q[(s * D + d) * L + i] : zeros[d];",
+        "t.q[r][d] = i < L ? q[(s * D + d) * L + i0] : zeros[d];",
+        ["tests/kernels/test_cpu_kernel.py"],
+    ),
+    breakage(
         "low-precision-q-scaled-in-its-dtype",
         "bfloat16 / float16 q scaled in its own dtype before the kernel reads it (one more rounding)",
         "aa_lightning/kernels/cpu/ops.py",
