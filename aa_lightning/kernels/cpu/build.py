@@ -149,10 +149,9 @@ def _bind_tiled(lib: ctypes.CDLL) -> ctypes.CDLL:
     for size in (lib.aa_tiled_scratch, lib.aa_tiled_row_stride):
         size.argtypes = [long, long]
         size.restype = long
-    for name in ("aa_tiled_vector_width", "aa_tiled_q_head_first"):  # absent from older sources (--against)
-        if hasattr(lib, name):
-            getattr(lib, name).argtypes = []
-            getattr(lib, name).restype = long
+    if hasattr(lib, "aa_tiled_vector_width"):
+        lib.aa_tiled_vector_width.argtypes = []
+        lib.aa_tiled_vector_width.restype = long
     lib.aa_openmp.restype = ctypes.c_int
     return lib
 
@@ -264,12 +263,6 @@ def _vector_width(lib: ctypes.CDLL) -> int:
         return lib.aa_tiled_vector_width()
     except AttributeError:  # a build from before the width was a parameter (benchmarks' --against)
         return 8
-
-
-def _q_head_first(lib: ctypes.CDLL) -> bool:
-    """Whether a tiled build reads q (and writes its gradient) head dim first, [BH, D, L], as the
-    qkv convolution lays it out; builds from older sources (benchmarks' --against) take [BH, L, D]."""
-    return hasattr(lib, "aa_tiled_q_head_first") and bool(lib.aa_tiled_q_head_first())
 
 
 def available() -> bool:

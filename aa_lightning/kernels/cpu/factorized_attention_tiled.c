@@ -20,7 +20,7 @@
  *
  * Layouts (contiguous; Wp = W rounded up to VW; the padding columns are zero in kT and vT and
  * get bias -inf, so probability exactly 0):
- *   q [BH, D, L] (L = H W, q already scaled; head dim first, as the qkv convolution lays it out)   kT [BH, D, Ls]   vT [BH, DV, Ls], each row an
+ *   q [BH, L, D] (L = H W, q already scaled)   kT [BH, D, Ls]   vT [BH, DV, Ls], each row an
  *   H x Wp grid followed by padding to Ls = aa_tiled_row_stride(H, Wp) floats
  *   rel_w [2W - 1, D]   rel_h [2H - 1, D]   out [BH, L, DV]   lse [BH, L]
  *   gradients: gq like q, gkT like kT, gvT like vT; grel_w [BH, 2W - 1, D] and grel_h
@@ -183,7 +183,7 @@ static tables_t transpose_tables(const float* rel_w, const float* rel_h, long H,
  * runs the same code and contributes nothing to any gradient. */
 typedef struct {
     long index[R]; /* s * L + i, or -1 past the end */
-    float q[R][D]; /* the rows' q (gathered from the head-dim-first layout), 0 past the end */
+    const float* q[R];
     float* bw[R];  /* Wp: log2(e) q_i . rel_w[jx - ix + W - 1], -inf in the padding */
     float* bh[R];  /* Hp: log2(e) q_i . rel_h[jy - iy + H - 1] */
 } tile_t;
@@ -194,7 +194,7 @@ static tile_t tile_rows(const float* q, const tables_t* tab, long s, long i0, co
     for (int r = 0; r < R; ++r) {
         const long i = i0 + r;
         t.index[r] = i < L ? s * L + i : -1;
-        for (int d = 0; d < D; ++d) t.q[r][d] = i < L ? q[(s * D + d) * L + i] : zeros[d];
+        t.q[r] = i < L ? q + t.index[r] * D : zeros;
         t.bw[r] = bias + r * (Wp + Hp);
         t.bh[r] = t.bw[r] + Wp;
         if (i >= L) {
@@ -227,9 +227,6 @@ static tile_t tile_rows(const float* q, const tables_t* tab, long s, long i0, co
 long aa_tiled_row_stride(long H, long Wp) { return H * Wp + 16; }
 
 long aa_tiled_vector_width(void) { return VW; }
-
-/* q and gq are [BH, D, L] (sources before this function: [BH, L, D]) */
-long aa_tiled_q_head_first(void) { return 1; }
 
 /* 2 R bias rows (and their gradients), R logits rows, the transposed tables and their gradients, the pad row */
 long aa_tiled_scratch(long H, long Wp) {
@@ -429,7 +426,7 @@ static void backward_rows(const float* q, const float* kT, const float* vT, cons
                         a += g * load(hT + d * 2 * Hp + jy);
                         store(gh + d * 2 * Hp + jy, load(gh + d * 2 * Hp + jy) + g * qd);
                     }
-                    gq[(s * D + d) * L + i0 + r] = dq[r][d] + hsum(a);
+                    gq[i * D + d] = dq[r][d] + hsum(a);
                 }
             }
         }

@@ -188,8 +188,8 @@ def cpu_kernel_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h
 
 
 # ---- The tiled float32 kernel, with the relative tables computed inside -------------------------
-# The kernel's layouts, made by _tiled_inputs from the op's [B, Nh, H, W, d] inputs: q [BH, D, H, W]
-# (scaled, head dim first); kT [BH, D, Ls], vT [BH, DV, Ls]: each row the H x Wp key grid (its rows padded to Wp, a
+# The kernel's layouts, made by _tiled_inputs from the op's [B, Nh, H, W, d] inputs: q [BH, H, W, D]
+# (scaled); kT [BH, D, Ls], vT [BH, DV, Ls]: each row the H x Wp key grid (its rows padded to Wp, a
 # multiple of the vector width, 8 or 16, columns; the kernel gives those probability 0), then
 # padding to the kernel's row stride Ls; all padding zero. rel_w [2W-1, D], rel_h [2H-1, D].
 
@@ -244,10 +244,8 @@ def _from_rows(t: Tensor, h: int, w: int, vw: int, dtype: torch.dtype) -> Tensor
 
 def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
     """``aa_tiled_<direction>`` over all BH slices; ``tensors``: the kernel's array arguments in its order."""
-    q, kt, vt, rel_w, rel_h = tensors[:5]  # q [BH, D, H, W] (or [BH, H, W, D]), kt [BH, D, Ls], vt [BH, DV, Ls]
-    batch_heads, d, dv = q.shape[0], kt.shape[1], vt.shape[1]
-    h, w = (rel_h.shape[0] + 1) // 2, (rel_w.shape[0] + 1) // 2
-    wp = _padded_width(w, build._vector_width(lib))
+    q, kt, vt = tensors[:3]  # q [BH, H, W, D], kt [BH, D, Ls], vt [BH, DV, Ls]
+    (batch_heads, h, w, d), dv, wp = q.shape, vt.shape[1], _padded_width(q.shape[2], build._vector_width(lib))
     function, pointers = getattr(lib, f"aa_tiled_{direction}"), _pointers(tensors)
     zeros = q.new_zeros(wp + h + d + dv)
     stride = lib.aa_tiled_scratch(h, wp)
@@ -268,8 +266,7 @@ def _tiled_inputs(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float
 ) -> tuple[ctypes.CDLL, list[Tensor]]:
     """The library for these inputs and the kernel's first five arguments in its layouts: q scaled
-    [B Nh, D, H, W] (head dim first, as in the qkv channels: a contiguous pass; [B Nh, H, W, D] for
-    builds of older sources), kT, vT, rel_w, rel_h; all float32, each made in one pass from the caller's
+    [B Nh, H, W, D], kT, vT, rel_w, rel_h; all float32, each made in one pass from the caller's
     tensors (any strides: the permuted views of the qkv convolution's output)."""
     tables_ok = rel_h.dtype == rel_w.dtype == torch.float32
     if not tables_ok or not all(t.dtype in TILED_READS for t in (q, k, v)):
@@ -286,14 +283,11 @@ def _tiled_inputs(
         )
     vw = build._vector_width(lib)
     row_stride = lib.aa_tiled_row_stride(h, _padded_width(w, vw))
-    if build._q_head_first(lib):
-        scaled, source = q.new_empty(b * nh, d, h, w, dtype=torch.float32), q.permute(0, 1, 4, 2, 3)
-    else:
-        scaled, source = q.new_empty(b * nh, h, w, d, dtype=torch.float32), q
+    scaled = q.new_empty(b * nh, h, w, d, dtype=torch.float32)
     if q.dtype == torch.float32:
-        torch.mul(source, scale, out=scaled.view(source.shape))
+        torch.mul(q, scale, out=scaled.view(q.shape))
     else:  # scaled in float32 (a mul into a float32 `out` would round q * scale to q's dtype first)
-        scaled.view(source.shape).copy_(source)
+        scaled.view(q.shape).copy_(q)
         scaled.mul_(scale)
     rows = [_to_rows(k, row_stride, vw), _to_rows(v, row_stride, vw)]
     return lib, [scaled, *rows, rel_w.contiguous(), rel_h.contiguous()]
@@ -320,7 +314,7 @@ def relative_attention_op(
     exponential of the bfloat16 path, relative error <= 1.02e-4). rel_h [2H-1, D], rel_w [2W-1, D]:
     float32. Returns float32 (out [B, Nh, H, W, DV], log-sum-exp of each logits row [B, Nh, H, W],
     and the kernel's layouts of the inputs that backward reads instead of making them again:
-    scale q [B Nh, D, H, W], kT [B Nh, D, Ls], vT [B Nh, DV, Ls])."""
+    scale q [B Nh, H, W, D], kT [B Nh, D, Ls], vT [B Nh, DV, Ls])."""
     b, nh, h, w, d = q.shape
     out = q.new_empty(b, nh, h, w, v.shape[4], dtype=torch.float32)
     lse = q.new_empty(b, nh, h, w, dtype=torch.float32)
@@ -340,7 +334,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: floa
     return (
         q.new_empty(b, nh, h, w, dv, dtype=torch.float32),
         q.new_empty(b, nh, h, w, dtype=torch.float32),
-        q.new_empty(b * nh, d, h, w, dtype=torch.float32),
+        q.new_empty(b * nh, h, w, d, dtype=torch.float32),
         q.new_empty(b * nh, d, stride, dtype=torch.float32),
         q.new_empty(b * nh, dv, stride, dtype=torch.float32),
     )
@@ -363,8 +357,8 @@ def relative_attention_backward_op(
     the inputs were bfloat16, run that path's build): float32 q, k, v, each [B Nh, C, H, W] (head
     dim first, as the qkv convolution lays out its channels: the caller's permute back is a view;
     q's scale applied in the same pass), rel_h, rel_w."""
-    bh, d, dv = scaled_q.shape[0], kt.shape[1], vt.shape[1]
-    h, w = rel_h.shape[0] // 2 + 1, rel_w.shape[0] // 2 + 1
+    bh, h, w, d = scaled_q.shape
+    dv = vt.shape[1]
     lib = build._tiled_library_for(d, dv, w, bf16=bf16)
     if lib is None:
         raise RuntimeError(f"the tiled CPU attention kernel for dkh {d}, dvh {dv} is not available")
@@ -375,12 +369,10 @@ def relative_attention_backward_op(
     _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out, *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
     vw = build._vector_width(lib)
-    if build._q_head_first(lib):
-        grad_q.mul_(scale)
-    else:  # a build of an older source: [BH, H, W, D]
-        grad_q = torch.mul(grad_q.permute(0, 3, 1, 2), scale).contiguous()
+    grad_q_first = scaled_q.new_empty(bh, d, h, w)
+    torch.mul(grad_q.permute(0, 3, 1, 2), scale, out=grad_q_first)
     return (
-        grad_q,
+        grad_q_first,
         _from_rows(grad_kt, h, w, vw, torch.float32),
         _from_rows(grad_vt, h, w, vw, torch.float32),
         grad_rel[1].sum(0),
@@ -390,7 +382,7 @@ def relative_attention_backward_op(
 
 @relative_attention_backward_op.register_fake
 def _(scaled_q, kt, vt, rel_h, rel_w, scale, bf16, out, lse, grad_out):
-    bh, d, h, w = scaled_q.shape
+    bh, h, w, d = scaled_q.shape
     return (
         scaled_q.new_empty(bh, d, h, w),
         scaled_q.new_empty(bh, d, h, w),
