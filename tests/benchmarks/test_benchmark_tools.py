@@ -44,30 +44,3 @@ def test_the_roofline_counts_come_from_the_models_shapes():
         assert (step["madds"], step["exps"]) == (madds * logits, 2 * logits)
         forward = counts(shape)["forward"]
         assert (forward["madds"], forward["exps"]) == ((shape[4] + shape[5]) * logits, logits)
-
-
-def test_the_glue_benchmark_compares_two_trees_bit_for_bit():
-    """benchmarks/glue_benchmark.py: two workers of one tree time the same call and hash the same bits,
-    and the training pass's hash is not the forward's (it covers the gradients too)."""
-    import pytest
-
-    from aa_lightning.kernels.cpu import available
-
-    if not available():
-        pytest.skip("no C compiler: the cpu_kernel backend cannot run")
-    from glue_benchmark import ROOT, Worker, measure
-
-    shape = (1, 2, 3, 3, 2, 2)
-    workers = {"now": Worker(ROOT, 1, "float32"), "again": Worker(ROOT, 1, "float32")}
-    try:
-        rows = measure(shape, workers, rounds=2, inner=1)
-        hashes = {
-            p: workers["now"].ask(shape=shape, bits=True, **{"pass": p})["bits"]
-            for p in ("forward", "forward+backward")
-        }
-    finally:
-        for worker in workers.values():
-            worker.close()
-    assert [(r["pass"], r["bits"]) for r in rows] == [("forward", "same"), ("forward+backward", "same")]
-    assert hashes["forward"] != hashes["forward+backward"]
-    assert all(r["ms now"] > 0 and r["ms again"] > 0 and len(r["rounds_ms"]["now"]) == 2 for r in rows)
