@@ -346,8 +346,8 @@ BREAKAGES: list[Breakage] = [
         (
             Edit(
                 "aa_lightning/kernels/cpu/ops.py",
-                "    out = q.new_empty(*q.shape[:4], v.shape[4], dtype=torch.float32)",
-                "    out = q.new_empty(*q.shape[:4], q.shape[4], dtype=torch.float32)",
+                "        q.new_empty(b, nh, h, w, dv, dtype=torch.float32),",
+                "        q.new_empty(b, nh, h, w, d, dtype=torch.float32),",
             ),
         ),
         ("tests/models/test_product_compile.py",),
@@ -375,6 +375,22 @@ BREAKAGES: list[Breakage] = [
         "aa_lightning/kernels/cpu/factorized_attention_tiled.c",
         "    if (d0 < D) dk_dq_block(",
         "    if (d0 + 1 < D) dk_dq_block(",
+        ["tests/kernels/test_cpu_kernel.py"],
+    ),
+    breakage(
+        "cpu-grad-q-scale-dropped",
+        "the tiled op's backward lays q's gradient out head dim first without the scale it folds into that pass",
+        "aa_lightning/kernels/cpu/ops.py",
+        "    torch.mul(grad_q.permute(0, 3, 1, 2), scale, out=grad_q_first)",
+        "    grad_q_first.copy_(grad_q.permute(0, 3, 1, 2))",
+        ["tests/kernels/test_cpu_kernel.py"],
+    ),
+    breakage(
+        "cpu-saved-layout-of-k-for-v",
+        "the tiled op's forward hands backward its layout of k where v's belongs (same shape when dkh = dvh)",
+        "aa_lightning/kernels/cpu/ops.py",
+        "    return out, lse, *inputs[:3]",
+        "    return out, lse, inputs[0], inputs[1], inputs[1][:, : v.shape[4]].contiguous()",
         ["tests/kernels/test_cpu_kernel.py"],
     ),
     breakage(

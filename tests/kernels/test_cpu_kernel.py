@@ -408,3 +408,26 @@ def test_a_compiler_without_openmp_still_builds_both_kernels(tmp_path):
     path = os.pathsep.join(p for p in (str(tests.parent), str(tests), os.environ.get("PYTHONPATH")) if p)
     out = _run(code, CC=str(compiler), AA_LIGHTNING_CACHE=str(tmp_path), PYTHONPATH=path)
     assert out == "0 0 True"
+
+
+@needs_kernel
+def test_the_tiled_op_frees_the_qkv_output_after_forward():
+    """Backward reads the layouts forward made, so q, k, v (views of the qkv convolution's output, as
+    AugmentedConv2d makes them) are not saved: that tensor is freed after forward, and backward still
+    reaches the convolution's input."""
+    import gc
+    import weakref
+
+    b, nh, h, w, d, dv = 2, 2, 4, 4, 3, 2
+    x = torch.randn(b, 4, h, w, requires_grad=True)
+    qkv = torch.nn.Conv2d(4, nh * (2 * d + dv), 1)(x)
+    alive = weakref.ref(qkv)
+    q, k, v = (t.reshape(b, nh, -1, h, w).permute(0, 1, 3, 4, 2) for t in qkv.split([nh * d, nh * d, nh * dv], 1))
+    rel_h = torch.randn(2 * h - 1, d, requires_grad=True)
+    rel_w = torch.randn(2 * w - 1, d, requires_grad=True)
+    out = relative_attention_2d(q, k, v, rel_h, rel_w, backend="cpu_kernel")
+    del qkv, q, k, v
+    gc.collect()
+    assert alive() is None
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -27,17 +27,27 @@ def _use_tiled_kernel(dtype: torch.dtype, dkh: int, dvh: int, positions: int) ->
     return ops.tiled_fits(dkh, positions) and _tiled_kernel_builds(dtype, dkh, dvh)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a dispatch per call
+
+
 def cpu_relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
     """Shapes as :func:`aa_lightning.attention.relative_attention_2d`; computes in float32 (float64 for
     float64 inputs) and returns the autocast dtype (else q's)."""
-    h, w, dkh = q.shape[2:]
-    out_dtype = autocast_dtype("cpu") or q.dtype
-    dtype = out_dtype if out_dtype in ops.DTYPES else torch.float32
+    autocast = autocast_dtype("cpu")
+    if autocast is None:  # nothing to switch off: no autocast context entered per call
+        return _kernel_attention(q, k, v, rel_h, rel_w, q.dtype)
     with torch.autocast("cpu", enabled=False):
-        if _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):
-            # tables computed in the kernel; q, k, v read as they are (scaled, cast and laid out in one pass each)
-            q, k, v = (t if t.dtype in ops.TILED_READS else t.to(dtype) for t in (q, k, v))
-            out = ops.cpu_kernel_relative_attention(q, k, v, rel_h.to(dtype), rel_w.to(dtype), scale=dkh**-0.5)
-            return out.to(out_dtype)
-        out = attend_with_tables(q, k, v, rel_h, rel_w, dtype, ops.cpu_kernel_attention)  # the generic kernel
-    return out.to(out_dtype)
+        return _kernel_attention(q, k, v, rel_h, rel_w, autocast)
+
+
+def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, out_dtype: torch.dtype) -> Tensor:
+    h, w, dkh = q.shape[2:]
+    dtype = out_dtype if out_dtype in ops.DTYPES else torch.float32
+    if _use_tiled_kernel(dtype, dkh, v.shape[-1], h * w):
+        # tables computed in the kernel; q, k, v read as they are (scaled, cast and laid out in one pass each)
+        q, k, v = (t if t.dtype in ops.TILED_READS else t.to(dtype) for t in (q, k, v))
+        out = ops.cpu_kernel_relative_attention(q, k, v, _as(rel_h, dtype), _as(rel_w, dtype), scale=dkh**-0.5)
+        return _as(out, out_dtype)
+    out = attend_with_tables(q, k, v, rel_h, rel_w, dtype, ops.cpu_kernel_attention)  # the generic kernel
+    return _as(out, out_dtype)

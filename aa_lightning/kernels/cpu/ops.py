@@ -223,18 +223,23 @@ def _padded_width(w: int, vw: int = 8) -> int:
 
 def _to_rows(t: Tensor, row_stride: int, vw: int) -> Tensor:
     """[B, Nh, H, W, C] (any strides, any float dtype) -> float32 [B Nh, C, row_stride]: each
-    channel's H x Wp grid, zero-padded. One zero fill and one copy (that also casts)."""
+    channel's H x Wp grid, zero-padded. One copy (that also casts); only the padding is zeroed
+    (the columns W..Wp of each grid row, and the tail after the grid)."""
     b, nh, h, w, c = t.shape
     wp = _padded_width(w, vw)
-    rows = t.new_zeros(b * nh, c, row_stride, dtype=torch.float32)
-    rows[:, :, : h * wp].view(b, nh, c, h, wp)[..., :w].copy_(t.permute(0, 1, 4, 2, 3))
+    rows = t.new_empty(b * nh, c, row_stride, dtype=torch.float32)
+    grid = rows[:, :, : h * wp].view(b, nh, c, h, wp)
+    grid[..., :w].copy_(t.permute(0, 1, 4, 2, 3))
+    if wp > w:
+        grid[..., w:].zero_()
+    rows[:, :, h * wp :].zero_()
     return rows
 
 
-def _from_rows(t: Tensor, b: int, h: int, w: int, vw: int, dtype: torch.dtype) -> Tensor:
-    """[B Nh, C, row_stride] -> [B, Nh, C, H, W] in ``dtype`` (contiguous: one copy)."""
+def _from_rows(t: Tensor, h: int, w: int, vw: int, dtype: torch.dtype) -> Tensor:
+    """[B Nh, C, row_stride] -> [B Nh, C, H, W] in ``dtype`` (contiguous: one copy)."""
     wp = _padded_width(w, vw)
-    return t[:, :, : h * wp].unflatten(0, (b, -1)).unflatten(3, (h, wp))[..., :w].to(dtype, copy=True)
+    return t[:, :, : h * wp].unflatten(2, (h, wp))[..., :w].to(dtype, copy=True)
 
 
 def _run_tiled(lib: ctypes.CDLL, direction: str, tensors: list[Tensor]) -> None:
@@ -288,67 +293,100 @@ def _tiled_inputs(
     return lib, [scaled, *rows, rel_w.contiguous(), rel_h.contiguous()]
 
 
+def _row_stride(h: int, wp: int) -> int:
+    """``aa_tiled_row_stride`` of the C source, as plain arithmetic for the fake implementation
+    (symbolic sizes under torch.compile); the real op checks that the two agree."""
+    return h * wp + 16
+
+
+def _layout_vector_width(d: int, dv: int, w: int, bf16: bool) -> int:
+    """The vector width of the build :func:`_tiled_inputs` picks (fake implementation: no library in hand)."""
+    lib = build._tiled_library_for(d, dv, w, bf16=bf16)
+    return 8 if lib is None else build._vector_width(lib)
+
+
 @torch.library.custom_op("aa_lightning::relative_attention", mutates_args=(), device_types="cpu")
 def relative_attention_op(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """q, k: [B, Nh, H, W, D] (unscaled: the logits use scale q); v: [B, Nh, H, W, DV]; any
     strides; float32, bfloat16 or float16 (computed in float32; bfloat16 with the short-polynomial
     exponential of the bfloat16 path, relative error <= 1.02e-4). rel_h [2H-1, D], rel_w [2W-1, D]:
-    float32. Returns float32 (out [B, Nh, H, W, DV], log-sum-exp of each logits row [B, Nh, H, W])."""
+    float32. Returns float32 (out [B, Nh, H, W, DV], log-sum-exp of each logits row [B, Nh, H, W],
+    and the kernel's layouts of the inputs that backward reads instead of making them again:
+    scale q [B Nh, H, W, D], kT [B Nh, D, Ls], vT [B Nh, DV, Ls])."""
     b, nh, h, w, d = q.shape
     out = q.new_empty(b, nh, h, w, v.shape[4], dtype=torch.float32)
     lse = q.new_empty(b, nh, h, w, dtype=torch.float32)
     lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w, scale)
+    if inputs[1].shape[2] != _row_stride(h, _padded_width(w, build._vector_width(lib))):
+        raise RuntimeError("ops._row_stride disagrees with the C source's aa_tiled_row_stride")
     _run_tiled(lib, "forward", [*inputs, out, lse])
-    return out, lse
+    return out, lse, *inputs[:3]
 
 
 @relative_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    out = q.new_empty(*q.shape[:4], v.shape[4], dtype=torch.float32)
-    return out, q.new_empty(q.shape[:4], dtype=torch.float32)
+def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float):
+    b, nh, h, w, d = q.shape
+    dv = v.shape[4]
+    vw = _layout_vector_width(d, dv, w, q.dtype == torch.bfloat16)
+    stride = _row_stride(h, _padded_width(w, vw))
+    return (
+        q.new_empty(b, nh, h, w, dv, dtype=torch.float32),
+        q.new_empty(b, nh, h, w, dtype=torch.float32),
+        q.new_empty(b * nh, h, w, d, dtype=torch.float32),
+        q.new_empty(b * nh, d, stride, dtype=torch.float32),
+        q.new_empty(b * nh, dv, stride, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("aa_lightning::relative_attention_backward", mutates_args=(), device_types="cpu")
 def relative_attention_backward_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    scaled_q: Tensor,
+    kt: Tensor,
+    vt: Tensor,
     rel_h: Tensor,
     rel_w: Tensor,
     scale: float,
+    bf16: bool,
     out: Tensor,
     lse: Tensor,
     grad_out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`relative_attention_op`'s ``out``: q [B, Nh, H, W, D], k [B, Nh, D, H, W]
-    and v [B, Nh, DV, H, W] (head dim first, as the qkv convolution lays out its channels: the
-    caller permutes them back, a view), each in its input's dtype; rel_h, rel_w."""
-    b, nh, h, w, d = q.shape
-    lib, inputs = _tiled_inputs(q, k, v, rel_h, rel_w, scale)
+    """Gradients of :func:`relative_attention_op`'s ``out``, from its layouts (scaled_q, kt, vt; ``bf16``:
+    the inputs were bfloat16, run that path's build): float32 q, k, v, each [B Nh, C, H, W] (head
+    dim first, as the qkv convolution lays out its channels: the caller's permute back is a view;
+    q's scale applied in the same pass), rel_h, rel_w."""
+    bh, h, w, d = scaled_q.shape
+    dv = vt.shape[1]
+    lib = build._tiled_library_for(d, dv, w, bf16=bf16)
+    if lib is None:
+        raise RuntimeError(f"the tiled CPU attention kernel for dkh {d}, dvh {dv} is not available")
+    inputs = [scaled_q, kt, vt, rel_w.contiguous(), rel_h.contiguous()]
     grads = [torch.empty_like(t) for t in inputs[:3]]
-    grad_rel = [q.new_empty(b * nh, *t.shape, dtype=torch.float32) for t in (rel_w, rel_h)]  # per slice
+    grad_rel = [scaled_q.new_empty(bh, *t.shape) for t in (rel_w, rel_h)]  # per slice
     grad_out = grad_out.to(torch.float32).contiguous()
     _run_tiled(lib, "backward", [*inputs, out.contiguous(), lse.contiguous(), grad_out, *grads, *grad_rel])
     grad_q, grad_kt, grad_vt = grads
     vw = build._vector_width(lib)
+    grad_q_first = scaled_q.new_empty(bh, d, h, w)
+    torch.mul(grad_q.permute(0, 3, 1, 2), scale, out=grad_q_first)
     return (
-        grad_q.mul_(scale).view(q.shape).to(q.dtype),
-        _from_rows(grad_kt, b, h, w, vw, k.dtype),
-        _from_rows(grad_vt, b, h, w, vw, v.dtype),
+        grad_q_first,
+        _from_rows(grad_kt, h, w, vw, torch.float32),
+        _from_rows(grad_vt, h, w, vw, torch.float32),
         grad_rel[1].sum(0),
         grad_rel[0].sum(0),
     )
 
 
 @relative_attention_backward_op.register_fake
-def _(q, k, v, rel_h, rel_w, scale, out, lse, grad_out):
-    b, nh, h, w, d = q.shape
+def _(scaled_q, kt, vt, rel_h, rel_w, scale, bf16, out, lse, grad_out):
+    bh, h, w, d = scaled_q.shape
     return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        k.new_empty(b, nh, d, h, w),
-        v.new_empty(b, nh, v.shape[4], h, w),
+        scaled_q.new_empty(bh, d, h, w),
+        scaled_q.new_empty(bh, d, h, w),
+        scaled_q.new_empty(bh, vt.shape[1], h, w),
         torch.empty_like(rel_h, memory_format=torch.contiguous_format),
         torch.empty_like(rel_w, memory_format=torch.contiguous_format),
     )
@@ -356,16 +394,27 @@ def _(q, k, v, rel_h, rel_w, scale, out, lse, grad_out):
 
 def _relative_setup_context(ctx, inputs, output) -> None:
     q, k, v, rel_h, rel_w, scale = inputs
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, *output)
+    out, lse, scaled_q, kt, vt = output
+    ctx.scale, ctx.dtypes, ctx.batch = scale, (q.dtype, k.dtype, v.dtype), q.shape[0]
+    ctx.bf16 = q.dtype == torch.bfloat16
+    ctx.mark_non_differentiable(lse, scaled_q, kt, vt)
+    ctx.set_materialize_grads(False)  # no zeros made for the outputs without a gradient
+    # the layouts, not q, k, v: backward does not make them again, and q, k, v (views of the qkv
+    # convolution's output) are not kept alive, so the memory is about the same
+    ctx.save_for_backward(scaled_q, kt, vt, rel_h, rel_w, out, lse)
 
 
-def _relative_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v, grad_rel_h, grad_rel_w = relative_attention_backward_op(
-        q, k, v, rel_h, rel_w, ctx.scale, out, lse, grad_out
+def _relative_backward(ctx, grad_out: Tensor | None, *unused_grads):
+    scaled_q, kt, vt, rel_h, rel_w, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = relative_attention_backward_op(scaled_q, kt, vt, rel_h, rel_w, ctx.scale, ctx.bf16, out, lse, grad_out)
+    # [B Nh, C, H, W] -> [B, Nh, H, W, C] views, in the inputs' dtypes
+    grad_q, grad_k, grad_v = (
+        g.unflatten(0, (ctx.batch, -1)).permute(0, 1, 3, 4, 2).to(dtype)
+        for g, dtype in zip(grads[:3], ctx.dtypes, strict=True)
     )
-    return grad_q, grad_k.permute(0, 1, 3, 4, 2), grad_v.permute(0, 1, 3, 4, 2), grad_rel_h, grad_rel_w, None
+    return grad_q, grad_k, grad_v, grads[3], grads[4], None
 
 
 relative_attention_op.register_autograd(_relative_backward, setup_context=_relative_setup_context)
