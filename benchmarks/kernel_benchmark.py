@@ -98,18 +98,21 @@ def tiled_at(revision: str) -> Attention:
     return run
 
 
-def attention_shapes(model_name: str, batch: int) -> list[tuple[int, int, int, int, int, int]]:
-    """Distinct (B, Nh, H, W, dkh, dvh) of the model's AA layers, in network order."""
-    model = timm.create_model(model_name)
+def layer_attention_shapes(model_name: str, batch: int, **model_kwargs) -> list[tuple[int, int, int, int, int, int]]:
+    """(B, Nh, H, W, dkh, dvh) of each of the built model's AA layers (its grid after the stride), in network order."""
+    model = timm.create_model(model_name, **model_kwargs)
     shapes = []
     for layer in model.modules():
         if isinstance(layer, AugmentedConv2d) and layer.qkv is not None:
             h, w = layer.feat_size
             h, w = -(-h // layer.stride), -(-w // layer.stride)
-            shape = (batch, layer.num_heads, h, w, layer.dk // layer.num_heads, layer.dv // layer.num_heads)
-            if shape not in shapes:
-                shapes.append(shape)
+            shapes.append((batch, layer.num_heads, h, w, layer.dk // layer.num_heads, layer.dv // layer.num_heads))
     return shapes
+
+
+def attention_shapes(model_name: str, batch: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Distinct (B, Nh, H, W, dkh, dvh) of the model's AA layers, in network order."""
+    return list(dict.fromkeys(layer_attention_shapes(model_name, batch)))
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -57,20 +57,18 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
-import timm
 import torch
+from kernel_benchmark import CLOCKS, layer_attention_shapes
 from report import command_line, write_report
 
 import aa_lightning  # noqa: F401  (registers the AA models)
 from aa_lightning.kernels.cpu import build as cpu_build
 from aa_lightning.kernels.cpu.backend import cpu_relative_attention
-from aa_lightning.layers import AugmentedConv2d
 
 MODELS = {
     "aa_resnet50": ("aa_resnet50", {}),
@@ -82,18 +80,9 @@ Shape = tuple[int, int, int, int, int, int]  # B, Nh, H, W, dkh, dvh
 
 def attention_shapes(model_name: str, kwargs: dict, batch: int) -> Counter[Shape]:
     """{(B, Nh, H, W, dkh, dvh): number of AA layers with it} of the built model."""
-    model = timm.create_model(model_name, **kwargs)
-    shapes: Counter[Shape] = Counter()
-    for layer in model.modules():
-        if isinstance(layer, AugmentedConv2d) and layer.qkv is not None:
-            h, w = layer.feat_size
-            h, w = -(-h // layer.stride), -(-w // layer.stride)
-            nh = layer.num_heads
-            shapes[(batch, nh, h, w, layer.dk // nh, layer.dv // nh)] += 1
-    return shapes
+    return Counter(layer_attention_shapes(model_name, batch, **kwargs))
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
