@@ -35,7 +35,7 @@ def chunk_rows(batch_heads: int, length: int, element_size: int, chunk_bytes: in
     return max(1, min(length, chunk_bytes // max(1, batch_heads * length * element_size)))
 
 
-def _chunk_logits(q: Tensor, kt: Tensor, bias_w: Tensor, bias_h: Tensor, start: int, end: int) -> Tensor:
+def chunk_logits(q: Tensor, kt: Tensor, bias_w: Tensor, bias_h: Tensor, start: int, end: int) -> Tensor:
     """[BH, n, L] logits of query rows start:end: the bias broadcast over the key grid (one
     write), then the q.k GEMM accumulated into it in place (no extra copy of the bias)."""
     bh, _, w = bias_w.shape
@@ -54,7 +54,7 @@ class FactorizedBiasAttention(torch.autograd.Function):
         out_t = q.new_empty(q.shape[0], v.shape[2], length)  # [BH, dv, L], see _GEMM_NOTE
         for start in range(0, length, rows):
             end = min(length, start + rows)
-            probs = torch.softmax(_chunk_logits(q, kt, bias_w, bias_h, start, end), dim=-1)
+            probs = torch.softmax(chunk_logits(q, kt, bias_w, bias_h, start, end), dim=-1)
             out_t[:, :, start:end] = torch.bmm(vt, probs.transpose(1, 2))
         out = out_t.transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, bias_w, bias_h, out)
@@ -83,7 +83,7 @@ class FactorizedBiasAttention(torch.autograd.Function):
         grad_bh = torch.empty_like(bias_h)
         for start in range(0, length, rows):
             end = min(length, start + rows)
-            probs = torch.softmax(_chunk_logits(q, kt, bias_w, bias_h, start, end), dim=-1)
+            probs = torch.softmax(chunk_logits(q, kt, bias_w, bias_h, start, end), dim=-1)
             grad_v_t.baddbmm_(grad_out_t[:, :, start:end], probs)
             d_logits = torch.bmm(grad_out_aug[:, start:end], v_aug_t).mul_(probs)
             grad_q_t[:, :, start:end] = torch.bmm(kt_c, d_logits.transpose(1, 2))

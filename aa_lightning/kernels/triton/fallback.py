@@ -18,7 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
-from aa_lightning.attention.chunked import FactorizedBiasAttention, chunk_rows
+from aa_lightning.attention.chunked import FactorizedBiasAttention, chunk_logits, chunk_rows
 from aa_lightning.attention.tables import relative_logit_tables
 
 # cuGetErrorString(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES), as triton's launcher puts it in its RuntimeError
@@ -104,8 +104,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor) -> tu
     kt = k_flat.transpose(1, 2)
     for start in range(0, h * w, ctx.rows):  # the log-sum-exp of each logits row, chunk by chunk
         end = min(h * w, start + ctx.rows)
-        logits = (bias_h[:, start:end, :, None] + bias_w[:, start:end, None, :]).reshape(bh, end - start, h * w)
-        lse[:, start:end] = logits.baddbmm(q_flat[:, start:end], kt).float().logsumexp(-1)
+        lse[:, start:end] = chunk_logits(q_flat, kt, bias_w, bias_h, start, end).float().logsumexp(-1)
     return out.reshape(bh, h, w, -1), lse.reshape(bh, h, w)
 
 
