@@ -66,3 +66,53 @@ def test_onnx_benchmark_compares_each_aa_runner_with_the_baseline_of_its_own_run
     assert ort[6] == "0.67x"  # onnxruntime / eager of the same model
     with pytest.raises(SystemExit):
         parse_args(["--forms", "chunked@23"])  # no ONNX form
+
+
+def test_the_attention_budget_is_the_goal_s_time_left_after_the_free_attention_bound():
+    """benchmarks/attention_budget.py: baseline step T = 1000 B / img/s; budget = T (1/goal - 1/bound);
+    needed = floor / budget, and no budget (inf) where the bound is below the goal. Worked by hand:
+    baseline 10 img/s at batch 8 (T = 800 ms), free AA 9 img/s (bound 0.9), goal 0.8 ->
+    budget 800 (1.25 - 1.111...) = 111.1 ms; floor 50 ms -> needed 0.45."""
+    import pytest
+    from attention_budget import budget_rows, markdown
+    from model_benchmark import GOALS
+
+    aa, base, dtype, channels_last, _ = GOALS[0]
+
+    def speed(model, mode, img_per_s, rounds):
+        return dict(
+            model=model,
+            mode=mode,
+            dtype=dtype,
+            channels_last=channels_last,
+            img_per_s=img_per_s,
+            rounds_img_per_s=rounds,
+        )
+
+    free = {
+        "header": "machine: x; batch 8; 3 rounds",
+        "rows": [
+            speed(aa, "train", 9.0, [9.0, 8.0, 9.5]),
+            speed(base, "train", 10.0, [10.0, 10.0, 10.0]),
+            speed(aa, "infer", 5.0, [5.0, 5.0, 5.0]),
+            speed(base, "infer", 10.0, [10.0, 10.0, 10.0]),
+        ],
+    }
+    model_row = dict(model=aa, HxW="(model)", dtype=dtype, B=8, kernel_ms=100.0, fraction=0.5)
+    roofline = {
+        "rows": [
+            dict(model_row, **{"pass": "forward+backward", "floor_ms": 50.0}),
+            dict(model_row, **{"pass": "forward", "floor_ms": 20.0}),
+        ]
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("attention_budget.GOALS", [(aa, base, dtype, channels_last, 0.8)])
+        train, infer = budget_rows(free, roofline)
+        assert train["baseline_step_ms"] == pytest.approx(800.0)
+        assert train["budget_ms"] == pytest.approx(800 * (1 / 0.8 - 1 / 0.9))
+        assert train["needed"] == pytest.approx(50.0 / (800 * (1 / 0.8 - 1 / 0.9)))
+        assert train["bound_rounds"] == pytest.approx([0.8, 0.95])
+        assert infer["bound"] == pytest.approx(0.5) and infer["needed"] == float("inf")  # the rest alone misses 0.8
+        assert "none: the bound is below the goal" in markdown([train, infer])
+        with pytest.raises(ValueError, match="batch 8, the roofline batch 4"):
+            budget_rows(free, {"rows": [dict(r, B=4) for r in roofline["rows"]]})
