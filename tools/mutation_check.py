@@ -378,6 +378,22 @@ BREAKAGES: list[Breakage] = [
         ["tests/kernels/test_cpu_kernel.py"],
     ),
     breakage(
+        "key-pair-odd-vector-skipped",
+        "the float32 kernel's two-key-vectors-per-step logits (dkh >= 16) drop an odd last key vector",
+        "aa_lightning/kernels/cpu/factorized_attention_tiled.c",
+        "    for (; j < Lp; j += VW) { /* an odd last vector */",
+        "    for (; j + VW < Lp; j += VW) { /* an odd last vector */",
+        ["tests/kernels/test_cpu_kernel.py"],
+    ),
+    breakage(
+        "key-pair-second-row-wrong",
+        "the two-key-vectors-per-step logits give the second vector the first one's grid row bias",
+        "aa_lightning/kernels/cpu/factorized_attention_tiled.c",
+        "jy1 = (j + VW) / Wp, jx1",
+        "jy1 = j / Wp, jx1",
+        ["tests/kernels/test_cpu_kernel.py"],
+    ),
+    breakage(
         "cpu-grad-q-scale-dropped",
         "the tiled op's backward lays q's gradient out head dim first without the scale it folds into that pass",
         "aa_lightning/kernels/cpu/ops.py",

@@ -58,6 +58,7 @@ TILED_SHAPES = [  # (B, Nh, H, W, dkh, dvh)
     (1, 1, 1, 1, 2, 2),  # a single position
     (1, 1, 6, 5, 20, 2),  # dkh 20 (aa_wrn28_10); L = 30: a partial tile of 2 rows
     (1, 1, 3, 17, 16, 2),  # dkh 16 on 16-float vectors, W = 17: rows padded to 32; L = 51: a partial tile
+    (1, 1, 5, 7, 16, 3),  # dkh 16, 8-float vectors: 5 key vectors, logits two at a time and an odd last one
     (1, 2, 3, 11, 13, 3),  # W = 11: 16-float vectors on AVX-512, split backward
     (1, 1, 2, 20, 3, 2),  # W = 20: padded to 32 columns for 16-float vectors, to 24 for 8-float ones
 ]

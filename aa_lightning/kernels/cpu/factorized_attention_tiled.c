@@ -45,6 +45,9 @@
 #define AA_R 4
 #endif
 #define R AA_R  /* query rows per tile */
+#ifndef AA_KEY_PAIRS_FROM
+#define AA_KEY_PAIRS_FROM 16 /* head dims from which tile_logits takes two key vectors per step */
+#endif
 /* Loops over the head dims are unrolled (gcc stops by itself from D ~ 16), so that a key's vectors
  * stay in registers rather than in a stack array; the pragma is ignored by compilers without it. */
 #define UNROLL _Pragma("GCC unroll 64")
@@ -240,6 +243,44 @@ long aa_tiled_scratch(long H, long Wp) {
 static inline __attribute__((always_inline)) void tile_logits(const tile_t* t, const vf qs[R][D], const float* kTs,
                                                               long H, long Wp, long Ls, const vf* shift, float* rows,
                                                               vf* max) {
+#if D >= AA_KEY_PAIRS_FROM
+    /* Two key vectors per step (j and j + VW, possibly in different grid rows): each q broadcast
+     * loaded serves two multiply-adds (at large D the R x D broadcasts do not fit in registers and
+     * are read from the stack). Each logit's sum runs in the same order: the same bits. */
+    const long Lp = H * Wp;
+    long j = 0;
+    for (; j + 2 * VW <= Lp; j += 2 * VW) {
+        const long jy0 = j / Wp, jx0 = j % Wp, jy1 = (j + VW) / Wp, jx1 = (j + VW) % Wp;
+        vf l0[R], l1[R];
+        for (int r = 0; r < R; ++r) {
+            l0[r] = load(t->bw[r] + jx0) + (shift ? t->bh[r][jy0] - shift[r] : splat(t->bh[r][jy0]));
+            l1[r] = load(t->bw[r] + jx1) + (shift ? t->bh[r][jy1] - shift[r] : splat(t->bh[r][jy1]));
+        }
+        UNROLL
+        for (int d = 0; d < D; ++d) {
+            const vf k0 = load(kTs + d * Ls + j), k1 = load(kTs + d * Ls + j + VW);
+            for (int r = 0; r < R; ++r) { l0[r] += qs[r][d] * k0; l1[r] += qs[r][d] * k1; }
+        }
+        for (int r = 0; r < R; ++r) {
+            store(rows + r * Ls + j, l0[r]);
+            store(rows + r * Ls + j + VW, l1[r]);
+            if (max) max[r] = vmax(vmax(l0[r], max[r]), l1[r]);
+        }
+    }
+    for (; j < Lp; j += VW) { /* an odd last vector */
+        const long jy = j / Wp, jx = j % Wp;
+        vf k[D];
+        UNROLL
+        for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
+        for (int r = 0; r < R; ++r) {
+            vf l = load(t->bw[r] + jx) + (shift ? t->bh[r][jy] - shift[r] : splat(t->bh[r][jy]));
+            UNROLL
+            for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+            store(rows + r * Ls + j, l);
+            if (max) max[r] = vmax(l, max[r]);
+        }
+    }
+#else
     for (long jy = 0; jy < H; ++jy) {
         for (long jx = 0; jx < Wp; jx += VW) {
             const long j = jy * Wp + jx;
@@ -255,6 +296,7 @@ static inline __attribute__((always_inline)) void tile_logits(const tile_t* t, c
             }
         }
     }
+#endif
 }
 
 static void forward_rows(const float* q, const float* kT, const float* vT, const float* rel_w, const float* rel_h,
