@@ -10,7 +10,8 @@
  * memory traffic than their arithmetic. Built once per head-dim pair with -DAA_D=<dkh>
  * -DAA_DV=<dvh>: with the dims constant, a key's vectors stay in SIMD registers, and R = 4 query
  * rows are processed together, so each load of a key or value and each update of its gradient
- * serves four rows.
+ * serves four rows; from dkh 16 the logits also take two key vectors per step, so that each q
+ * broadcast serves two.
  *   forward   per row tile: pass 1 writes the tile's logits to scratch and takes row maxima;
  *             pass 2 exponentiates them and accumulates sum_j p_ij and sum_j p_ij v_j.
  *   backward  per row tile, short passes over the tile's scratch rows, each with few live vectors:
