@@ -29,7 +29,7 @@ import argparse
 import json
 import re
 
-from model_benchmark import GOALS
+from model_benchmark import GOALS, round_ratios
 from report import command_line, write_report
 
 MODES = {"train": "forward+backward", "infer": "forward"}
@@ -44,14 +44,14 @@ def _batch(header: str) -> int:
 
 def budget_rows(free: dict, roofline: dict) -> list[dict]:
     """One row per goal and mode: bound, budget, floor, kernel time, fraction needed and now."""
-    if _batch(free["header"]) != roofline["rows"][0]["B"]:
+    batch = _batch(free["header"])
+    if batch != roofline["rows"][0]["B"]:
         raise ValueError(
-            f"the free-attention run used batch {_batch(free['header'])}, the roofline batch "
+            f"the free-attention run used batch {batch}, the roofline batch "
             f"{roofline['rows'][0]['B']}: the floor and the step times would not be of the same work"
         )
     speed = {(r["mode"], r["dtype"], r["channels_last"], r["model"]): r for r in free["rows"]}
     model_rows = {(r["model"], r["dtype"], r["pass"]): r for r in roofline["rows"] if r["HxW"] == "(model)"}
-    batch = _batch(free["header"])
     rows = []
     for aa, base, dtype, channels_last, goal in GOALS:
         for mode, pass_ in MODES.items():
@@ -60,7 +60,7 @@ def budget_rows(free: dict, roofline: dict) -> list[dict]:
             if a is None or b is None or attention is None:
                 continue
             step_ms, bound = 1000 * batch / b["img_per_s"], a["img_per_s"] / b["img_per_s"]
-            rounds = [x / y for x, y in zip(a["rounds_img_per_s"], b["rounds_img_per_s"], strict=True)]
+            rounds = round_ratios(a, b)
             budget = step_ms * (1 / goal - 1 / bound)
             rows.append(
                 {

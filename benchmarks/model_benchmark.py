@@ -264,9 +264,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def round_ratios(aa: dict, base: dict) -> list[float]:
+    """The per-round images/s ratios of two rows (the rounds alternate, so round t of both ran side by side)."""
+    return [a / b for a, b in zip(aa.get("rounds_img_per_s", []), base.get("rounds_img_per_s", []))]
+
+
 def _ratio_spread(aa: dict, base: dict) -> str:
-    """min..max of the per-round ratios (the rounds alternate, so round t of both ran side by side)."""
-    ratios = [a / b for a, b in zip(aa.get("rounds_img_per_s", []), base.get("rounds_img_per_s", []))]
+    """min..max of the per-round ratios."""
+    ratios = round_ratios(aa, base)
     return f"{min(ratios):.2f}..{max(ratios):.2f}" if ratios else ""
 
 

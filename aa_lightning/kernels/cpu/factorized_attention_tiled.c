@@ -238,6 +238,28 @@ long aa_tiled_scratch(long H, long Wp) {
     return 2 * R * (Wp + Hp) + R * aa_tiled_row_stride(H, Wp) + 4 * D * (Wp + Hp) + Wp;
 }
 
+/* Row r's bias for the key vector at grid row jy, columns jx.. (minus shift_r in backward). */
+static inline __attribute__((always_inline)) vf bias_vector(const tile_t* t, int r, long jx, long jy, const vf* shift) {
+    return load(t->bw[r] + jx) + (shift ? t->bh[r][jy] - shift[r] : splat(t->bh[r][jy]));
+}
+
+/* The tile's logits for one key vector j (grid row jy, columns jx..): its D k vectors loaded once
+ * for the R rows. */
+static inline __attribute__((always_inline)) void logits_vector(const tile_t* t, const vf qs[R][D], const float* kTs,
+                                                                long Ls, const vf* shift, float* rows, vf* max, long j,
+                                                                long jy, long jx) {
+    vf k[D];
+    UNROLL
+    for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
+    for (int r = 0; r < R; ++r) {
+        vf l = bias_vector(t, r, jx, jy, shift);
+        UNROLL
+        for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
+        store(rows + r * Ls + j, l);
+        if (max) max[r] = vmax(l, max[r]);
+    }
+}
+
 /* The tile's base-2 logits l_ij - shift_r (shift: log2(e) lse_i in backward, NULL in forward) for all
  * keys j into its R scratch rows of Ls floats, and with max not NULL their row maxima. Inlined with
  * constant NULLs, so neither caller pays for the other's option. */
@@ -254,8 +276,8 @@ static inline __attribute__((always_inline)) void tile_logits(const tile_t* t, c
         const long jy0 = j / Wp, jx0 = j % Wp, jy1 = (j + VW) / Wp, jx1 = (j + VW) % Wp;
         vf l0[R], l1[R];
         for (int r = 0; r < R; ++r) {
-            l0[r] = load(t->bw[r] + jx0) + (shift ? t->bh[r][jy0] - shift[r] : splat(t->bh[r][jy0]));
-            l1[r] = load(t->bw[r] + jx1) + (shift ? t->bh[r][jy1] - shift[r] : splat(t->bh[r][jy1]));
+            l0[r] = bias_vector(t, r, jx0, jy0, shift);
+            l1[r] = bias_vector(t, r, jx1, jy1, shift);
         }
         UNROLL
         for (int d = 0; d < D; ++d) {
@@ -268,35 +290,10 @@ static inline __attribute__((always_inline)) void tile_logits(const tile_t* t, c
             if (max) max[r] = vmax(vmax(l0[r], max[r]), l1[r]);
         }
     }
-    for (; j < Lp; j += VW) { /* an odd last vector */
-        const long jy = j / Wp, jx = j % Wp;
-        vf k[D];
-        UNROLL
-        for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
-        for (int r = 0; r < R; ++r) {
-            vf l = load(t->bw[r] + jx) + (shift ? t->bh[r][jy] - shift[r] : splat(t->bh[r][jy]));
-            UNROLL
-            for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-            store(rows + r * Ls + j, l);
-            if (max) max[r] = vmax(l, max[r]);
-        }
-    }
+    for (; j < Lp; j += VW) logits_vector(t, qs, kTs, Ls, shift, rows, max, j, j / Wp, j % Wp); /* an odd last vector */
 #else
-    for (long jy = 0; jy < H; ++jy) {
-        for (long jx = 0; jx < Wp; jx += VW) {
-            const long j = jy * Wp + jx;
-            vf k[D];
-            UNROLL
-            for (int d = 0; d < D; ++d) k[d] = load(kTs + d * Ls + j);
-            for (int r = 0; r < R; ++r) {
-                vf l = load(t->bw[r] + jx) + (shift ? t->bh[r][jy] - shift[r] : splat(t->bh[r][jy]));
-                UNROLL
-                for (int d = 0; d < D; ++d) l += qs[r][d] * k[d];
-                store(rows + r * Ls + j, l);
-                if (max) max[r] = vmax(l, max[r]);
-            }
-        }
-    }
+    for (long jy = 0; jy < H; ++jy)
+        for (long jx = 0; jx < Wp; jx += VW) logits_vector(t, qs, kTs, Ls, shift, rows, max, jy * Wp + jx, jy, jx);
 #endif
 }
 
